@@ -1,0 +1,194 @@
+"""Frozen, documented configuration objects shared by the API, the CLI, the engine and the server.
+
+Every field is documented where it is declared (``metadata["help"]``); the CLI builds its flags
+from these declarations, so a field added here shows up in ``--help`` without further work.
+Validation happens in ``__post_init__`` and raises ``ValueError`` naming the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple
+
+DTYPES = ("auto", "float16", "bfloat16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+def _help(text: str, **extra) -> dict:
+    return {"help": text, **extra}
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine loads a model and lays out its KV cache. Field names follow LMDeploy's."""
+
+    dtype: str = field(default="auto", metadata=_help(
+        "Weight and activation dtype: auto (bfloat16 on a GPU unless the checkpoint says float16, "
+        "float32 on the CPU), float16, bfloat16 or float32.", choices=DTYPES))
+    device: str = field(default="auto", metadata=_help(
+        "Where the model runs: auto (cuda when a GPU is visible, else cpu), cuda or cpu.", choices=DEVICES))
+    session_len: Optional[int] = field(default=None, metadata=_help(
+        "Most tokens (prompt + answer) one sequence may hold; default: the model's "
+        "max_position_embeddings."))
+    max_batch_size: Optional[int] = field(default=None, metadata=_help(
+        "Most sequences in one engine step; default 256 on a GPU, 64 on the CPU."))
+    cache_max_entry_count: float = field(default=0.8, metadata=_help(
+        "Share of memory given to the KV cache: of the FREE GPU memory after the weights are "
+        "loaded, or of the available RAM on the CPU (never more than max_batch_size sequences "
+        "of session_len tokens can use)."))
+    cache_block_seq_len: int = field(default=64, metadata=_help(
+        "Tokens per KV cache block (the paging granularity)."))
+    num_gpu_blocks: int = field(default=0, metadata=_help(
+        "Explicit number of KV cache blocks on the device that runs the model (GPU or CPU); "
+        "0 sizes the cache from cache_max_entry_count."))
+    max_prefill_token_num: int = field(default=8192, metadata=_help(
+        "Token budget of one engine step: prompt chunks and decode tokens together. Longer "
+        "prompts are prefilled in chunks of at most this many tokens."))
+    num_threads: int = field(default=0, metadata=_help(
+        "CPU threads for torch on the CPU backend; 0 keeps torch's default."))
+
+    def __post_init__(self):
+        _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
+        _check(self.device in DEVICES, f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        _check(self.session_len is None or self.session_len >= 1,
+               f"session_len={self.session_len} must be a positive number of tokens")
+        _check(self.max_batch_size is None or self.max_batch_size >= 1,
+               f"max_batch_size={self.max_batch_size} must be >= 1")
+        _check(0.0 < self.cache_max_entry_count <= 1.0,
+               f"cache_max_entry_count={self.cache_max_entry_count} must be a share in (0, 1]")
+        _check(self.cache_block_seq_len >= 1 and self.cache_block_seq_len & (self.cache_block_seq_len - 1) == 0,
+               f"cache_block_seq_len={self.cache_block_seq_len} must be a power of two (16, 32, 64, ...)")
+        _check(self.num_gpu_blocks >= 0, f"num_gpu_blocks={self.num_gpu_blocks} must be >= 0")
+        _check(self.max_prefill_token_num >= 1,
+               f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1")
+        _check(self.num_threads >= 0, f"num_threads={self.num_threads} must be >= 0")
+
+
+# Drop-in names for scripts written against LMDeploy.
+PytorchEngineConfig = EngineConfig
+TurbomindEngineConfig = EngineConfig
+
+
+def _as_tuple(value, name: str, item_type) -> Optional[tuple]:
+    if value is None:
+        return None
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        value = [value]
+    items = tuple(value)
+    for item in items:
+        _check(isinstance(item, item_type) and not isinstance(item, bool),
+               f"{name} must be a list of {item_type.__name__}, got item {item!r}")
+    return items
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """How one request is decoded. Field names follow LMDeploy's; ``do_sample=False`` is greedy."""
+
+    n: int = field(default=1, metadata=_help("Number of completions to generate for each prompt."))
+    max_new_tokens: int = field(default=512, metadata=_help("Most tokens to generate."))
+    do_sample: bool = field(default=False, metadata=_help(
+        "Sample from the distribution; False (the default) picks the most likely token."))
+    temperature: float = field(default=0.8, metadata=_help(
+        "Softmax temperature when sampling; 0 means greedy."))
+    top_p: float = field(default=1.0, metadata=_help("Nucleus sampling: keep the smallest set of tokens "
+                                                     "whose probability adds up to top_p, in (0, 1]."))
+    top_k: int = field(default=50, metadata=_help("Keep the k most likely tokens; 0 keeps all."))
+    min_p: float = field(default=0.0, metadata=_help(
+        "Drop tokens whose probability is below min_p times the top token's, in [0, 1]."))
+    repetition_penalty: float = field(default=1.0, metadata=_help(
+        "Divide positive (multiply negative) logits of tokens already in the prompt or output; 1 is off."))
+    presence_penalty: float = field(default=0.0, metadata=_help(
+        "Subtract this from logits of tokens that already appear in the output, in [-2, 2]."))
+    frequency_penalty: float = field(default=0.0, metadata=_help(
+        "Subtract this times the count of each token in the output, in [-2, 2]."))
+    ignore_eos: bool = field(default=False, metadata=_help("Keep generating past end-of-sequence tokens."))
+    random_seed: Optional[int] = field(default=None, metadata=_help(
+        "Seed of this request's samples; the same seed gives the same text whatever else is batched."))
+    stop_words: Optional[Tuple[str, ...]] = field(default=None, metadata=_help(
+        "Strings that end generation when they appear in the text (also across token boundaries)."))
+    include_stop_str_in_output: bool = field(default=False, metadata=_help(
+        "Keep the matched stop string (or stop token text) in the output."))
+    stop_token_ids: Optional[Tuple[int, ...]] = field(default=None, metadata=_help(
+        "Token ids that end generation, besides the model's EOS ids."))
+    bad_words: Optional[Tuple[str, ...]] = field(default=None, metadata=_help(
+        "Words that must never be generated (each tokenized; its tokens are banned in sequence)."))
+    bad_token_ids: Optional[Tuple[int, ...]] = field(default=None, metadata=_help(
+        "Token ids that must never be generated."))
+    min_new_tokens: Optional[int] = field(default=None, metadata=_help(
+        "Generate at least this many tokens before EOS or a stop token may end the answer."))
+    skip_special_tokens: bool = field(default=True, metadata=_help("Leave special tokens out of the text."))
+    logprobs: Optional[int] = field(default=None, metadata=_help(
+        "Return the log-probabilities of the chosen token and this many top alternatives (0-20)."))
+
+    def __post_init__(self):
+        _check(isinstance(self.n, int) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
+        _check(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 0,
+               f"max_new_tokens={self.max_new_tokens!r} must be an integer >= 0")
+        _check(self.temperature >= 0, f"temperature={self.temperature} must be >= 0 (0 means greedy)")
+        _check(0 < self.top_p <= 1, f"top_p={self.top_p} must be in (0, 1]")
+        _check(isinstance(self.top_k, int) and self.top_k >= 0,
+               f"top_k={self.top_k!r} must be an integer >= 0 (0 keeps every token)")
+        _check(0 <= self.min_p <= 1, f"min_p={self.min_p} must be in [0, 1]")
+        _check(self.repetition_penalty > 0, f"repetition_penalty={self.repetition_penalty} must be > 0 (1 is off)")
+        _check(-2 <= self.presence_penalty <= 2, f"presence_penalty={self.presence_penalty} must be in [-2, 2]")
+        _check(-2 <= self.frequency_penalty <= 2,
+               f"frequency_penalty={self.frequency_penalty} must be in [-2, 2]")
+        _check(self.random_seed is None or isinstance(self.random_seed, int),
+               f"random_seed={self.random_seed!r} must be an integer or None")
+        _check(self.min_new_tokens is None or (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0),
+               f"min_new_tokens={self.min_new_tokens!r} must be an integer >= 0")
+        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+               f"logprobs={self.logprobs!r} must be an integer in [0, 20] or None")
+        for name, item_type in (("stop_words", str), ("bad_words", str),
+                                ("stop_token_ids", int), ("bad_token_ids", int)):
+            items = _as_tuple(getattr(self, name), name, item_type)
+            if items is not None:
+                _check(all(item != "" for item in items) if item_type is str else all(i >= 0 for i in items),
+                       f"{name} must not contain empty strings or negative ids: {items!r}")
+            object.__setattr__(self, name, items)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when decoding takes the argmax without sampling: do_sample off or temperature 0."""
+        return not self.do_sample or self.temperature == 0
+
+    def replace(self, **changes) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields(cls) -> Sequence[dataclasses.Field]:
+    """The declared fields of a config class, in order (used to build CLI flags)."""
+    return dataclasses.fields(cls)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """What the engine needs to know about a loaded model (built by its model class from config.json).
+
+    Architecture-specific settings stay in the model class; this holds only what sizes the KV
+    cache, bounds sequences and ends them.
+    """
+
+    architecture: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # config.json's model_type, e.g. "llama"
+    hidden_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: Tuple[int, ...] = ()  # from generation_config.json, else config.json
+    bos_token_id: Optional[int] = None
+    checkpoint_dtype: Optional[str] = None  # config.json's torch_dtype / dtype, e.g. "bfloat16"
+    hf_config: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def kv_bytes_per_token(self, element_size: int) -> int:
+        """Bytes of KV cache one token takes over all layers (keys and values)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * element_size
