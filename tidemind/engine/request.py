@@ -1,0 +1,137 @@
+"""One generation request as the scheduler sees it: its tokens, how far its KV cache has got, its
+blocks and its state. Pure Python, no torch: only the scheduler mutates a Request.
+
+Token regions of a request (``all_token_ids`` = prompt + output, always kept in step):
+
+    [0 ..................... num_computed_tokens)[num_computed_tokens ......... num_tokens)
+     KV in the cache (in block_ids' blocks)       still to compute: prompt chunks, the last
+                                                  sampled token, or, after a preemption, the
+                                                  whole sequence again (recomputed as prompt)
+
+Invariants (checked by Scheduler.check_invariants in tests):
+- 0 <= num_computed_tokens <= num_tokens, and a RUNNING request has num_computed_tokens < num_tokens
+  (there is always at least the last sampled token left to compute).
+- block_ids cover at least num_computed_tokens tokens; a WAITING or FINISHED request holds none.
+"""
+from __future__ import annotations
+
+import enum
+import time
+from typing import FrozenSet, List, Optional, Sequence
+
+from ..config import GenerationConfig
+from .outputs import SamplingInputs
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"  # queued: never admitted, or preempted (holds no blocks)
+    RUNNING = "running"  # admitted: holds blocks, gets tokens scheduled every step the budget allows
+    FINISHED = "finished"  # done for good: finish_reason says why, blocks already returned
+
+
+class Request:
+    __slots__ = (
+        "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "gen_config", "seed",
+        "eos_token_ids", "max_total_tokens", "max_new_tokens", "min_new_tokens", "arrival",
+        "num_computed_tokens", "block_ids", "status", "finish_reason", "num_preemptions", "sampling",
+    )
+
+    def __init__(
+        self,
+        request_id: int,
+        prompt_token_ids: Sequence[int],
+        gen_config: GenerationConfig,
+        seed: int,
+        eos_token_ids: FrozenSet[int],
+        max_total_tokens: int,
+        bad_word_token_ids: Sequence[Sequence[int]] = (),
+        arrival: Optional[float] = None,
+    ):
+        """``max_total_tokens`` is the session length: prompt + output never exceed it.
+        ``arrival`` is when the request came in (time.monotonic() seconds unless given); it is
+        informational (queueing metrics): the scheduler serves requests in add_request order."""
+        prompt = list(prompt_token_ids)
+        if not prompt:
+            raise ValueError(f"request {request_id}: the prompt is empty; give at least one token")
+        if len(prompt) >= max_total_tokens:
+            raise ValueError(
+                f"request {request_id}: the prompt has {len(prompt)} tokens but the session length is "
+                f"{max_total_tokens}, which leaves no room for an answer; shorten the prompt or raise "
+                f"session_len")
+        self.request_id = request_id
+        self.prompt_token_ids: List[int] = prompt
+        self.output_token_ids: List[int] = []
+        # prompt + output, appended in step with output_token_ids (a second list so that slicing
+        # chunks out of it stays O(chunk), with no concatenation per step)
+        self.all_token_ids: List[int] = list(prompt)
+        self.gen_config = gen_config
+        self.seed = seed
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_total_tokens = max_total_tokens
+        self.max_new_tokens = gen_config.max_new_tokens
+        self.min_new_tokens = gen_config.min_new_tokens or 0
+        self.arrival = time.monotonic() if arrival is None else arrival
+        self.num_computed_tokens = 0
+        self.block_ids: List[int] = []
+        self.status = RequestStatus.WAITING
+        self.finish_reason: Optional[str] = None
+        self.num_preemptions = 0
+        stop_ids = set(gen_config.stop_token_ids or ())
+        if not gen_config.ignore_eos:
+            stop_ids |= self.eos_token_ids
+        # Built once; holds the live prompt/output lists, so it stays current as tokens arrive.
+        self.sampling = SamplingInputs(
+            gen_config=gen_config,
+            seed=seed,
+            prompt_token_ids=self.prompt_token_ids,
+            output_token_ids=self.output_token_ids,
+            stop_token_ids=frozenset(stop_ids),
+            bad_word_token_ids=tuple(tuple(words) for words in bad_word_token_ids),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.all_token_ids) - self.num_computed_tokens
+
+    @property
+    def max_kv_tokens(self) -> int:
+        """Most tokens this request can ever need in the KV cache: the longest it can grow to, less
+        the final token, which ends it before its KV is computed."""
+        return min(self.max_total_tokens, len(self.prompt_token_ids) + self.max_new_tokens) - 1
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def stop_reason(self, token_id: int) -> Optional[str]:
+        """Why the request ends now that ``token_id`` was appended as its newest output, or None.
+
+        A stop id counts only once min_new_tokens tokens came BEFORE it (the sampler masks stop ids
+        while len(output_token_ids) < min_new_tokens); this check is the backstop for that rule.
+        """
+        if token_id in self.sampling.stop_token_ids and len(self.output_token_ids) > self.min_new_tokens:
+            return "stop"
+        if len(self.output_token_ids) >= self.max_new_tokens or len(self.all_token_ids) >= self.max_total_tokens:
+            return "length"
+        return None
+
+    def __repr__(self) -> str:
+        return (f"Request(id={self.request_id}, status={self.status.name}, tokens={self.num_tokens}, "
+                f"computed={self.num_computed_tokens}, outputs={self.num_output_tokens}, "
+                f"blocks={len(self.block_ids)}, finish_reason={self.finish_reason})")

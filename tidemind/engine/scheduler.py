@@ -1,0 +1,273 @@
+"""Token-budget scheduler: which requests compute how many tokens in the next engine step.
+
+Schedule tokens, not phases. Every request has ``num_computed_tokens`` catching up to
+``num_tokens`` (prompt + output); each step hands out at most ``max_num_batched_tokens`` tokens:
+
+    running, oldest first:   each takes min(uncomputed, budget left)   decodes take 1, prefills a chunk
+    then waiting, FIFO:      the head takes min(uncomputed, budget left) while blocks, budget and
+                             max_batch_size allow; the head blocks the rest (nothing starves)
+
+A chunk that reaches the end of a request's known tokens is sampled (``sample=True``); chunked
+prefill, mixed prefill+decode steps and recompute after preemption are all this one loop.
+
+Queue invariants (checked by check_invariants):
+- ``running`` and ``waiting`` are each in add order, and every running request was added before
+  every waiting one. Admission pops the waiting head onto the running tail; preemption pops the
+  running tail onto the waiting head. Both keep the order, so "newest running" is running[-1].
+- Only RUNNING requests hold blocks; WAITING ones have num_computed_tokens == 0.
+- The oldest running request is only preempted when it runs alone, which cannot happen since
+  add_request rejects requests that could not fit the whole cache: the oldest request always
+  progresses, so every request finishes.
+- schedule() is never empty while a request is unfinished: with nothing running every block is
+  free and the watermark is off, so the waiting head's first chunk fits.
+
+Cost per step: O(number of running requests + admitted requests) plus slicing the scheduled
+tokens (O(budget)); nothing walks whole sequences.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Deque, Dict, List, Optional
+
+from ..messages import FINISH_REASONS
+from .block_manager import BlockManager
+from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from .request import Request, RequestStatus
+
+_RUNNING = RequestStatus.RUNNING
+_WAITING = RequestStatus.WAITING
+_FINISHED = RequestStatus.FINISHED
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
+                 watermark_blocks: Optional[int] = None):
+        """``watermark_blocks``: free blocks kept back when admitting a waiting request while others
+        run, so that admission does not at once force preemption of running decodes (default 1% of
+        the cache, at least 1). Ignored when nothing runs: then the whole cache is available."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
+        if max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens={max_num_batched_tokens} must be >= 1")
+        if watermark_blocks is None:
+            watermark_blocks = max(1, block_manager.num_total_blocks // 100)
+        if watermark_blocks < 0:
+            raise ValueError(f"watermark_blocks={watermark_blocks} must be >= 0")
+        self.block_manager = block_manager
+        self.max_batch_size = max_batch_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.watermark_blocks = watermark_blocks
+        self._requests: Dict[int, Request] = {}  # every unfinished request (waiting or running)
+        self._waiting: Deque[Request] = deque()
+        self._running: List[Request] = []
+        # Ids that left the running set (finished, aborted, preempted) since the last schedule().
+        self._left_ids: List[int] = []
+        self._add_order: Dict[int, int] = {}  # request_id -> add_request sequence number
+        self._num_added = 0
+        self.num_preemptions = 0  # over the scheduler's lifetime (metrics)
+
+    # ------------------------------------------------------------------ requests in and out
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request. Raises ValueError (message naming the fix) for a request that can
+        never run: a duplicate id, nothing to generate, or more KV than the whole cache holds."""
+        rid = request.request_id
+        if rid in self._requests:
+            raise ValueError(f"request id {rid} is already queued or running; ids must be unique")
+        if request.status is not _WAITING or request.num_computed_tokens or request.block_ids:
+            raise ValueError(f"request {rid} is not fresh ({request!r}); build a new Request")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"request {rid}: max_new_tokens=0 leaves nothing to generate; answer it "
+                             f"without scheduling (finish_reason 'length')")
+        bm = self.block_manager
+        need = bm.blocks_for_tokens(request.max_kv_tokens)
+        if need > bm.num_total_blocks:
+            raise ValueError(
+                f"request {rid} may need {request.max_kv_tokens} tokens of KV cache ({need} blocks of "
+                f"{bm.block_size}) but the cache holds {bm.num_total_blocks} blocks; lower max_new_tokens "
+                f"or session_len, or give the cache more memory (cache_max_entry_count / num_gpu_blocks)")
+        self._requests[rid] = request
+        self._add_order[rid] = self._num_added
+        self._num_added += 1
+        self._waiting.append(request)
+
+    def abort_request(self, request_id: int) -> bool:
+        """End a request wherever it is (finish_reason "abort"); its blocks are free on return.
+        False when no unfinished request has that id."""
+        return self.finish_request(request_id, "abort")
+
+    def finish_request(self, request_id: int, reason: str) -> bool:
+        """End an unfinished request from outside the step (a stop string, an abort, an error):
+        free its blocks now, mark it FINISHED with ``reason``. False when no such request.
+        Call it between steps; update() skips sequences whose request ended after schedule()."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason {reason!r} is not one of {FINISH_REASONS}")
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status is _RUNNING:
+            self._running.remove(request)
+            self._left_ids.append(request_id)
+        else:
+            self._waiting.remove(request)  # holds no blocks, unknown to the runner
+        self._finish(request, reason)
+        return True
+
+    def get_request(self, request_id: int) -> Optional[Request]:
+        """The unfinished request with that id, or None."""
+        return self._requests.get(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    # ------------------------------------------------------------------ one step
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        sequences: List[ScheduledSequence] = []
+        budget, preempted = self._schedule_running(sequences, budget)
+        if not preempted:  # a step that had to preempt is short of blocks: admit nobody
+            self._admit_waiting(sequences, budget)
+        left, self._left_ids = self._left_ids, []
+        return SchedulerOutput(sequences=sequences, finished_request_ids=left)
+
+    def _schedule_running(self, sequences: List[ScheduledSequence], budget: int):
+        """Give each running request, oldest first, min(uncomputed, budget left) tokens. Out of
+        blocks, preempt the newest running request and retry; a request that has to preempt itself
+        ends the pass. Returns (budget left, whether anything was preempted)."""
+        running = self._running
+        allocate = self.block_manager.allocate
+        preempted = False
+        i = 0
+        # Requests before index i are scheduled this step; preemption only takes running[-1], so
+        # it never takes one of them (i < len(running) while we look at running[i]).
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            while not allocate(request, request.num_computed_tokens + num_tokens):
+                victim = running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    return budget, preempted
+            sequences.append(self._sequence(request, num_tokens))
+            budget -= num_tokens
+            i += 1
+        return budget, preempted
+
+    def _admit_waiting(self, sequences: List[ScheduledSequence], budget: int) -> None:
+        """Admit waiting requests in add order (preempted ones come first, being older) while the
+        batch has room, budget is left and the head's first chunk fits above the watermark."""
+        waiting = self._waiting
+        running = self._running
+        bm = self.block_manager
+        while waiting and budget > 0 and len(running) < self.max_batch_size:
+            request = waiting[0]
+            num_tokens = min(request.num_uncomputed_tokens, budget)
+            reserve = self.watermark_blocks if running else 0
+            if bm.blocks_needed(request, num_tokens) + reserve > bm.num_free_blocks:
+                return  # the head waits for blocks; later requests wait behind it (no skipping)
+            bm.allocate(request, num_tokens)
+            waiting.popleft()
+            request.status = _RUNNING
+            running.append(request)
+            sequences.append(self._sequence(request, num_tokens))
+            budget -= num_tokens
+
+    @staticmethod
+    def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
+        # Token region this step:  [start .... start + num_tokens)  of  request.all_token_ids
+        start = request.num_computed_tokens
+        end = start + num_tokens
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start:end],
+            start_pos=start,
+            block_table=request.block_ids,  # live list; free() swaps in a new one, never clears it
+            sample=end == len(request.all_token_ids),
+            sampling=request.sampling,
+        )
+
+    def _preempt(self, request: Request) -> None:
+        # Preempt by recompute: drop the KV, keep the tokens. Its outputs stay in all_token_ids and
+        # are computed again as prompt when it is readmitted; nothing already generated changes.
+        self.block_manager.free(request)
+        request.num_computed_tokens = 0
+        request.status = _WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        # Newer than every other running request, older than every waiting one: the front.
+        self._waiting.appendleft(request)
+        self._left_ids.append(request.request_id)
+
+    def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> List[Request]:
+        """Apply one executed step: advance num_computed_tokens, append sampled tokens, end the
+        requests that stop. Returns the requests that received a token this step, in schedule
+        order; the finished ones among them are FINISHED with a finish_reason and own no blocks."""
+        sampled = runner_output.sampled_token_ids
+        received: List[Request] = []
+        any_finished = False
+        for seq in scheduler_output.sequences:
+            request = self._requests.get(seq.request_id)
+            if request is None or request.status is not _RUNNING:
+                continue  # ended (abort, stop string) between schedule() and update()
+            if request.num_computed_tokens != seq.start_pos:
+                raise RuntimeError(f"update() out of step for request {seq.request_id}: scheduled at "
+                                   f"{seq.start_pos}, request at {request.num_computed_tokens}")
+            request.num_computed_tokens += len(seq.token_ids)
+            if not seq.sample:
+                continue
+            try:
+                token_id = sampled[seq.request_id]
+            except KeyError:
+                raise RuntimeError(f"the runner sampled no token for request {seq.request_id}, "
+                                   f"which was scheduled with sample=True") from None
+            request.append_token(token_id)
+            received.append(request)
+            reason = request.stop_reason(token_id)
+            if reason is not None:
+                del self._requests[request.request_id]
+                self._left_ids.append(request.request_id)
+                self._finish(request, reason)
+                any_finished = True
+        if any_finished:
+            self._running = [r for r in self._running if r.status is _RUNNING]
+        return received
+
+    def _finish(self, request: Request, reason: str) -> None:
+        self.block_manager.free(request)
+        request.status = _FINISHED
+        request.finish_reason = reason
+        self._add_order.pop(request.request_id, None)
+
+    # ------------------------------------------------------------------ checks (tests, debugging)
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError when the queues, the requests' token regions or the blocks are
+        inconsistent. O(requests + blocks): for tests and debugging, not for the step loop."""
+        running, waiting = self._running, list(self._waiting)
+        if len(running) > self.max_batch_size:
+            raise AssertionError(f"{len(running)} running requests exceed max_batch_size={self.max_batch_size}")
+        ids = [r.request_id for r in running] + [r.request_id for r in waiting]
+        if len(ids) != len(set(ids)) or set(ids) != set(self._requests):
+            raise AssertionError(f"queues {ids} do not match the unfinished requests {sorted(self._requests)}")
+        order = [self._add_order[i] for i in ids]
+        if order != sorted(order):
+            raise AssertionError(f"queues are out of add order: running+waiting ids {ids}")
+        bs = self.block_manager.block_size
+        for r in running:
+            if r.status is not _RUNNING or not 0 <= r.num_computed_tokens < r.num_tokens \
+                    or len(r.block_ids) * bs < r.num_computed_tokens:
+                raise AssertionError(f"bad running request {r!r}")
+        for r in waiting:
+            if r.status is not _WAITING or r.num_computed_tokens or r.block_ids:
+                raise AssertionError(f"bad waiting request {r!r}")
+        self.block_manager.check_invariants(running)
