@@ -1,0 +1,145 @@
+"""Torch reference implementation of every kernel.
+
+These are the definitions the Triton kernels are tested against, and the execution path on a
+machine without a GPU or without Triton. Each function keeps the signature of its kernel twin.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from ..layers.attention import AttentionMetadata
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
+    """x / rms(x) * (weight + weight_offset), computed in float32 and cast back to x's dtype.
+
+    x: [num_tokens, hidden]; weight: [hidden]. Gemma stores (scale - 1) and passes weight_offset=1.
+    """
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * (weight.float() + weight_offset)).to(x.dtype)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                 weight_offset: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual): the pre-norm transformer's residual step."""
+    summed = x + residual
+    return rms_norm(summed, weight, eps, weight_offset), summed
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k by their positions' angles, "rotate half" (GPT-NeoX / Hugging Face) layout.
+
+    q: [num_tokens, num_heads, head_dim]; k: [num_tokens, num_kv_heads, head_dim];
+    cos, sin: [num_tokens, head_dim] (the two halves hold the same angles), already in q's dtype.
+    """
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+
+    def rotate(x: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+    return rotate(q), rotate(k)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for gate_up = [gate | up] along the last dim: [n, 2 * d] -> [n, d]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gelu_tanh(gate) * up for gate_up = [gate | up]: [n, 2 * d] -> [n, d]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh") * up
+
+
+def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values in their cache slots.
+
+    key, value: [num_tokens, num_kv_heads, head_dim]
+    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (0: keys, 1: values)
+    slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset in block
+    """
+    num_kv_heads, head_dim = kv_cache.shape[-2:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys (or values) of the first `length` tokens of the sequences of `block_table`.
+
+    cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_table: [S, >= ceil(length / bs)]
+    returns [S, num_kv_heads, length, head_dim]
+    """
+    block_size = cache.shape[1]
+    num_blocks = -(-length // block_size)
+    gathered = cache[block_table[:, :num_blocks]]  # [S, num_blocks, block_size, H, D]
+    s, _, _, h, d = gathered.shape
+    return gathered.reshape(s, num_blocks * block_size, h, d)[:, :length].transpose(1, 2)
+
+
+def _visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional[int]) -> torch.Tensor:
+    """Mask [..., length] of the keys each query position may attend to (causal, optional window).
+
+    A query at position p sees key j when j <= p and, with a window w, j > p - w (Hugging Face's
+    sliding-window convention).
+    """
+    key_pos = torch.arange(length, device=query_pos.device)
+    visible = key_pos <= query_pos.unsqueeze(-1)
+    if sliding_window is not None:
+        visible &= key_pos > query_pos.unsqueeze(-1) - sliding_window
+    return visible
+
+
+def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                    meta: "AttentionMetadata", scale: float,
+                    sliding_window: Optional[int] = None) -> torch.Tensor:
+    """Causal attention of the step's new tokens over their sequences' paged KV cache.
+
+    query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]
+    (the new tokens, written into kv_cache here first); returns [num_tokens, num_heads, head_dim].
+    Sequences are laid out as in `meta`: the first meta.num_decode_seqs have one query token each.
+    """
+    write_kv_cache(key, value, kv_cache, meta.slot_mapping)
+    out = torch.empty_like(query)
+    num_decodes = meta.num_decode_seqs
+    if num_decodes:
+        # One query per sequence: gather every decode sequence's keys once, padded to the longest.
+        length = max(meta.seq_lens_host[:num_decodes])
+        seq_lens = meta.seq_lens[:num_decodes]
+        k = _gather_kv(kv_cache[0], meta.block_tables[:num_decodes], length)
+        v = _gather_kv(kv_cache[1], meta.block_tables[:num_decodes], length)
+        visible = _visible_keys(seq_lens - 1, length, sliding_window)  # [S, length]
+        visible &= torch.arange(length, device=seq_lens.device) < seq_lens.unsqueeze(-1)
+        q = query[:num_decodes].unsqueeze(2)  # [S, num_heads, 1, head_dim]
+        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None, None, :],
+                                              scale=scale, enable_gqa=True)
+        out[:num_decodes] = attn.squeeze(2)
+    starts = meta.query_start_loc_host
+    for i in range(num_decodes, len(meta.seq_lens_host)):
+        start, end, length = starts[i], starts[i + 1], meta.seq_lens_host[i]
+        q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, head_dim]
+        if length == end - start and (sliding_window is None or length <= sliding_window):
+            # The whole sequence is new: plain causal attention over the new keys.
+            k = key[start:end].transpose(0, 1).unsqueeze(0)
+            v = value[start:end].transpose(0, 1).unsqueeze(0)
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            table = meta.block_tables[i:i + 1]
+            k = _gather_kv(kv_cache[0], table, length).to(q.dtype)
+            v = _gather_kv(kv_cache[1], table, length).to(q.dtype)
+            query_pos = torch.arange(length - (end - start), length, device=query.device)
+            visible = _visible_keys(query_pos, length, sliding_window)  # [q_len, length]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None], scale=scale,
+                                                  enable_gqa=True)
+        out[start:end] = attn.squeeze(0).transpose(0, 1)
+    return out

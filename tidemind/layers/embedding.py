@@ -1,0 +1,66 @@
+"""Token embedding and the language-model head (which may share the embedding's weight)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class VocabEmbedding(nn.Module):
+    """forward: ids [num_tokens] int64 -> [num_tokens, hidden] (times `scale`, applied in the
+    weight dtype as Gemma does, when given)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, scale: Optional[float] = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.scale = scale
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def _scale_in(self, dtype: torch.dtype) -> float:
+        # The scale rounded to float32 then to the model dtype, as Hugging Face's Gemma does
+        # (sqrt(2048) in bfloat16 is 45.25, not 45.2548...); a Python float, so no tensor is made
+        # per step (CUDA-graph safe).
+        return float(torch.tensor(self.scale, dtype=torch.float32, device="cpu").to(dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        embeds = F.embedding(input_ids, self.weight)
+        if self.scale is not None:
+            embeds = embeds * self._scale_in(embeds.dtype)
+        return embeds
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size}, {self.hidden_size}, scale={self.scale}"
+
+
+class LMHead(nn.Module):
+    """logits = hidden @ W.T (W: [vocab, hidden]), returned in float32; optionally tanh-softcapped:
+    cap * tanh(logits / cap). With `tied_to`, W is the embedding's weight (no parameter of its own)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: Optional[VocabEmbedding] = None,
+                 softcap: Optional[float] = None):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.softcap = softcap
+        self.tied = tied_to is not None
+        if tied_to is not None:
+            self._embedding = [tied_to]  # a list keeps it out of this module's parameters / state
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    @property
+    def effective_weight(self) -> torch.Tensor:
+        return self._embedding[0].weight if self.tied else self.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        # hidden: [num_rows, hidden] -> [num_rows, vocab] float32
+        logits = F.linear(hidden, self.effective_weight).float()
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def extra_repr(self) -> str:
+        return f"{self.vocab_size}, {self.hidden_size}, tied={self.tied}, softcap={self.softcap}"

@@ -1,0 +1,151 @@
+"""Hugging Face-format checkpoint directories: config.json + *.safetensors -> a model on a device.
+
+The model is built on the meta device (no memory, no init time), materialized empty on the target
+device in the target dtype, then filled tensor by tensor from memory-mapped safetensors files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ..config import ModelConfig
+from ..models.registry import get_model_class, supported_architectures
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TO_SAFETENSORS_HINT = ("convert it once with: python -c \"from transformers import AutoModelForCausalLM as M; "
+                       "M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read as a model."""
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download the file") from None
+
+
+def check_model_dir(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"model path {path!r} does not exist; pass a directory holding config.json "
+                                f"and *.safetensors, a .gguf file, or a bundled model name")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r} is a file, not a model directory; for a .gguf file call "
+                              f"tidemind.loader.resolve_model({path!r}) first, it converts the file")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path!r} has no config.json; a Hugging Face-format model directory needs "
+                                f"config.json next to its *.safetensors (copy it from the model's repository)")
+
+
+def read_hf_config(path: str) -> dict:
+    check_model_dir(path)
+    return _read_json(os.path.join(path, "config.json"))
+
+
+def safetensors_files(path: str) -> List[str]:
+    """The checkpoint's weight files: those of model.safetensors.index.json, else every *.safetensors."""
+    index_path = os.path.join(path, SAFETENSORS_INDEX)
+    if os.path.isfile(index_path):
+        shards = sorted(set(_read_json(index_path).get("weight_map", {}).values()))
+        missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
+        if missing:
+            raise CheckpointError(f"{SAFETENSORS_INDEX} in {path!r} lists shards that are not there: "
+                                  f"{', '.join(missing)}; download the missing files")
+        if shards:
+            return [os.path.join(path, shard) for shard in shards]
+    files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if files:
+        return files
+    others = [f for f in sorted(os.listdir(path)) if f.endswith((".bin", ".pt", ".pth", ".gguf"))]
+    if others:
+        raise CheckpointError(f"{path!r} has no *.safetensors files, only {', '.join(others[:4])}; tidemind reads "
+                              f"weights from safetensors only (a .gguf file can be passed directly); "
+                              + TO_SAFETENSORS_HINT.format(path=path))
+    raise CheckpointError(f"{path!r} has no *.safetensors weight files; download the model's *.safetensors "
+                          f"into it")
+
+
+def _tensor_names(files: List[str]) -> Dict[str, List[str]]:
+    names = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                names[file] = list(f.keys())
+        except Exception as exc:  # safetensors raises its own SafetensorError, or OSError
+            raise CheckpointError(f"cannot read {file}: {exc}; the file is corrupt or truncated, "
+                                  f"download or export it again") from None
+    return names
+
+
+def iter_safetensors(files: List[str], desc: str = "Loading weights") -> Iterator[Tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor of the files, memory-mapped, with a progress bar."""
+    names = _tensor_names(files)
+    with tqdm(total=sum(len(n) for n in names.values()), desc=desc, unit="tensor", leave=False) as bar:
+        for file, file_names in names.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in file_names:
+                    try:
+                        tensor = f.get_tensor(name)
+                    except Exception as exc:
+                        raise CheckpointError(f"cannot read tensor {name!r} from {file}: {exc}; the file is "
+                                              f"corrupt or truncated, download or export it again") from None
+                    yield name, tensor
+                    bar.update(1)
+
+
+def _ids(value) -> Tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def _with_generation_config(path: str, config: ModelConfig) -> ModelConfig:
+    gen_path = os.path.join(path, "generation_config.json")
+    if not os.path.isfile(gen_path):
+        return config
+    gen = _read_json(gen_path)
+    changes = {}
+    if gen.get("eos_token_id") is not None:
+        changes["eos_token_ids"] = _ids(gen["eos_token_id"])
+    if gen.get("bos_token_id") is not None:
+        changes["bos_token_id"] = int(gen["bos_token_id"])
+    return dataclasses.replace(config, **changes)
+
+
+def model_class_for(hf_config: dict, path: str) -> type:
+    architectures = hf_config.get("architectures") or []
+    if not architectures:
+        raise CheckpointError(f"config.json in {path!r} has no 'architectures' entry; add one, e.g. "
+                              f"\"architectures\": [\"LlamaForCausalLM\"] (supported: "
+                              f"{', '.join(supported_architectures())})")
+    return get_model_class(architectures[0])
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device) -> Tuple[torch.nn.Module, ModelConfig]:
+    """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory."""
+    start = time.perf_counter()
+    hf_config = read_hf_config(path)
+    model_cls = model_class_for(hf_config, path)
+    files = safetensors_files(path)
+    with torch.device("meta"):
+        model = model_cls(hf_config)
+    model = model.to(dtype=dtype)
+    model.to_empty(device=device)
+    model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))
+    model.eval()
+    model_config = _with_generation_config(path, model.config)
+    logger.info("loaded %s (%s) from %s in %.1f s: %s on %s", model_config.architecture,
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params", path,
+                time.perf_counter() - start, dtype, device)
+    return model, model_config

@@ -1,0 +1,105 @@
+"""What the user typed as MODEL -> a Hugging Face-format directory the loader can read.
+
+GGUF files (bundled or not) are converted once into a cache directory keyed by the file's
+absolute path, size and mtime:
+    $TIDEMIND_CACHE_DIR (default ~/.cache/tidemind) / gguf / <stem>-<key> /
+A conversion writes into a temporary sibling and renames it into place, so a cache directory that
+exists is complete.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from . import gguf as gguf_convert
+from .bundled import DEFAULT_MODEL, bundled_names, find_bundled
+from .checkpoint import check_model_dir
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "TIDEMIND_CACHE_DIR"
+STALE_TMP_S = 24 * 3600  # a temporary conversion untouched this long was left by a killed process
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    path: str  # a Hugging Face-format directory: config.json, *.safetensors, tokenizer files
+    name: str  # short display name: the bundled name, the GGUF file stem or the directory name
+    source: str  # "bundled" (a bundled GGUF), "gguf" (a user GGUF file) or "hf" (a directory)
+
+
+def cache_root() -> str:
+    return os.path.abspath(os.path.expanduser(os.environ.get(CACHE_ENV) or "~/.cache/tidemind"))
+
+
+def gguf_cache_dir(gguf_path: str) -> str:
+    """Where the conversion of this exact file (path, size, mtime) lives."""
+    path = os.path.abspath(gguf_path)
+    stat = os.stat(path)
+    key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join(cache_root(), "gguf", f"{stem}-{key}")
+
+
+def convert_gguf_cached(gguf_path: str) -> str:
+    target = gguf_cache_dir(gguf_path)
+    if os.path.isfile(os.path.join(target, "config.json")):
+        logger.info("reusing the converted %s from %s", os.path.basename(gguf_path), target)
+        return target
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    for stale in glob.glob(os.path.join(parent, f".tmp-{os.path.basename(target)}-*")):
+        if time.time() - os.path.getmtime(stale) > STALE_TMP_S:
+            shutil.rmtree(stale, ignore_errors=True)
+    logger.info("converting %s into %s (once; later runs reuse it)", gguf_path, target)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.path.basename(target)}-", dir=parent)
+    try:
+        gguf_convert.convert_gguf(gguf_path, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not os.path.isfile(os.path.join(target, "config.json")):
+                raise
+            logger.info("another process converted %s meanwhile; using its copy", gguf_path)
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _resolve_path(model: str) -> ResolvedModel:
+    path = os.path.abspath(os.path.expanduser(model))
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ValueError(f"{model!r} is a file but not a .gguf file; pass a .gguf file or a directory with "
+                             f"config.json and *.safetensors")
+        name = os.path.splitext(os.path.basename(path))[0]
+        return ResolvedModel(path=convert_gguf_cached(path), name=name, source="gguf")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if ggufs:
+            raise FileNotFoundError(f"{model!r} has no config.json but holds {', '.join(ggufs[:3])}; pass the "
+                                    f".gguf file itself, e.g. {os.path.join(model, ggufs[0])}")
+    check_model_dir(path)
+    return ResolvedModel(path=path, name=os.path.basename(path.rstrip(os.sep)), source="hf")
+
+
+def resolve_model(model: Optional[str]) -> ResolvedModel:
+    """None -> the default bundled model; a bundled name; a .gguf file; or a model directory."""
+    if model is None:
+        model = DEFAULT_MODEL
+    entry = find_bundled(model)
+    if entry is not None and not os.path.exists(model):
+        return ResolvedModel(path=convert_gguf_cached(entry.locate()), name=entry.name, source="bundled")
+    if not os.path.exists(os.path.expanduser(model)):
+        raise FileNotFoundError(f"model {model!r} is neither a bundled model ({', '.join(bundled_names())}) nor "
+                                f"an existing path; pass a directory with config.json and *.safetensors, "
+                                f"a .gguf file, or one of the bundled names (see `tidemind list`)")
+    return _resolve_path(model)
