@@ -1,0 +1,134 @@
+"""Drives an Engine from one background thread; callers in other threads (or an asyncio loop)
+submit requests and receive their outputs.
+
+Only the engine thread touches the Engine's mutable state: callers hand it commands through an
+inbox. Validation runs in the caller's thread, so a bad request raises there and never reaches
+the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+from collections import deque
+from typing import AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Sequence, Tuple
+
+from ..config import GenerationConfig
+from ..messages import RequestOutput
+from .engine import Engine
+
+logger = logging.getLogger("tidemind")
+
+Sink = Callable[[RequestOutput], None]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._ids = itertools.count(1)
+        self._inbox: Deque[Tuple] = deque()
+        self._sinks: Dict[int, Sink] = {}
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="tidemind-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ callers' side
+    def submit(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig, sink: Sink,
+               seed: Optional[int] = None) -> int:
+        """Queue a request; its outputs go to `sink` from the engine thread. Returns its id."""
+        if self._closed:
+            raise RuntimeError("the engine is closed")
+        self.engine.validate_request(prompt_token_ids, gen_config)
+        request_id = next(self._ids)
+        with self._wake:
+            self._sinks[request_id] = sink
+            self._inbox.append(("add", request_id, list(prompt_token_ids), gen_config, seed))
+            self._wake.notify()
+        return request_id
+
+    def abort(self, request_id: int) -> None:
+        with self._wake:
+            self._inbox.append(("abort", request_id))
+            self._wake.notify()
+
+    def stream(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
+               seed: Optional[int] = None) -> Iterator[RequestOutput]:
+        """Blocking iterator over one request's outputs; closing it early aborts the request."""
+        outputs: "queue.SimpleQueue[RequestOutput]" = queue.SimpleQueue()
+        request_id = self.submit(prompt_token_ids, gen_config, outputs.put, seed)
+        finished = False
+        try:
+            while not finished:
+                out = outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    async def generate(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
+                       seed: Optional[int] = None) -> AsyncIterator[RequestOutput]:
+        """Async iterator over one request's outputs; cancelling the consumer aborts the request."""
+        loop = asyncio.get_running_loop()
+        outputs: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
+        request_id = self.submit(prompt_token_ids, gen_config,
+                                 lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), seed)
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request_id)
+
+    def close(self) -> None:
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join()
+        self.engine.close()
+
+    # ------------------------------------------------------------ engine thread
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._closed and not self._inbox and not self.engine.has_unfinished_requests():
+                    self._wake.wait()
+                if self._closed:
+                    self.engine.abort_all("the engine was closed")
+                    self._dispatch(self.engine.step())
+                    return
+                commands = list(self._inbox)
+                self._inbox.clear()
+            for command in commands:
+                self._apply(command)
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a failed step must not take down other callers' requests silently
+                logger.exception("engine step failed")
+                self.engine.abort_all(f"engine step failed: {exc!r}")
+                outputs = self.engine.step()
+            self._dispatch(outputs)
+
+    def _apply(self, command: Tuple) -> None:
+        if command[0] == "abort":
+            self.engine.abort_request(command[1])
+            return
+        _, request_id, prompt_token_ids, gen_config, seed = command
+        try:
+            self.engine.add_request(request_id, prompt_token_ids, gen_config, seed)
+        except Exception as exc:
+            logger.exception("request %d could not be added", request_id)
+            self._dispatch([RequestOutput(request_id, [], "", len(prompt_token_ids), 0, finished=True,
+                                          finish_reason="error", error=str(exc))])
+
+    def _dispatch(self, outputs) -> None:
+        for out in outputs:
+            sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+            if sink is not None:
+                sink(out)

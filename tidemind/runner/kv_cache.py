@@ -1,0 +1,89 @@
+"""Sizing and allocation of the paged KV cache."""
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+from dataclasses import dataclass
+from typing import List
+
+import torch
+
+from ..config import EngineConfig, ModelConfig
+
+logger = logging.getLogger("tidemind")
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_blocks: int
+    block_size: int
+    bytes_per_block: int
+    budget_source: str  # how num_blocks was chosen, for the start-up log
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def num_bytes(self) -> int:
+        return self.num_blocks * self.bytes_per_block
+
+
+def available_host_memory() -> int:
+    """Bytes of RAM available to new allocations (MemAvailable), falling back to free pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def plan_kv_cache(model_config: ModelConfig, engine_config: EngineConfig, dtype: torch.dtype,
+                  device: torch.device, session_len: int, max_batch_size: int) -> KVCacheSpec:
+    """Choose the number of KV blocks; call after the weights are on the device."""
+    block_size = engine_config.cache_block_seq_len
+    element_size = torch.empty((), dtype=dtype).element_size()
+    bytes_per_block = block_size * model_config.kv_bytes_per_token(element_size)
+    share = engine_config.cache_max_entry_count
+    if engine_config.num_gpu_blocks:
+        return KVCacheSpec(engine_config.num_gpu_blocks, block_size, bytes_per_block, "num_gpu_blocks")
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        num_blocks = int(free * share) // bytes_per_block
+        source = f"{share:.0%} of {free / 2**30:.1f} GiB free GPU memory"
+    else:
+        available = available_host_memory()
+        # Never more than the batch could use: max_batch_size full sessions.
+        batch_blocks = max_batch_size * -(-session_len // block_size)
+        num_blocks = min(int(available * share) // bytes_per_block, batch_blocks)
+        source = (f"min({share:.0%} of {available / 2**30:.1f} GiB available RAM, "
+                  f"{max_batch_size} sequences x {session_len} tokens)")
+    if num_blocks < 1:
+        raise RuntimeError(
+            f"no memory left for the KV cache ({source}, {bytes_per_block} bytes per block): raise "
+            f"--cache-max-entry-count, lower --cache-block-seq-len, or free memory")
+    return KVCacheSpec(num_blocks, block_size, bytes_per_block, source)
+
+
+def _zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled tensor. On the CPU it lives in an anonymous memory mapping: the kernel hands
+    out zero pages on first touch, so a large cache costs RAM only as blocks get used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, num_bytes), dtype=dtype).view(shape)
+
+
+def allocate_kv_cache(spec: KVCacheSpec, model_config: ModelConfig, dtype: torch.dtype,
+                      device: torch.device) -> List[torch.Tensor]:
+    """One tensor per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (keys, values).
+
+    Zero-filled: attention gives masked-out slots zero weight, and 0 * NaN garbage would still be NaN.
+    """
+    shape = (2, spec.num_blocks, spec.block_size, model_config.num_kv_heads, model_config.head_dim)
+    return [_zeroed(shape, dtype, device) for _ in range(model_config.num_layers)]
