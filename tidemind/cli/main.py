@@ -1,0 +1,40 @@
+"""`tidemind` command line: one sub-command per verb, each in its own module."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from . import chat, info
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tidemind", description="Compress, deploy and serve large language models.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+    for module in (chat, info):
+        module.add_commands(commands)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Errors the user can cause carry a message naming the fix: show it without a traceback.
+        if logging.getLogger("tidemind").isEnabledFor(logging.DEBUG):
+            raise
+        print(f"tidemind: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
