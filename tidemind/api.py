@@ -55,6 +55,11 @@ class Pipeline:
         self._async = AsyncEngine(self.engine)
         self._session_ids = iter(range(1, 1 << 62))
 
+    @property
+    def async_engine(self) -> AsyncEngine:
+        """The engine's driver, for callers that submit token ids directly (benchmarks, the server)."""
+        return self._async
+
     # ------------------------------------------------------------------ inputs
     def encode_prompt(self, prompt: Prompt) -> List[int]:
         return self.tokenizer.encode(self.chat_template.messages2prompt(prompt))

@@ -46,6 +46,7 @@ class LMHead(nn.Module):
         self.hidden_size = hidden_size
         self.softcap = softcap
         self.tied = tied_to is not None
+        self.packed_weight: Optional[torch.Tensor] = None  # oneDNN-packed copy (CPU float32), see pack()
         if tied_to is not None:
             self._embedding = [tied_to]  # a list keeps it out of this module's parameters / state
         else:
@@ -55,9 +56,17 @@ class LMHead(nn.Module):
     def effective_weight(self) -> torch.Tensor:
         return self._embedding[0].weight if self.tied else self.weight
 
+    def pack(self, pack_for_batch: int) -> None:
+        """Keep a oneDNN-packed copy of the weight for the matmul (the dense one stays: a tied
+        embedding still looks rows up in it)."""
+        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.effective_weight.data, pack_for_batch)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] float32
-        logits = F.linear(hidden, self.effective_weight).float()
+        if self.packed_weight is not None:
+            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_weight, None, "none", [], "")
+        else:
+            logits = F.linear(hidden, self.effective_weight).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

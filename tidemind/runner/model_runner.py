@@ -10,6 +10,7 @@ from ..config import EngineConfig, ModelConfig
 from ..engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from ..layers.attention import build_attention_metadata
 from ..loader import load_model
+from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
 from .sampler import Sampler
 
@@ -23,6 +24,9 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.model, self.model_config = load_model(model_path, dtype, device)
+        self.dense_backend = resolve_dense_backend("auto", device, dtype)
+        apply_dense_backend(self.model, self.dense_backend)
+        logger.info("dense matmul backend: %s", self.dense_backend)
         self.sampler = Sampler()
         self.kv_spec: KVCacheSpec | None = None
         self.kv_caches: List[torch.Tensor] = []
