@@ -1,0 +1,111 @@
+"""tidemind on the GPU machine: greedy equality with transformers, and the D1 / T1 workloads.
+
+    python benchmarks/gpu_bench.py check GGUF        # SmolLM2 float32: 32 prompts, 64 new tokens,
+                                                     # one at a time and batched, vs transformers
+    python benchmarks/gpu_bench.py d1t1 MODEL_DIR    # D1 and T1 (benchmarks/WORKLOADS.md) in bfloat16
+
+Every figure is appended to $OUT/results.jsonl in the same format as the peer scripts
+(../shared/bench/gpu), so one summary table holds tidemind and its peers from the same machine.
+For a CPU dry run of the script itself: D1_NEW=8 T1_N=4 T1_NEW=4 python ... d1t1 SMALL_MODEL_DIR.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from tidemind import EngineConfig, GenerationConfig, pipeline
+from tidemind.bench.offline import run_requests
+from tidemind.bench.workloads import chat_prompts, random_prompt, t1_prompts
+
+D1_NEW = int(os.environ.get("D1_NEW", 512))
+T1_NEW = int(os.environ.get("T1_NEW", 256))
+T1_N = int(os.environ.get("T1_N", 512))
+CMD = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
+
+
+def record(**fields) -> None:
+    fields.setdefault("time", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    fields.setdefault("device", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
+    line = json.dumps(fields)
+    print("RESULT", line, flush=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "results.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+def check(gguf: str) -> None:
+    """Greedy token ids of tidemind and transformers on the same GGUF, float32, on the GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = os.path.dirname(gguf), os.path.basename(gguf)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).cuda().eval()
+    prompts = chat_prompts()
+    expected = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+            ids = torch.tensor([tokenizer(text).input_ids], device="cuda")
+            out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.eos_token_id)
+            expected.append(out[0, ids.shape[1]:].tolist())
+    del model
+    torch.cuda.empty_cache()
+    greedy = GenerationConfig(max_new_tokens=64)
+    with pipeline(gguf, backend_config=EngineConfig(dtype="float32", device="cuda"), log_level="INFO") as pipe:
+        one_by_one = [pipe(p, greedy).token_ids for p in prompts]
+        batched = [r.token_ids for r in pipe(prompts, greedy)]
+    for mode, got in (("one at a time", one_by_one), ("batched", batched)):
+        mismatched = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
+        record(system="tidemind", workload="greedy-vs-transformers", mode=mode, prompts=len(prompts),
+               new_tokens=64, dtype="float32", mismatched_prompts=mismatched, cmd=CMD)
+        print(f"{mode}: {len(prompts) - len(mismatched)}/{len(prompts)} prompts identical to transformers", flush=True)
+
+
+def d1(pipe) -> None:
+    engine = pipe.async_engine
+    prompt = [random_prompt(pipe.engine.model_config.vocab_size)]
+    run_requests(engine, prompt, GenerationConfig(max_new_tokens=32, ignore_eos=True))  # warm-up
+    runs = []
+    for _ in range(3):
+        stats = run_requests(engine, prompt, GenerationConfig(max_new_tokens=D1_NEW, ignore_eos=True))
+        runs.append(dict(ttft_s=stats.ttft_s[0], decode_tok_s=stats.decode_tok_s(), total_s=stats.wall_s))
+        print("D1 run", runs[-1], flush=True)
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    record(system="tidemind", workload="D1", runs=runs, cmd=CMD, **med)
+
+
+def t1(pipe) -> None:
+    engine = pipe.async_engine
+    vocab = pipe.engine.model_config.vocab_size
+    warm = t1_prompts(vocab, 64)
+    start = time.perf_counter()
+    run_requests(engine, warm, GenerationConfig(max_new_tokens=16, ignore_eos=True))
+    print(f"T1 warm-up (64 requests x 16 tokens) {time.perf_counter() - start:.1f}s", flush=True)
+    prompts = t1_prompts(vocab, T1_N)
+    stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
+    print("T1", stats.summary(), flush=True)
+    record(system="tidemind", workload="T1", requests=len(prompts), preemptions=pipe.engine.scheduler.num_preemptions,
+           cmd=CMD, **stats.summary())
+
+
+def main() -> None:
+    verb, path = sys.argv[1], sys.argv[2]
+    if verb == "check":
+        check(path)
+    elif verb == "d1t1":
+        config = EngineConfig(session_len=2048, max_batch_size=256, cache_max_entry_count=0.8)
+        with pipeline(path, backend_config=config, log_level="INFO") as pipe:
+            d1(pipe)
+            t1(pipe)
+    else:
+        raise SystemExit(__doc__)
+
+
+if __name__ == "__main__":
+    main()
