@@ -116,6 +116,23 @@ def test_message_lists_and_chat_sessions(pipe):
     assert session.history[1]["content"] == first
     # The second turn's prompt holds the first turn: it is longer than the question alone.
     assert session.response.input_token_len > len(pipe.encode_prompt("What is my name?"))
+    pipe.end_session(session)
+
+
+def test_chat_turns_reuse_the_conversations_kv_and_match_a_fresh_full_prompt(pipe):
+    greedy = GenerationConfig(max_new_tokens=24)
+    session = pipe.chat("Name a fruit that is red.", gen_config=greedy)
+    first = session.response
+    cached_before = pipe.engine.stats()["cached_prompt_tokens_total"]
+    session = pipe.chat("And one that is yellow?", session=session, gen_config=greedy)
+    second = session.response
+    # All of the first turn but its last token came from the session's KV cache.
+    cached = pipe.engine.stats()["cached_prompt_tokens_total"] - cached_before
+    assert cached == first.input_token_len + first.generate_token_len - 1
+    fresh = pipe(session.history[:-1], greedy)
+    assert fresh.text == second.text
+    pipe.end_session(session)
+    assert _all_blocks_free(pipe)
 
 
 def test_use_tqdm_shows_progress(pipe, capsys):

@@ -33,6 +33,10 @@ def _split_prompts(prompts) -> tuple:
                      "or a non-empty list of those")
 
 
+def _turn_messages(prompt: Prompt) -> Messages:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
 @dataclass
 class Session:
     """A multi-turn conversation kept by Pipeline.chat()."""
@@ -41,9 +45,6 @@ class Session:
     history: List[Dict] = field(default_factory=list)  # alternating user / assistant messages
     response: Optional[Response] = None
 
-    def messages(self, prompt: Prompt) -> Messages:
-        turn = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        return self.history + turn
 
 
 class Pipeline:
@@ -161,35 +162,45 @@ class Pipeline:
              stream_response: bool = False):
         """One turn of a multi-turn conversation; returns the Session (its .response holds the answer).
 
-        With stream_response=True, returns an iterator of Response deltas and updates the session
-        when the answer is complete.
+        The conversation's KV cache stays in the engine between turns, so a turn computes only its
+        own tokens; end_session() frees it. With stream_response=True, returns an iterator of
+        Response deltas and updates the session when the answer is complete.
         """
         session = session or self.new_session()
-        messages = session.messages(prompt)
-        if stream_response:
-            return self._chat_stream(session, messages, gen_config)
-        response = self(messages, gen_config)
-        if isinstance(response, list):
+        config = self._with_template_stops(self._gen_configs(gen_config, 1)[0])
+        if config.n != 1:
             raise ValueError("chat() keeps one conversation: use gen_config.n == 1")
-        self._end_turn(session, messages, response)
+        turn = _turn_messages(prompt)
+        first_turn = not session.history
+        # Later turns render only the new messages: the conversation so far is in the engine's session.
+        text = self.chat_template.messages2prompt(turn, sequence_start=first_turn)
+        turn_ids = self.tokenizer.encode(text, add_bos=first_turn)
+        outputs = self._async.stream(turn_ids, config, session_id=session.session_id)  # validates now
+        stream = self._chat_turn(session, session.history + turn, outputs)
+        if stream_response:
+            return stream
+        for _ in stream:
+            pass
         return session
+
+    def _chat_turn(self, session: Session, messages: Messages, outputs) -> Iterator[Response]:
+        full = self._new_response(0)
+        full.session_id = session.session_id
+        for out in outputs:
+            delta = _delta(out, 0, session.session_id)
+            _accumulate(full, delta)
+            yield delta
+        if full.finish_reason in ("stop", "length"):
+            session.history = messages + [{"role": "assistant", "content": full.text}]
+        session.response = full
 
     def new_session(self) -> Session:
         return Session(session_id=next(self._session_ids))
 
-    def _chat_stream(self, session: Session, messages: Messages, gen_config) -> Iterator[Response]:
-        full = self._new_response(0)
-        full.session_id = session.session_id
-        for delta in self.stream_infer(messages, gen_config):
-            _accumulate(full, delta)
-            delta.session_id = session.session_id
-            yield delta
-        self._end_turn(session, messages, full)
-
-    def _end_turn(self, session: Session, messages: Messages, response: Response) -> None:
-        response.session_id = session.session_id
-        session.history = messages + [{"role": "assistant", "content": response.text}]
-        session.response = response
+    def end_session(self, session: Session) -> None:
+        """Free the conversation's KV cache in the engine; the Session object can start afresh."""
+        self._async.end_session(session.session_id)
+        session.history = []
 
     def _new_response(self, index: int) -> Response:
         return Response(text="", generate_token_len=0, input_token_len=0, session_id=next(self._session_ids),

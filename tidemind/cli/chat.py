@@ -53,6 +53,8 @@ def run_chat(args: argparse.Namespace) -> int:
             if not prompt:
                 continue
             if prompt == END_WORD:
+                if session is not None:
+                    pipe.end_session(session)
                 session = None
                 if interactive:
                     print("(new conversation)", file=sys.stderr)
@@ -77,6 +79,7 @@ def _answer(pipe, prompt: str, session, gen_config):
     except ValueError as exc:
         # e.g. the conversation outgrew session_len: say so and start afresh.
         print(f"[{exc}; starting a new conversation]", file=sys.stderr)
+        pipe.end_session(session)
         return None
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -37,17 +37,24 @@ class AsyncEngine:
 
     # ------------------------------------------------------------ callers' side
     def submit(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig, sink: Sink,
-               seed: Optional[int] = None) -> int:
-        """Queue a request; its outputs go to `sink` from the engine thread. Returns its id."""
+               seed: Optional[int] = None, session_id: Optional[int] = None) -> int:
+        """Queue a request; its outputs go to `sink` from the engine thread. Returns its id.
+        With `session_id` the request is the next turn of that conversation (see Engine.add_request)."""
         if self._closed:
             raise RuntimeError("the engine is closed")
-        self.engine.validate_request(prompt_token_ids, gen_config)
+        self.engine.validate_request(prompt_token_ids, gen_config, session_id)
         request_id = next(self._ids)
         with self._wake:
             self._sinks[request_id] = sink
-            self._inbox.append(("add", request_id, list(prompt_token_ids), gen_config, seed))
+            self._inbox.append(("add", request_id, list(prompt_token_ids), gen_config, seed, session_id))
             self._wake.notify()
         return request_id
+
+    def end_session(self, session_id: int) -> None:
+        """Forget a conversation and free its KV (a running turn is aborted)."""
+        with self._wake:
+            self._inbox.append(("end_session", session_id))
+            self._wake.notify()
 
     def abort(self, request_id: int) -> None:
         with self._wake:
@@ -55,10 +62,14 @@ class AsyncEngine:
             self._wake.notify()
 
     def stream(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
-               seed: Optional[int] = None) -> Iterator[RequestOutput]:
-        """Blocking iterator over one request's outputs; closing it early aborts the request."""
+               seed: Optional[int] = None, session_id: Optional[int] = None) -> Iterator[RequestOutput]:
+        """Submit now (a bad request raises here) and return a blocking iterator over the request's
+        outputs; closing the iterator early aborts the request."""
         outputs: "queue.SimpleQueue[RequestOutput]" = queue.SimpleQueue()
-        request_id = self.submit(prompt_token_ids, gen_config, outputs.put, seed)
+        request_id = self.submit(prompt_token_ids, gen_config, outputs.put, seed, session_id)
+        return self._drain(request_id, outputs)
+
+    def _drain(self, request_id: int, outputs: "queue.SimpleQueue[RequestOutput]") -> Iterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -70,12 +81,13 @@ class AsyncEngine:
                 self.abort(request_id)
 
     async def generate(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
-                       seed: Optional[int] = None) -> AsyncIterator[RequestOutput]:
+                       seed: Optional[int] = None, session_id: Optional[int] = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Async iterator over one request's outputs; cancelling the consumer aborts the request."""
         loop = asyncio.get_running_loop()
         outputs: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
         request_id = self.submit(prompt_token_ids, gen_config,
-                                 lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), seed)
+                                 lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), seed, session_id)
         finished = False
         try:
             while not finished:
@@ -119,9 +131,12 @@ class AsyncEngine:
         if command[0] == "abort":
             self.engine.abort_request(command[1])
             return
-        _, request_id, prompt_token_ids, gen_config, seed = command
+        if command[0] == "end_session":
+            self.engine.end_session(command[1])
+            return
+        _, request_id, prompt_token_ids, gen_config, seed, session_id = command
         try:
-            self.engine.add_request(request_id, prompt_token_ids, gen_config, seed)
+            self.engine.add_request(request_id, prompt_token_ids, gen_config, seed, session_id)
         except Exception as exc:
             logger.exception("request %d could not be added", request_id)
             self._dispatch([RequestOutput(request_id, [], "", len(prompt_token_ids), 0, finished=True,

@@ -13,9 +13,25 @@ caching) be added by bumping counts instead of rewriting allocate/free.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, List
+from typing import Iterable, List, Protocol
 
 from .request import Request
+
+
+class BlockHolder(Protocol):
+    """Anything with a block table: a request, or a session keeping its KV between turns."""
+
+    block_ids: List[int]
+
+
+class _Blocks:
+    """A bare block table (for freeing part of a holder's blocks)."""
+
+    def __init__(self, block_ids: List[int]):
+        self.block_ids = block_ids
+
+    def __repr__(self) -> str:
+        return f"blocks {self.block_ids}"
 
 
 class BlockManager:
@@ -77,28 +93,37 @@ class BlockManager:
         request.block_ids.extend(taken)
         return True
 
-    def free(self, request: Request) -> None:
-        """Drop the request's references to its blocks; blocks nobody else holds become free.
+    def free(self, holder: BlockHolder) -> None:
+        """Drop the holder's references to its blocks; blocks nobody else holds become free.
 
-        ``request.block_ids`` is replaced by a new empty list rather than cleared, so a block table
+        ``holder.block_ids`` is replaced by a new empty list rather than cleared, so a block table
         already handed to the runner in a SchedulerOutput stays intact.
         """
-        block_ids = request.block_ids
+        block_ids = holder.block_ids
         if not block_ids:
             return
         ref_counts = self._ref_counts
         free = self._free
-        # Pushed last block first, so the request's first block is on top and is handed out first.
+        # Pushed last block first, so the holder's first block is on top and is handed out first.
         for block_id in reversed(block_ids):
             count = ref_counts[block_id] - 1
             if count < 0:
-                raise RuntimeError(f"block {block_id} of request {request.request_id} was already free")
+                raise RuntimeError(f"block {block_id} of {holder!r} was already free")
             ref_counts[block_id] = count
             if count == 0:
                 free.append(block_id)
-        request.block_ids = []
+        holder.block_ids = []
 
-    def check_invariants(self, owners: Iterable[Request]) -> None:
+    def trim(self, holder: BlockHolder, num_tokens: int) -> None:
+        """Free the holder's blocks beyond the first ``num_tokens`` tokens."""
+        keep = -(-num_tokens // self._block_size)
+        if keep >= len(holder.block_ids):
+            return
+        tail = _Blocks(holder.block_ids[keep:])
+        holder.block_ids = holder.block_ids[:keep]
+        self.free(tail)
+
+    def check_invariants(self, owners: Iterable[BlockHolder]) -> None:
         """Raise AssertionError unless every block is either free (once) or owned, never both, and
         each block's reference count equals the number of ``owners`` holding it. O(num_blocks):
         for tests and debugging, not for the step loop. (Explicit raises, not `assert`: the checks
@@ -108,10 +133,10 @@ class BlockManager:
         if duplicates:
             raise AssertionError(f"blocks {duplicates} are in the free stack more than once")
         held = Counter()
-        for request in owners:
-            table = request.block_ids
+        for owner in owners:
+            table = owner.block_ids
             if len(set(table)) != len(table):
-                raise AssertionError(f"request {request.request_id} holds a block twice: {table}")
+                raise AssertionError(f"{owner!r} holds a block twice: {table}")
             held.update(table)
         unknown = [b for b in list(held) + list(free_counts) if not 0 <= b < self._num_blocks]
         if unknown:

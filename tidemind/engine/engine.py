@@ -68,17 +68,35 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.config.max_prefill_token_num)
         self._detokenizers: Dict[int, IncrementalDetokenizer] = {}
         self._pending: List[RequestOutput] = []  # outputs of aborts, emitted by the next step()
+        # Counters for metrics: prompt tokens of requests that got a first token, how many of
+        # those came from a session's cache, and generated tokens.
+        self.prompt_tokens_total = 0
+        self.cached_prompt_tokens_total = 0
+        self.generated_tokens_total = 0
 
     # ----------------------------------------------------------------- requests
-    def validate_request(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig) -> None:
-        """Raise ValueError naming the fix when the request cannot run; changes nothing."""
+    def validate_request(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
+                         session_id: Optional[int] = None) -> None:
+        """Raise ValueError naming the fix when the request cannot run; changes nothing.
+
+        With a session, the request's prompt is the conversation so far plus `prompt_token_ids`."""
         if not isinstance(gen_config, GenerationConfig):
             raise ValueError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
         if len(prompt_token_ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
+        history = len(self.scheduler.sessions.history(session_id)) if session_id is not None else 0
+        session = self.scheduler.sessions.get(session_id) if session_id is not None else None
+        if session is not None and session.active_request_id is not None:
+            raise ValueError(f"session {session_id} is busy with another request: wait for it to finish, "
+                             f"or cancel it, before the next turn")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
+        if history and history + len(prompt_token_ids) >= self.max_total_tokens:
+            raise ValueError(
+                f"session {session_id} holds {history} tokens; with this turn's {len(prompt_token_ids)} it "
+                f"would leave no room for an answer within {self.max_total_tokens} tokens "
+                f"(session_len={self.session_len}): end the session and start a new one, or raise --session-len")
         if len(prompt_token_ids) >= self.max_total_tokens:
             raise ValueError(
                 f"the prompt has {len(prompt_token_ids)} tokens but a session holds at most "
@@ -86,14 +104,18 @@ class Engine:
                 f"shorten the prompt or raise --session-len")
 
     def add_request(self, request_id: int, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
-                    seed: Optional[int] = None) -> None:
-        self.validate_request(prompt_token_ids, gen_config)
+                    seed: Optional[int] = None, session_id: Optional[int] = None) -> None:
+        """Queue a request. With `session_id` it is the next turn of that conversation: its prompt
+        is the conversation's tokens plus `prompt_token_ids`, and it reuses the conversation's KV."""
+        self.validate_request(prompt_token_ids, gen_config, session_id)
+        if session_id is not None:
+            prompt_token_ids = list(self.scheduler.sessions.history(session_id)) + list(prompt_token_ids)
         if seed is None:
             seed = gen_config.random_seed if gen_config.random_seed is not None else random.getrandbits(31)
         bad_words = self.tokenizer.encode_bad_words(gen_config.bad_words) if gen_config.bad_words else ()
         request = Request(request_id, list(prompt_token_ids), gen_config, seed=seed,
                           eos_token_ids=self.eos_token_ids, max_total_tokens=self.max_total_tokens,
-                          bad_word_token_ids=bad_words)
+                          bad_word_token_ids=bad_words, session_id=session_id)
         if gen_config.max_new_tokens == 0:
             self._pending.append(self._final_output(request, "length"))
             return
@@ -109,6 +131,23 @@ class Engine:
             return
         self._detokenizers.pop(request_id, None)
         self._pending.append(self._final_output(request, reason, error))
+
+    def end_session(self, session_id: int) -> None:
+        """Forget a conversation and free its KV; a turn still running is aborted."""
+        request = self.scheduler.end_session(session_id)
+        if request is not None and self._detokenizers.pop(request.request_id, None) is not None:
+            self._pending.append(self._final_output(request, "abort"))
+
+    def stats(self) -> Dict[str, float]:
+        """A snapshot for metrics (read from any thread; values may be one step apart)."""
+        bm = self.block_manager
+        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+                "kv_blocks_total": bm.num_total_blocks, "kv_blocks_free": bm.num_free_blocks,
+                "kv_usage": bm.usage, "kv_blocks_in_idle_sessions": self.scheduler.sessions.num_cached_blocks,
+                "num_sessions": len(self.scheduler.sessions), "num_preemptions": self.scheduler.num_preemptions,
+                "prompt_tokens_total": self.prompt_tokens_total,
+                "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
+                "generated_tokens_total": self.generated_tokens_total}
 
     def abort_all(self, error: str) -> None:
         """End every unfinished request with finish_reason "error" (after a failed step)."""
@@ -133,6 +172,10 @@ class Engine:
         """Detokenize the request's newest token; a stop word found in the text ends the request."""
         token = request.output_token_ids[-1]
         detok = self._detokenizers[request.request_id]
+        self.generated_tokens_total += 1
+        if len(request.output_token_ids) == 1:
+            self.prompt_tokens_total += len(request.prompt_token_ids)
+            self.cached_prompt_tokens_total += request.num_cached_tokens
         ends_on_token = request.is_finished and request.finish_reason == "stop" and token in request.sampling.stop_token_ids
         # A stop token's text shows only with include_stop_str_in_output (special tokens never do).
         text = "" if ends_on_token and not request.gen_config.include_stop_str_in_output else detok.add(token)
@@ -146,7 +189,7 @@ class Engine:
             request_id=request.request_id, new_token_ids=[token], new_text=text,
             num_prompt_tokens=len(request.prompt_token_ids), num_generated_tokens=len(request.output_token_ids),
             new_logprobs=[logprobs] if logprobs is not None else None, finished=request.is_finished,
-            finish_reason=request.finish_reason)
+            finish_reason=request.finish_reason, num_cached_tokens=request.num_cached_tokens)
 
     def _final_output(self, request: Request, reason: str, error: Optional[str] = None) -> RequestOutput:
         return RequestOutput(

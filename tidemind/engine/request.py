@@ -34,6 +34,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "gen_config", "seed",
         "eos_token_ids", "max_total_tokens", "max_new_tokens", "min_new_tokens", "arrival",
         "num_computed_tokens", "block_ids", "status", "finish_reason", "num_preemptions", "sampling",
+        "session_id", "num_cached_tokens",
     )
 
     def __init__(
@@ -46,10 +47,13 @@ class Request:
         max_total_tokens: int,
         bad_word_token_ids: Sequence[Sequence[int]] = (),
         arrival: Optional[float] = None,
+        session_id: Optional[int] = None,
     ):
         """``max_total_tokens`` is the session length: prompt + output never exceed it.
         ``arrival`` is when the request came in (time.monotonic() seconds unless given); it is
-        informational (queueing metrics): the scheduler serves requests in add_request order."""
+        informational (queueing metrics): the scheduler serves requests in add_request order.
+        ``session_id``: the conversation this request is a turn of; its prompt starts with the
+        conversation's tokens, whose KV it takes over when admitted (see sessions.py)."""
         prompt = list(prompt_token_ids)
         if not prompt:
             raise ValueError(f"request {request_id}: the prompt is empty; give at least one token")
@@ -76,6 +80,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
+        self.session_id = session_id
+        self.num_cached_tokens = 0  # prompt tokens whose KV came from the session, not computed
         stop_ids = set(gen_config.stop_token_ids or ())
         if not gen_config.ignore_eos:
             stop_ids |= self.eos_token_ids

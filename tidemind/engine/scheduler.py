@@ -33,6 +33,7 @@ from ..messages import FINISH_REASONS
 from .block_manager import BlockManager
 from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from .request import Request, RequestStatus
+from .sessions import SessionStore
 
 _RUNNING = RequestStatus.RUNNING
 _WAITING = RequestStatus.WAITING
@@ -65,6 +66,7 @@ class Scheduler:
         self._add_order: Dict[int, int] = {}  # request_id -> add_request sequence number
         self._num_added = 0
         self.num_preemptions = 0  # over the scheduler's lifetime (metrics)
+        self.sessions = SessionStore(block_manager)
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -86,6 +88,8 @@ class Scheduler:
                 f"request {rid} may need {request.max_kv_tokens} tokens of KV cache ({need} blocks of "
                 f"{bm.block_size}) but the cache holds {bm.num_total_blocks} blocks; lower max_new_tokens "
                 f"or session_len, or give the cache more memory (cache_max_entry_count / num_gpu_blocks)")
+        if request.session_id is not None:
+            self.sessions.start_turn(request)
         self._requests[rid] = request
         self._add_order[rid] = self._num_added
         self._num_added += 1
@@ -112,6 +116,14 @@ class Scheduler:
             self._waiting.remove(request)  # holds no blocks, unknown to the runner
         self._finish(request, reason)
         return True
+
+    def end_session(self, session_id: int) -> Optional[Request]:
+        """Forget a conversation and free its KV; a turn still running is aborted and returned."""
+        request_id = self.sessions.end(session_id)
+        request = self._requests.get(request_id) if request_id is not None else None
+        if request is not None:
+            self.finish_request(request_id, "abort")
+        return request
 
     def get_request(self, request_id: int) -> Optional[Request]:
         """The unfinished request with that id, or None."""
@@ -153,6 +165,11 @@ class Scheduler:
             request = running[i]
             num_tokens = min(request.num_uncomputed_tokens, budget)
             while not allocate(request, request.num_computed_tokens + num_tokens):
+                # Idle conversations give their KV back before running requests are preempted.
+                need = self.block_manager.blocks_needed(request, request.num_computed_tokens + num_tokens)
+                self.sessions.evict(need)
+                if allocate(request, request.num_computed_tokens + num_tokens):
+                    break
                 victim = running.pop()
                 self._preempt(victim)
                 preempted = True
@@ -171,11 +188,18 @@ class Scheduler:
         bm = self.block_manager
         while waiting and budget > 0 and len(running) < self.max_batch_size:
             request = waiting[0]
-            num_tokens = min(request.num_uncomputed_tokens, budget)
+            # A turn of a session starts where the session's cached KV ends.
+            cached_tokens, cached_blocks = self.sessions.adoptable(request)
+            num_tokens = min(request.num_tokens - cached_tokens, budget)
+            need = bm.blocks_for_tokens(cached_tokens + num_tokens) - cached_blocks
             reserve = self.watermark_blocks if running else 0
-            if bm.blocks_needed(request, num_tokens) + reserve > bm.num_free_blocks:
-                return  # the head waits for blocks; later requests wait behind it (no skipping)
-            bm.allocate(request, num_tokens)
+            if need + reserve > bm.num_free_blocks:
+                self.sessions.evict(need + reserve, keep_session_id=request.session_id)
+                if need + reserve > bm.num_free_blocks:
+                    return  # the head waits for blocks; later requests wait behind it (no skipping)
+            if cached_blocks:
+                self.sessions.adopt(request)
+            bm.allocate(request, cached_tokens + num_tokens)
             waiting.popleft()
             request.status = _RUNNING
             running.append(request)
@@ -243,6 +267,9 @@ class Scheduler:
         return received
 
     def _finish(self, request: Request, reason: str) -> None:
+        if request.session_id is not None:
+            # A completed turn keeps its KV in the session; an aborted one is forgotten.
+            self.sessions.finish_turn(request, keep=reason in ("stop", "length"))
         self.block_manager.free(request)
         request.status = _FINISHED
         request.finish_reason = reason
@@ -270,4 +297,4 @@ class Scheduler:
         for r in waiting:
             if r.status is not _WAITING or r.num_computed_tokens or r.block_ids:
                 raise AssertionError(f"bad waiting request {r!r}")
-        self.block_manager.check_invariants(running)
+        self.block_manager.check_invariants(list(running) + list(self.sessions.holders()))

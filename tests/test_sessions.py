@@ -1,0 +1,131 @@
+"""Interactive sessions in the scheduler: a turn takes over the conversation's KV blocks, idle
+sessions give them back under memory pressure, aborted turns are forgotten (no torch)."""
+import pytest
+
+try:
+    from fake_runner import flush, make_request, make_scheduler, run_all, run_alone, step
+except ImportError:
+    from tests.fake_runner import flush, make_request, make_scheduler, run_all, run_alone, step
+
+
+def _turn(request_id, history, new_tokens, session_id=1, **gen):
+    gen.setdefault("max_new_tokens", 6)
+    r = make_request(request_id, list(history) + list(new_tokens), eos=(), seed=99, **gen)
+    r.session_id = session_id
+    return r
+
+
+def _end_all(sched, runner, *session_ids):
+    for sid in session_ids:
+        sched.end_session(sid)
+    flush(sched, runner)
+
+
+def test_second_turn_reuses_the_first_turns_kv_and_matches_a_fresh_full_prompt():
+    sched, runner = make_scheduler(num_blocks=32, block_size=4)
+    first = _turn(0, [], [3, 4, 5, 6, 7])
+    sched.add_request(first)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    history = sched.sessions.history(1)
+    assert history == first.all_token_ids and len(history) == 5 + 6
+    session = sched.sessions.get(1)
+    assert session.num_cached == len(history) - 1 and len(session.block_ids) == 3  # ceil(10 / 4)
+
+    second = _turn(1, history, [8, 9])
+    sched.add_request(second)
+    out, _ = step(sched, runner)
+    # Only the uncached tail is computed: the last answer token and the two new ones.
+    assert [(s.start_pos, s.num_tokens) for s in out.sequences] == [(len(history) - 1, 3)]
+    assert second.num_cached_tokens == len(history) - 1
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    fresh = make_request(1, history + [8, 9], eos=(), seed=99, max_new_tokens=6)
+    assert (second.output_token_ids, second.finish_reason) == run_alone(fresh)
+    assert sched.sessions.history(1) == second.all_token_ids
+    _end_all(sched, runner, 1)
+
+
+def test_idle_sessions_give_their_kv_back_under_pressure_and_recompute_later():
+    sched, runner = make_scheduler(num_blocks=8, block_size=4)
+    first = _turn(0, [], [1, 2, 3, 4, 5, 6])
+    sched.add_request(first)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert len(sched.sessions.get(1).block_ids) == 3
+    big = make_request(5, 24, max_new_tokens=4, eos=())  # needs 7 of the 8 blocks
+    sched.add_request(big)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert sched.sessions.get(1).block_ids == [] and sched.sessions.get(1).num_cached == 0
+    history = sched.sessions.history(1)
+    second = _turn(1, history, [9])
+    sched.add_request(second)
+    out, _ = step(sched, runner)
+    assert out.sequences[0].start_pos == 0 and second.num_cached_tokens == 0  # recomputed
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert (second.output_token_ids, second.finish_reason) == run_alone(
+        make_request(1, history + [9], eos=(), seed=99, max_new_tokens=6))
+    _end_all(sched, runner, 1)
+
+
+def test_aborted_turn_is_forgotten_and_the_session_goes_on():
+    sched, runner = make_scheduler(num_blocks=32, block_size=4)
+    sched.add_request(_turn(0, [], [1, 2, 3]))
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    history = list(sched.sessions.history(1))
+    turn = _turn(1, history, [4], max_new_tokens=20)
+    sched.add_request(turn)
+    step(sched, runner)
+    step(sched, runner)
+    assert sched.abort_request(1)
+    assert sched.sessions.history(1) == history and sched.sessions.get(1).active_request_id is None
+    again = _turn(2, history, [4])
+    sched.add_request(again)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert again.finish_reason == "length"
+    _end_all(sched, runner, 1)
+
+
+def test_one_turn_at_a_time_and_prompts_must_continue_the_conversation():
+    sched, runner = make_scheduler(num_blocks=32, block_size=4)
+    sched.add_request(_turn(0, [], [1, 2, 3]))
+    with pytest.raises(ValueError, match="busy"):
+        sched.add_request(_turn(1, [], [1, 2, 3]))
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    with pytest.raises(ValueError, match="does not continue"):
+        sched.add_request(_turn(2, [9, 9], [1]))
+    _end_all(sched, runner, 1)
+
+
+def test_ending_a_session_aborts_its_running_turn_and_frees_everything():
+    sched, runner = make_scheduler(num_blocks=32, block_size=4)
+    sched.add_request(_turn(0, [], [1, 2, 3], max_new_tokens=50))
+    step(sched, runner)
+    step(sched, runner)
+    aborted = sched.end_session(1)
+    assert aborted is not None and aborted.finish_reason == "abort"
+    assert sched.sessions.get(1) is None
+    flush(sched, runner)
+
+
+def test_preempted_turn_of_a_session_still_matches_running_alone():
+    sched, runner = make_scheduler(num_blocks=7, block_size=4, max_num_batched_tokens=8)
+    sched.add_request(_turn(0, [], [1, 2, 3, 4]))
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    history = list(sched.sessions.history(1))
+    turn = _turn(1, history, [5, 6], max_new_tokens=8)
+    other = make_request(7, 10, max_new_tokens=10, eos=())
+    sched.add_request(other)
+    sched.add_request(turn)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert sched.num_preemptions > 0
+    assert (turn.output_token_ids, turn.finish_reason) == run_alone(
+        make_request(1, history + [5, 6], eos=(), seed=99, max_new_tokens=8))
+    _end_all(sched, runner, 1)
