@@ -1,0 +1,73 @@
+"""Start real tidemind servers on loopback for tests (bundled SmolLM2 unless told otherwise)."""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, List, Optional
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: Optional[subprocess.Popen] = None, timeout: float = 120.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"server at {url} exited with code {process.returncode} before it was ready")
+        try:
+            if httpx.get(f"{url}/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"server at {url} was not healthy after {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def running(command: List[str], port: int, log_path: Optional[str] = None,
+            timeout: float = 120.0) -> Iterator[str]:
+    """Run `tidemind <command...>` (which must listen on `port`) until the block ends; yields its URL.
+
+    The process's output goes to `log_path` (or is discarded); on failure to start, the log tail is
+    part of the error."""
+    url = f"http://127.0.0.1:{port}"
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "tidemind.cli.main", *command], stdout=log,
+                               stderr=subprocess.STDOUT, env=env)
+    try:
+        try:
+            wait_until_healthy(url, process, timeout)
+        except (RuntimeError, TimeoutError) as exc:
+            tail = open(log_path).read()[-3000:] if log_path else ""
+            raise RuntimeError(f"{exc}\n{tail}") from None
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if log_path:
+            log.close()
+
+
+@contextlib.contextmanager
+def api_server(*extra_args: str, model: Optional[str] = None, log_path: Optional[str] = None,
+               timeout: float = 120.0) -> Iterator[str]:
+    """A `tidemind serve api_server` on a free loopback port, float32 on the CPU."""
+    port = free_port()
+    command = ["serve", "api_server", *([model] if model else []), "--server-name", "127.0.0.1",
+               "--server-port", str(port), "--device", "cpu", "--dtype", "float32", *extra_args]
+    with running(command, port, log_path, timeout) as url:
+        yield url
