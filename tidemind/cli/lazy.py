@@ -18,17 +18,17 @@ def add_lazy_group(commands, name: str, help_text: str, verbs: Dict[str, Tuple[s
     sub = group.add_subparsers(dest=f"{name}_command", metavar="VERB")
     sub.required = True
     for verb, (module_name, verb_help) in verbs.items():
+        # The verb's own flags are parsed by _runner: main() hands it whatever it did not know.
         parser = sub.add_parser(verb, help=verb_help, add_help=False)
-        parser.add_argument("verb_args", nargs=argparse.REMAINDER)
-        parser.set_defaults(handler=_runner(f"tidemind {name} {verb}", module_name, verb_help))
+        parser.set_defaults(handler=_runner(f"tidemind {name} {verb}", module_name, verb_help), takes_extra_args=True)
 
 
 def _runner(prog: str, module_name: str, description: str):
-    def run(args: argparse.Namespace):
+    def run(args: argparse.Namespace, extra_args: List[str]):
         module = importlib.import_module(module_name)
         parser = argparse.ArgumentParser(prog=prog, description=description)
         module.add_arguments(parser)
-        verb_args = parser.parse_args(_strip_separator(args.verb_args))
+        verb_args = parser.parse_args(_strip_separator(extra_args))
         level = getattr(verb_args, "log_level", None)
         if level:
             logging.getLogger().setLevel(level.upper())

@@ -21,11 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra_args = parser.parse_known_args(argv)
+    takes_extra_args = getattr(args, "takes_extra_args", False)
+    if extra_args and not takes_extra_args:
+        parser.error(f"unrecognized arguments: {' '.join(extra_args)}")
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        return args.handler(args) or 0
+        return (args.handler(args, extra_args) if takes_extra_args else args.handler(args)) or 0
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         # Errors the user can cause carry a message naming the fix: show it without a traceback.
         if logging.getLogger("tidemind").isEnabledFor(logging.DEBUG):
