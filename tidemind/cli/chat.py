@@ -42,8 +42,11 @@ def run_chat(args: argparse.Namespace) -> int:
     with pipeline(args.model, backend_config=engine_config, chat_template=args.chat_template,
                   log_level=args.log_level) as pipe:
         if interactive:
-            print(f"chat template: {pipe.chat_template.name}. Type '{END_WORD}' for a new conversation, "
-                  f"'{EXIT_WORD}' to quit.", file=sys.stderr)
+            kv = pipe.engine.runner.kv_spec
+            print(f"{pipe.engine.resolved.name} on {pipe.engine.runner.device}, chat template "
+                  f"{pipe.chat_template.name}, KV cache {kv.num_blocks} blocks x {kv.block_size} tokens "
+                  f"({kv.num_tokens} tokens). Type '{END_WORD}' for a new conversation, '{EXIT_WORD}' to quit.",
+                  file=sys.stderr)
         session = None
         while True:
             line = _read_line(interactive)
