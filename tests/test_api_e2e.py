@@ -179,3 +179,16 @@ def test_abandoned_stream_is_aborted_and_frees_its_blocks(pipe):
     stream.close()  # the caller walks away: the request is aborted
     assert _all_blocks_free(pipe)
     assert pipe(bench_prompts()[4], GenerationConfig(max_new_tokens=4)).generate_token_len == 4
+
+
+def test_a_cancelled_chat_turn_frees_its_session_at_once(pipe):
+    session = pipe.new_session()
+    stream = pipe.chat("Tell me a long story.", session=session, stream_response=True,
+                       gen_config=GenerationConfig(max_new_tokens=200, ignore_eos=True))
+    next(stream)
+    stream.close()  # the turn is aborted; the next one must not find the session busy
+    session = pipe.chat("Say hi.", session=session, gen_config=GenerationConfig(max_new_tokens=4, ignore_eos=True))
+    assert session.response.generate_token_len == 4
+    assert [m["role"] for m in session.history] == ["user", "assistant"]  # the aborted turn is forgotten
+    pipe.end_session(session)
+    assert _all_blocks_free(pipe)

@@ -5,7 +5,7 @@ import logging
 import queue
 import random
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Sequence, Union
+from typing import Dict, Iterator, List, Optional, Union
 
 from .chat.templates import ChatTemplateConfig, get_chat_template
 from .config import EngineConfig, GenerationConfig
@@ -186,10 +186,13 @@ class Pipeline:
     def _chat_turn(self, session: Session, messages: Messages, outputs) -> Iterator[Response]:
         full = self._new_response(0)
         full.session_id = session.session_id
-        for out in outputs:
-            delta = _delta(out, 0, session.session_id)
-            _accumulate(full, delta)
-            yield delta
+        try:
+            for out in outputs:
+                delta = _delta(out, 0, session.session_id)
+                _accumulate(full, delta)
+                yield delta
+        finally:
+            outputs.close()  # an abandoned turn is aborted now, not when garbage-collected
         if full.finish_reason in ("stop", "length"):
             session.history = messages + [{"role": "assistant", "content": full.text}]
         session.response = full

@@ -5,20 +5,15 @@ import argparse
 import sys
 
 from ..config import EngineConfig, GenerationConfig
+from ..serve.chat_loop import CHAT_GEN_FIELDS, END_WORD, EXIT_WORD
 from .args import add_config_flags, config_from_args
-
-END_WORD = "end"  # starts a new conversation
-EXIT_WORD = "exit"  # quits
-
-# Flags of GenerationConfig that make sense for a person chatting.
-_CHAT_GEN_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "min_p",
-                    "repetition_penalty", "random_seed", "stop_words")
 
 
 def add_commands(commands) -> None:
     p = commands.add_parser("chat", help="chat with a model in the terminal",
                             description="Chat with a model. Type 'end' to start a new conversation, "
-                                        "'exit' to quit. With a pipe on stdin, each line gets one answer.")
+                                        "'exit' to quit, Ctrl-C to stop an answer. With a pipe on stdin, "
+                                        "each line gets one answer line.")
     p.add_argument("model", nargs="?", default=None,
                    help="a model directory, a .gguf file or a bundled model name (default: the bundled "
                         "SmolLM2-135M-Instruct)")
@@ -26,13 +21,14 @@ def add_commands(commands) -> None:
                                                          "or a JSON file with ChatTemplateConfig fields")
     p.add_argument("--log-level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     add_config_flags(p, EngineConfig, "engine")
-    gen_exclude = [f for f in GenerationConfig.__dataclass_fields__ if f not in _CHAT_GEN_FIELDS]
+    gen_exclude = [f for f in GenerationConfig.__dataclass_fields__ if f not in CHAT_GEN_FIELDS]
     add_config_flags(p, GenerationConfig, "generation", exclude=gen_exclude)
     p.set_defaults(handler=run_chat)
 
 
 def run_chat(args: argparse.Namespace) -> int:
     from ..api import pipeline
+    from ..serve.chat_loop import LocalConversation, run_chat_loop
 
     interactive = sys.stdin.isatty()
     engine_config = config_from_args(EngineConfig, args)
@@ -45,45 +41,7 @@ def run_chat(args: argparse.Namespace) -> int:
             kv = pipe.engine.runner.kv_spec
             print(f"{pipe.engine.resolved.name} on {pipe.engine.runner.device}, chat template "
                   f"{pipe.chat_template.name}, KV cache {kv.num_blocks} blocks x {kv.block_size} tokens "
-                  f"({kv.num_tokens} tokens). Type '{END_WORD}' for a new conversation, '{EXIT_WORD}' to quit.",
+                  f"({kv.num_tokens} tokens). Type '{END_WORD}' for a new conversation, '{EXIT_WORD}' to quit, "
+                  f"Ctrl-C to stop an answer.",
                   file=sys.stderr)
-        session = None
-        while True:
-            line = _read_line(interactive)
-            if line is None or line.strip() == EXIT_WORD:
-                return 0
-            prompt = line.strip()
-            if not prompt:
-                continue
-            if prompt == END_WORD:
-                if session is not None:
-                    pipe.end_session(session)
-                session = None
-                if interactive:
-                    print("(new conversation)", file=sys.stderr)
-                continue
-            session = _answer(pipe, prompt, session, gen_config)
-
-
-def _read_line(interactive: bool):
-    try:
-        return input("\n>>> ") if interactive else sys.stdin.readline() or None
-    except EOFError:
-        return None
-
-
-def _answer(pipe, prompt: str, session, gen_config):
-    """Stream one answer to stdout and return the conversation to continue."""
-    session = session or pipe.new_session()
-    try:
-        for delta in pipe.chat(prompt, session=session, gen_config=gen_config, stream_response=True):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-    except ValueError as exc:
-        # e.g. the conversation outgrew session_len: say so and start afresh.
-        print(f"[{exc}; starting a new conversation]", file=sys.stderr)
-        pipe.end_session(session)
-        return None
-    sys.stdout.write("\n")
-    sys.stdout.flush()
-    return session
+        return run_chat_loop(LocalConversation(pipe), gen_config, interactive)

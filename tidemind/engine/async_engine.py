@@ -30,6 +30,9 @@ class AsyncEngine:
         self._ids = itertools.count(1)
         self._inbox: Deque[Tuple] = deque()
         self._sinks: Dict[int, Sink] = {}
+        # session_id -> the request running its turn, as callers see it: an abort or end_session
+        # releases the session at once, since the engine thread applies commands in order.
+        self._session_turns: Dict[int, int] = {}
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tidemind-engine", daemon=True)
@@ -45,6 +48,11 @@ class AsyncEngine:
         self.engine.validate_request(prompt_token_ids, gen_config, session_id)
         request_id = next(self._ids)
         with self._wake:
+            if session_id is not None:
+                if session_id in self._session_turns:
+                    raise ValueError(f"session {session_id} is busy with another request: wait for it to "
+                                     f"finish, or cancel it, before the next turn")
+                self._session_turns[session_id] = request_id
             self._sinks[request_id] = sink
             self._inbox.append(("add", request_id, list(prompt_token_ids), gen_config, seed, session_id))
             self._wake.notify()
@@ -53,11 +61,13 @@ class AsyncEngine:
     def end_session(self, session_id: int) -> None:
         """Forget a conversation and free its KV (a running turn is aborted)."""
         with self._wake:
+            self._session_turns.pop(session_id, None)
             self._inbox.append(("end_session", session_id))
             self._wake.notify()
 
     def abort(self, request_id: int) -> None:
         with self._wake:
+            self._release_session_of(request_id)
             self._inbox.append(("abort", request_id))
             self._wake.notify()
 
@@ -142,8 +152,17 @@ class AsyncEngine:
             self._dispatch([RequestOutput(request_id, [], "", len(prompt_token_ids), 0, finished=True,
                                           finish_reason="error", error=str(exc))])
 
+    def _release_session_of(self, request_id: int) -> None:
+        # Call with self._wake held.
+        for session_id, turn in list(self._session_turns.items()):
+            if turn == request_id:
+                del self._session_turns[session_id]
+
     def _dispatch(self, outputs) -> None:
         for out in outputs:
+            if out.finished and self._session_turns:
+                with self._wake:
+                    self._release_session_of(out.request_id)
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             if sink is not None:
                 sink(out)

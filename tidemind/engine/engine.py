@@ -85,10 +85,6 @@ class Engine:
         if len(prompt_token_ids) == 0:
             raise ValueError("the prompt is empty: give at least one token")
         history = len(self.scheduler.sessions.history(session_id)) if session_id is not None else 0
-        session = self.scheduler.sessions.get(session_id) if session_id is not None else None
-        if session is not None and session.active_request_id is not None:
-            raise ValueError(f"session {session_id} is busy with another request: wait for it to finish, "
-                             f"or cancel it, before the next turn")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
