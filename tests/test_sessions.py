@@ -81,12 +81,17 @@ def test_aborted_turn_is_forgotten_and_the_session_goes_on():
     step(sched, runner)
     step(sched, runner)
     assert sched.abort_request(1)
-    assert sched.sessions.history(1) == history and sched.sessions.get(1).active_request_id is None
+    session = sched.sessions.get(1)
+    assert sched.sessions.history(1) == history and session.active_request_id is None
+    # The conversation's KV survives the aborted turn: the next turn still reuses it.
+    assert session.num_cached == len(history) - 1 and len(session.block_ids) == 2  # ceil(8 / 4)
     again = _turn(2, history, [4])
     sched.add_request(again)
     while sched.has_unfinished_requests():
         step(sched, runner)
-    assert again.finish_reason == "length"
+    assert again.finish_reason == "length" and again.num_cached_tokens == len(history) - 1
+    assert (again.output_token_ids, again.finish_reason) == run_alone(
+        make_request(2, history + [4], eos=(), seed=99, max_new_tokens=6))
     _end_all(sched, runner, 1)
 
 

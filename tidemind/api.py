@@ -75,7 +75,7 @@ class Pipeline:
             raise ValueError(f"gen_config must be one GenerationConfig or a list of {count} (one per prompt)")
         return configs
 
-    def _with_template_stops(self, config: GenerationConfig) -> GenerationConfig:
+    def with_template_stops(self, config: GenerationConfig) -> GenerationConfig:
         """Add the chat template's end-of-answer words: single-token ones as stop token ids (the
         sampler sees them at once), longer ones as stop words matched on the text. With ignore_eos
         the template's end words are ignored too (the user's own stop words still apply)."""
@@ -95,7 +95,7 @@ class Pipeline:
     def _submit_all(self, prompts, gen_config, sink_for) -> List[List[int]]:
         """Submit every sample of every prompt; returns request ids per prompt (n per prompt)."""
         prompt_ids = [self.encode_prompt(p) for p in prompts]
-        configs = [self._with_template_stops(c) for c in self._gen_configs(gen_config, len(prompts))]
+        configs = [self.with_template_stops(c) for c in self._gen_configs(gen_config, len(prompts))]
         for ids, config in zip(prompt_ids, configs):  # validate everything before submitting anything
             self.engine.validate_request(ids, config)
         request_ids = []
@@ -167,7 +167,7 @@ class Pipeline:
         Response deltas and updates the session when the answer is complete.
         """
         session = session or self.new_session()
-        config = self._with_template_stops(self._gen_configs(gen_config, 1)[0])
+        config = self.with_template_stops(self._gen_configs(gen_config, 1)[0])
         if config.n != 1:
             raise ValueError("chat() keeps one conversation: use gen_config.n == 1")
         turn = _turn_messages(prompt)

@@ -88,6 +88,14 @@ class SessionStore:
             return  # the session was ended while the turn ran
         session.active_request_id = None
         if not keep:
+            # The conversation is as before the turn. Positions below the KV the turn adopted are
+            # still valid in the request's blocks (unless a preemption has not recomputed them
+            # yet), so they go back to the session and the next turn still reuses them.
+            cached = request.num_cached_tokens
+            if cached and request.num_computed_tokens >= cached and not session.block_ids:
+                self._block_manager.trim(request, cached)
+                session.block_ids, request.block_ids = request.block_ids, []
+                session.num_cached = cached
             return
         self._block_manager.free(session)  # stale KV of an earlier turn, if any
         session.token_ids = request.all_token_ids
