@@ -46,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--proxy-url", default=None,
                         help="a `tidemind serve proxy` URL: register there at start (POST /nodes/add) and "
                              "leave at shutdown (POST /nodes/remove)")
+    server.add_argument("--proxy-api-key", default=None,
+                        help="the key to present to a proxy started with --api-keys when registering")
     server.add_argument("--chat-template", default=None,
                         help="a built-in template name (see `tidemind list`) or a JSON file with "
                              "ChatTemplateConfig fields; default: the model's own template")
@@ -93,13 +95,21 @@ def _route_address(proxy_url: Optional[str]) -> str:
         return "127.0.0.1"
 
 
-async def _tell_proxy(proxy_url: str, action: str, url: str) -> None:
+async def _tell_proxy(proxy_url: str, action: str, url: str, api_key: Optional[str]) -> None:
     import httpx
 
     endpoint = f"{proxy_url.rstrip('/')}/nodes/{action}"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
         async with httpx.AsyncClient(timeout=_PROXY_TIMEOUT_S) as client:
-            response = await client.post(endpoint, json={"url": url})
+            response = await client.post(endpoint, json={"url": url}, headers=headers)
+        if action == "remove" and response.status_code == 404:
+            logger.info("the proxy %s had already dropped %s", proxy_url, url)
+            return
+        if response.status_code == 401:
+            logger.warning("the proxy %s refused to %s %s: give its key with --proxy-api-key", proxy_url,
+                           "register" if action == "add" else "deregister", url)
+            return
         response.raise_for_status()
         logger.info("%s %s at the proxy %s", "registered" if action == "add" else "deregistered", url, proxy_url)
     except httpx.HTTPError as exc:
@@ -116,9 +126,10 @@ def _server_class():
         """uvicorn's server, telling the proxy when it has started (its socket listens) and, before it
         stops accepting requests, that it is leaving."""
 
-        def __init__(self, config, model_name: str, pipe, proxy_url: Optional[str]):
+        def __init__(self, config, model_name: str, pipe, proxy_url: Optional[str], proxy_api_key: Optional[str]):
             super().__init__(config)
             self.model_name, self.pipe, self.proxy_url = model_name, pipe, proxy_url
+            self.proxy_api_key = proxy_api_key
             self.url: Optional[str] = None
 
         async def startup(self, sockets=None) -> None:
@@ -132,11 +143,11 @@ def _server_class():
                         self.config.host, port, f", reachable at {self.url}" if self.config.host == "0.0.0.0" else "",
                         blocks.num_total_blocks, blocks.block_size)
             if self.proxy_url:
-                await _tell_proxy(self.proxy_url, "add", self.url)
+                await _tell_proxy(self.proxy_url, "add", self.url, self.proxy_api_key)
 
         async def shutdown(self, sockets=None) -> None:
             if self.proxy_url and self.url:
-                await _tell_proxy(self.proxy_url, "remove", self.url)
+                await _tell_proxy(self.proxy_url, "remove", self.url, self.proxy_api_key)
             await super().shutdown(sockets)
 
     return Server
@@ -158,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
                          max_concurrent_requests=args.max_concurrent_requests, cors=_cors(args))
         config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level.lower(),
                                 timeout_graceful_shutdown=5, lifespan="off")
-        server = _server_class()(config, model_name, pipe, args.proxy_url)
+        server = _server_class()(config, model_name, pipe, args.proxy_url, args.proxy_api_key)
         # uvicorn re-raises the signal that stopped it once it has shut down; with SIGTERM's default
         # action that would kill the process before the engine is closed.
         signal.signal(signal.SIGTERM, lambda *_: None)
