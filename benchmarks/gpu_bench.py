@@ -37,34 +37,67 @@ def record(**fields) -> None:
         f.write(line + "\n")
 
 
-def check(gguf: str) -> None:
-    """Greedy token ids of tidemind and transformers on the same GGUF, float32, on the GPU."""
+def _hf_reference(gguf: str, prompts, device: str, attn_implementation: str = "sdpa"):
+    """transformers' greedy ids and, per prompt, its log-softmax at every generated position."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder, name = os.path.dirname(gguf), os.path.basename(gguf)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).cuda().eval()
-    prompts = chat_prompts()
-    expected = []
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                 attn_implementation=attn_implementation).to(device).eval()
+    expected, logprobs = [], []
     with torch.inference_mode():
         for prompt in prompts:
             text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                  add_generation_prompt=True)
-            ids = torch.tensor([tokenizer(text).input_ids], device="cuda")
+            ids = torch.tensor([tokenizer(text).input_ids], device=device)
             out = model.generate(ids, max_new_tokens=64, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                                 pad_token_id=tokenizer.eos_token_id)
-            expected.append(out[0, ids.shape[1]:].tolist())
-    del model
-    torch.cuda.empty_cache()
-    greedy = GenerationConfig(max_new_tokens=64)
-    with pipeline(gguf, backend_config=EngineConfig(dtype="float32", device="cuda"), log_level="INFO") as pipe:
-        one_by_one = [pipe(p, greedy).token_ids for p in prompts]
-        batched = [r.token_ids for r in pipe(prompts, greedy)]
-    for mode, got in (("one at a time", one_by_one), ("batched", batched)):
-        mismatched = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
-        record(system="tidemind", workload="greedy-vs-transformers", mode=mode, prompts=len(prompts),
-               new_tokens=64, dtype="float32", mismatched_prompts=mismatched, cmd=CMD)
-        print(f"{mode}: {len(prompts) - len(mismatched)}/{len(prompts)} prompts identical to transformers", flush=True)
+                                 pad_token_id=tokenizer.eos_token_id, output_scores=True,
+                                 return_dict_in_generate=True)
+            expected.append(out.sequences[0, ids.shape[1]:].tolist())
+            logprobs.append([torch.log_softmax(s[0].float(), -1).cpu() for s in out.scores])
+    return expected, logprobs
+
+
+def _divergence(ours, theirs, hf_logprobs, our_logprobs):
+    """Where greedy paths part and how close to a tie transformers' top two tokens were there."""
+    j = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
+    lp = hf_logprobs[j]
+    return {"position": j, "hf_token": theirs[j], "our_token": ours[j],
+            "hf_logprob_gap": round(float(lp[theirs[j]] - lp[ours[j]]), 6),
+            "our_logprob_gap": round(our_logprobs[j][ours[j]] - our_logprobs[j].get(theirs[j], float("-inf")), 6)}
+
+
+def check(gguf: str, device: str = "cuda") -> None:
+    """Greedy token ids of tidemind and transformers on the same GGUF, float32.
+
+    transformers runs twice, with its SDPA and its eager attention: how often those two disagree
+    with each other is the float32 noise floor of the comparison on this device."""
+    prompts = chat_prompts()[:int(os.environ.get("CHECK_PROMPTS", 32))]  # fewer only for dry runs
+    print("float32 matmul precision:", torch.get_float32_matmul_precision(),
+          "cuda.matmul.allow_tf32:", torch.backends.cuda.matmul.allow_tf32, flush=True)
+    references = {impl: _hf_reference(gguf, prompts, device, impl) for impl in ("sdpa", "eager")}
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    floor = [i for i in range(len(prompts)) if references["sdpa"][0][i] != references["eager"][0][i]]
+    record(system="hf-transformers", workload="greedy-sdpa-vs-eager", prompts=len(prompts), new_tokens=64,
+           dtype="float32", mismatched_prompts=floor, cmd=CMD)
+    print(f"transformers sdpa vs eager: {len(prompts) - len(floor)}/{len(prompts)} prompts identical", flush=True)
+    greedy = GenerationConfig(max_new_tokens=64, logprobs=2)
+    with pipeline(gguf, backend_config=EngineConfig(dtype="float32", device=device), log_level="INFO") as pipe:
+        runs = {"one at a time": [pipe(p, greedy) for p in prompts], "batched": pipe(prompts, greedy)}
+    for impl, (expected, hf_logprobs) in references.items():
+        # Noise level: our log-probs of the first answer token's top two against transformers' own.
+        first_diff = max(abs(r.logprobs[0][tok] - hf_logprobs[i][0][tok].item())
+                         for i, r in enumerate(runs["one at a time"]) for tok in r.logprobs[0])
+        for mode, got in runs.items():
+            mismatched = {i: _divergence(r.token_ids, expected[i], hf_logprobs[i], r.logprobs)
+                          for i, r in enumerate(got) if r.token_ids != expected[i]}
+            record(system="tidemind", workload="greedy-vs-transformers", reference=impl, mode=mode,
+                   prompts=len(prompts), new_tokens=64, dtype="float32", mismatched_prompts=mismatched,
+                   max_first_token_logprob_diff=first_diff, cmd=CMD)
+            print(f"{mode} vs transformers-{impl}: {len(prompts) - len(mismatched)}/{len(prompts)} identical; "
+                  f"first-token log-prob difference up to {first_diff:.2e}; divergences {mismatched}", flush=True)
 
 
 def d1(pipe) -> None:
@@ -97,7 +130,7 @@ def t1(pipe) -> None:
 def main() -> None:
     verb, path = sys.argv[1], sys.argv[2]
     if verb == "check":
-        check(path)
+        check(path, os.environ.get("CHECK_DEVICE", "cuda"))
     elif verb == "d1t1":
         config = EngineConfig(session_len=2048, max_batch_size=256, cache_max_entry_count=0.8)
         with pipeline(path, backend_config=config, log_level="INFO") as pipe:
