@@ -25,7 +25,7 @@ tidemind)
   if [ -f $GGUF_DIR/smollm2.part00 ]; then
     cat $GGUF_DIR/smollm2.part00 .gpu_assets/smollm2.part01 > $GGUF
     if [ "$(sha256sum $GGUF | cut -d' ' -f1)" = "$(cat .gpu_assets/smollm2.sha256)" ]; then
-      timeout 240 python3 benchmarks/gpu_bench.py check $GGUF 2>&1 | grep -v "Loading\|Converting" | tee $OUT/check.log
+      timeout ${CHECK_TIMEOUT:-240} python3 benchmarks/gpu_bench.py check $GGUF 2>&1 | grep -v "Loading\|Converting" | tee $OUT/check.log
     else echo "SmolLM2 GGUF checksum mismatch: check skipped"; fi
   else echo "part00 missing (machine restarted?): greedy check skipped"; fi
   timeout 120 python3 -m pytest -q -m gpu tests/test_sampler.py 2>&1 | tail -3 | tee $OUT/pytest_gpu.log
