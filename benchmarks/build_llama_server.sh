@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Build llama.cpp's C++ `llama-server` from the llama.cpp sources vendored in the llama-cpp-python
+# sdist, for benchmarks only (tidemind never depends on it). The binary is cached: a second run
+# prints its path at once.
+#
+# usage: benchmarks/build_llama_server.sh [CACHE_DIR]     (default ~/.cache/tidemind-bench)
+# prints: the path of the llama-server binary (last line of stdout)
+# needs: pip (the ordinary client, to fetch the sdist), cmake, a C++ compiler; ~8 minutes on 2 cores
+set -euo pipefail
+
+CACHE_DIR="${1:-${TIDEMIND_BENCH_CACHE:-$HOME/.cache/tidemind-bench}}"
+SERVER="$CACHE_DIR/llama-server"
+if [[ -x "$SERVER" ]]; then
+    echo "$SERVER"
+    exit 0
+fi
+mkdir -p "$CACHE_DIR/sdist"
+SDIST=$(ls "$CACHE_DIR"/sdist/llama_cpp_python-*.tar.gz 2>/dev/null | sort -V | tail -n 1 || true)
+if [[ -z "$SDIST" ]]; then
+    python -m pip download --no-binary :all: --no-deps llama-cpp-python -d "$CACHE_DIR/sdist" >&2
+    SDIST=$(ls "$CACHE_DIR"/sdist/llama_cpp_python-*.tar.gz | sort -V | tail -n 1)
+fi
+SRC="$CACHE_DIR/$(basename "$SDIST" .tar.gz)"
+[[ -d "$SRC" ]] || tar xzf "$SDIST" -C "$CACHE_DIR"
+# The sdist has no .git: version facts come from its CHANGELOG (see serve_vs_llamacpp.py).
+cmake -S "$SRC/vendor/llama.cpp" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release \
+    -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
+cmake --build "$SRC/build" --target llama-server -j "$(nproc)" >&2
+cp "$SRC/build/bin/llama-server" "$SERVER.tmp" && mv "$SERVER.tmp" "$SERVER"
+echo "$SERVER"
