@@ -2,17 +2,21 @@
 weights (the bundled SmolLM2 GGUF dequantized to float32), same prompts, same process.
 
 usage: python benchmarks/cpu_peers.py [--out benchmarks/results/cpu]   (writes OUT.json and OUT.png)
+
+With the machine's ceilings (tidemind/bench/cpu_ceilings.py) it reports each figure's share of its
+roofline: C3's decode against copy bandwidth / weight bytes, C1's total tokens/s against the
+float32 matmul rate / (2 * weights per token).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 
 import torch
 
 from tidemind import EngineConfig, GenerationConfig, pipeline
+from tidemind.bench.cpu_ceilings import measure_cpu_ceilings, step_weight_count
 from tidemind.bench.offline import run_requests
 from tidemind.bench.workloads import WORKLOADS, chat_prompts, random_prompt
 from tidemind.loader.bundled import SMOLLM2
@@ -31,7 +35,14 @@ def bench_tidemind() -> dict:
         c3 = [random_prompt(pipe.engine.model_config.vocab_size)]
         stats = run_requests(engine, c3, GenerationConfig(max_new_tokens=WORKLOADS["C3"].new_tokens, ignore_eos=True))
         results["C3"] = {**stats.summary(), "decode_tok_s": round(stats.decode_tok_s(), 2)}
+        results["step_weights"] = step_weight_count(pipe.engine.runner.model)
     return results
+
+
+def rooflines(ceilings: dict, step_weights: int) -> dict:
+    """Upper bounds in tokens/s for float32 weights on this machine (see cpu_ceilings)."""
+    return {"C3_decode_tok_s": round(ceilings["copy_GBps"] * 1e9 / (4 * step_weights), 1),
+            "C1_total_tok_s": round(ceilings["matmul_fp32_GFLOPs"] * 1e9 / (2 * step_weights), 1)}
 
 
 class _TokenTimes:
@@ -68,8 +79,11 @@ def bench_transformers() -> dict:
         out = model.generate(**batch, max_new_tokens=new, min_new_tokens=new, **config)
         wall = time.perf_counter() - start
         generated = (out.shape[1] - batch.input_ids.shape[1]) * out.shape[0]
-        results["C1"] = {"wall_s": round(wall, 3), "output_tokens": generated,
-                         "output_tok_s": round(generated / wall, 2), "batch_padded_to": batch.input_ids.shape[1]}
+        prompt_tokens = int(batch.attention_mask.sum())  # without the padding
+        results["C1"] = {"wall_s": round(wall, 3), "prompt_tokens": prompt_tokens, "output_tokens": generated,
+                         "output_tok_s": round(generated / wall, 2),
+                         "total_tok_s": round((prompt_tokens + generated) / wall, 2),
+                         "batch_padded_to": batch.input_ids.shape[1]}
         ids = torch.tensor([random_prompt(model.config.vocab_size)])
         new = WORKLOADS["C3"].new_tokens
         streamer = _TokenTimes()
@@ -96,7 +110,7 @@ def plot(results: dict, path: str) -> None:
         bars = ax.bar(names, values, color=["#1f77b4", "#999999"])
         ax.bar_label(bars, fmt="%.0f")
         ax.set_title(label, fontsize=10)
-    fig.suptitle(f"SmolLM2-135M float32 on {THREADS} CPU threads ({platform.processor() or platform.machine()})",
+    fig.suptitle(f"SmolLM2-135M float32 on {THREADS} CPU threads ({results['env']['cpu']})",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -107,11 +121,18 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/cpu")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
+    ceilings = measure_cpu_ceilings()
     results = {"tidemind": bench_tidemind(), "transformers": bench_transformers()}
+    roof = rooflines(ceilings, results["tidemind"].pop("step_weights"))
+    results["machine"] = {**ceilings, "roofline_tok_s": roof}
+    results["share_of_roofline"] = {
+        name: {"C1_total_tok_s": round(results[name]["C1"]["total_tok_s"] / roof["C1_total_tok_s"], 3),
+               "C3_decode_tok_s": round(results[name]["C3"]["decode_tok_s"] / roof["C3_decode_tok_s"], 3)}
+        for name in ("tidemind", "transformers")}
     results["ratio"] = {
         "C1_output_tok_s": round(results["tidemind"]["C1"]["output_tok_s"] / results["transformers"]["C1"]["output_tok_s"], 2),
         "C3_decode_tok_s": round(results["tidemind"]["C3"]["decode_tok_s"] / results["transformers"]["C3"]["decode_tok_s"], 2)}
-    results["env"] = {"torch": torch.__version__, "threads": THREADS, "cpu": platform.processor(),
+    results["env"] = {"torch": torch.__version__, "threads": THREADS, "cpu": ceilings["cpu"],
                       "command": "python benchmarks/cpu_peers.py"}
     with open(args.out + ".json", "w") as f:
         json.dump(results, f, indent=1)

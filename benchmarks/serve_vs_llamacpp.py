@@ -13,9 +13,7 @@ import argparse
 import datetime
 import importlib.util
 import json
-import math
 import os
-import platform
 import re
 import shlex
 import signal
@@ -27,6 +25,7 @@ from pathlib import Path
 
 import httpx
 
+from tidemind.bench.cpu_ceilings import measure_cpu_ceilings
 from tidemind.bench.serve import ServeBenchSettings
 from tidemind.bench.serve_metrics import format_summary
 from tidemind.bench.serve_report import COMPARED, compared_value, output_paths, plot_comparison, write_json
@@ -76,31 +75,6 @@ def tidemind_version() -> dict:
 
     return {"tidemind": tidemind.__version__, "git_rev": git("rev-parse", "HEAD"),
             "uncommitted_files": len(git("status", "--porcelain").splitlines()), "torch": torch.__version__}
-
-
-def machine_ceilings() -> dict:
-    """Copy bandwidth (bytes read + written, 256 MiB float32 buffer, median of 5) and a float32
-    2048^3 matmul rate (best of 3) with numpy: the roofline the figures sit under."""
-    import numpy as np
-
-    src = np.ones(64 * 2**20, dtype=np.float32)
-    dst = np.empty_like(src)
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        np.copyto(dst, src)
-        times.append(time.perf_counter() - start)
-    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    a @ a
-    matmul_s = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        a @ a
-        matmul_s = min(matmul_s, time.perf_counter() - start)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "")
-    return {"cpu": cpu or platform.processor(), "cores": os.cpu_count(),
-            "copy_GBps": round(2 * src.nbytes / sorted(times)[2] / 1e9, 2),
-            "matmul_fp32_GFLOPs": round(2 * 2048**3 / matmul_s / 1e9, 1)}
 
 
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 300.0) -> float:
@@ -247,7 +221,7 @@ def main() -> None:
         result["versions"]["llama.cpp"] = llama_cpp_version(binary)
     commands = server_commands(args, gguf, binary)
     quiet = wait_for_quiet(args.max_load, args.quiet_timeout)
-    result["machine"] = {**machine_ceilings(), "measured_after": quiet}
+    result["machine"] = {**measure_cpu_ceilings(), "measured_after": quiet}
     print(f"machine: {result['machine']}", flush=True)
     rounds = {name: [] for name in commands}
     for i in range(args.rounds):
