@@ -101,6 +101,21 @@ def _visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional
     return visible
 
 
+def _decode_mask(meta: "AttentionMetadata", length: int, sliding_window: Optional[int],
+                 dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [S, 1, 1, length] (0 or -inf) of the decode group's keys: the same for every
+    layer with the same window, so it is built once per step and kept in meta.step_cache."""
+    key = ("decode_mask", length, sliding_window, dtype)
+    mask = meta.step_cache.get(key)
+    if mask is None:
+        seq_lens = meta.seq_lens[:meta.num_decode_seqs]
+        # the query is the last token: it sees every cached key of its sequence (within the window)
+        visible = _visible_keys(seq_lens - 1, length, sliding_window)  # [S, length]
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
+        mask = meta.step_cache[key] = mask[:, None, None, :]
+    return mask
+
+
 def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                     meta: "AttentionMetadata", scale: float,
                     sliding_window: Optional[int] = None) -> torch.Tensor:
@@ -111,19 +126,19 @@ def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Sequences are laid out as in `meta`: the first meta.num_decode_seqs have one query token each.
     """
     write_kv_cache(key, value, kv_cache, meta.slot_mapping)
-    out = torch.empty_like(query)
     num_decodes = meta.num_decode_seqs
     if num_decodes:
         # One query per sequence: gather every decode sequence's keys once, padded to the longest.
         length = max(meta.seq_lens_host[:num_decodes])
-        seq_lens = meta.seq_lens[:num_decodes]
         k = _gather_kv(kv_cache[0], meta.block_tables[:num_decodes], length)
         v = _gather_kv(kv_cache[1], meta.block_tables[:num_decodes], length)
-        visible = _visible_keys(seq_lens - 1, length, sliding_window)  # [S, length]
-        visible &= torch.arange(length, device=seq_lens.device) < seq_lens.unsqueeze(-1)
         q = query[:num_decodes].unsqueeze(2)  # [S, num_heads, 1, head_dim]
-        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=visible[:, None, None, :],
-                                              scale=scale, enable_gqa=True)
+        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale, enable_gqa=True,
+                                              attn_mask=_decode_mask(meta, length, sliding_window, q.dtype))
+        if num_decodes == meta.num_seqs:
+            return attn.squeeze(2)  # a decode-only step: nothing else to attend
+    out = torch.empty_like(query)
+    if num_decodes:
         out[:num_decodes] = attn.squeeze(2)
     starts = meta.query_start_loc_host
     for i in range(num_decodes, len(meta.seq_lens_host)):

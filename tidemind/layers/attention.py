@@ -1,8 +1,8 @@
 """Paged attention layer and the metadata that describes one step's sequences to it."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -28,6 +28,9 @@ class AttentionMetadata:
     query_start_loc_host: List[int]
     num_decode_seqs: int
     block_size: int
+    # Tensors every layer would build alike (e.g. the decode group's attention mask), made by the
+    # first layer that needs them; keyed by what they depend on besides the metadata.
+    step_cache: Dict[Tuple, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_seqs(self) -> int:
@@ -90,4 +93,4 @@ class Attention(nn.Module):
             k.view(num_tokens, self.num_kv_heads, self.head_dim),
             v.view(num_tokens, self.num_kv_heads, self.head_dim),
             kv_cache, meta, self.scale, self.sliding_window)
-        return out.view(num_tokens, self.num_heads * self.head_dim)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)
