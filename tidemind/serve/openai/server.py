@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 import uuid
-from typing import Dict, List, Optional, Sequence
+from typing import Any, AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
@@ -108,6 +108,25 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
+async def _output_events(group, num_top: Optional[int], chunk_of: Callable[[int, Any], dict],
+                         usage_chunk: Callable[[dict], dict], prompt_tokens: Optional[int]) -> AsyncIterator[str]:
+    """The SSE events of a streamed group: `chunk_of(index, output)` for every output that carries
+    text, log-probs or the finish; with `prompt_tokens` (stream_options.include_usage) a last
+    `usage_chunk(usage)`; then [DONE]. An engine error ends the stream with an error event."""
+    generated = [0] * len(group)
+    async for index, out in group.outputs():
+        if out.finish_reason == "error":
+            yield _sse_error(out.error)
+            break
+        generated[index] = out.num_generated_tokens
+        if out.new_text or out.finished or (num_top is not None and out.new_logprobs):
+            yield _sse(chunk_of(index, out))
+    else:
+        if prompt_tokens is not None:
+            yield _sse(usage_chunk(_usage(prompt_tokens, sum(generated))))
+    yield "data: [DONE]\n\n"
+
+
 def _sse_error(sample_error: Optional[str]) -> str:
     return _sse(OpenAIError(500, f"generation failed: {sample_error}").body())
 
@@ -138,22 +157,17 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
         for i in range(n):
             yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                               "logprobs": None, "finish_reason": None}], **extra})
-        generated = [0] * n
-        async for index, out in group.outputs():
-            if out.finish_reason == "error":
-                yield _sse_error(out.error)
-                break
-            generated[index] = out.num_generated_tokens
-            if not (out.new_text or out.finished or (num_top is not None and out.new_logprobs)):
-                continue
+
+        def delta_chunk(index: int, out) -> dict:
             logprobs = (state.chat_logprobs(out.new_token_ids, out.new_logprobs, num_top)
                         if num_top is not None and out.new_logprobs else None)
-            yield _sse({**chunk, "choices": [{"index": index, "delta": {"content": out.new_text}, "logprobs": logprobs,
-                                              "finish_reason": out.finish_reason if out.finished else None}], **extra})
-        else:
-            if include_usage:
-                yield _sse({**chunk, "choices": [], "usage": _usage(len(prompt_ids), sum(generated))})
-        yield "data: [DONE]\n\n"
+            return {**chunk, "choices": [{"index": index, "delta": {"content": out.new_text}, "logprobs": logprobs,
+                                          "finish_reason": out.finish_reason if out.finished else None}], **extra}
+
+        async for event in _output_events(group, num_top, delta_chunk,
+                                          lambda usage: {**chunk, "choices": [], "usage": usage},
+                                          len(prompt_ids) if include_usage else None):
+            yield event
 
     return await respond(request, state.limit, group, bool(body.stream), events, SSE_MEDIA_TYPE, body_response,
                          lambda: submit_all(group, state.validate, [prompt_ids], [config], n, body.seed, "messages"))
@@ -191,24 +205,19 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
 
     async def events():
         extra = {"usage": None} if include_usage else {}
-        generated, offsets = [0] * len(group), [0] * len(group)
-        async for index, out in group.outputs():
-            if out.finish_reason == "error":
-                yield _sse_error(out.error)
-                break
-            generated[index] = out.num_generated_tokens
-            if not (out.new_text or out.finished or (num_top is not None and out.new_logprobs)):
-                continue
+        offsets = [0] * len(group)  # characters of each choice's text sent so far
+
+        def text_chunk(index: int, out) -> dict:
             logprobs = None
             if num_top is not None and out.new_logprobs:
                 logprobs = state.completion_logprobs(out.new_token_ids, out.new_logprobs, num_top, offsets[index])
             offsets[index] += len(out.new_text)
-            yield _sse({**head, "choices": [{"index": index, "text": out.new_text, "logprobs": logprobs,
-                                             "finish_reason": out.finish_reason if out.finished else None}], **extra})
-        else:
-            if include_usage:
-                yield _sse({**head, "choices": [], "usage": _usage(prompt_tokens, sum(generated))})
-        yield "data: [DONE]\n\n"
+            return {**head, "choices": [{"index": index, "text": out.new_text, "logprobs": logprobs,
+                                         "finish_reason": out.finish_reason if out.finished else None}], **extra}
+
+        async for event in _output_events(group, num_top, text_chunk, lambda usage: {**head, "choices": [], "usage": usage},
+                                          prompt_tokens if include_usage else None):
+            yield event
 
     return await respond(request, state.limit, group, bool(body.stream), events, SSE_MEDIA_TYPE, body_response,
                          lambda: submit_all(group, state.validate, prompts, configs, n, body.seed, "prompt"))
