@@ -19,7 +19,7 @@ from typing import List
 import httpx
 import pytest
 
-from serve_fixtures import api_server, free_port, running, wait_until_healthy
+from serve_fixtures import api_server, free_port, running, stop, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def cluster(tmp_path_factory):
         # B loads while A does (the two share the 2 cores, but start in about the time of one).
         b_process = subprocess.Popen(_node_command(b_port), stdout=b_log, stderr=subprocess.STDOUT,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        stack.callback(_stop, b_process)
+        stack.callback(stop, b_process)
         a = stack.enter_context(api_server("--proxy-url", proxy, log_path=str(logs / "node-a.log")))
         b = f"http://127.0.0.1:{b_port}"
         wait_until_healthy(b, b_process)
@@ -61,16 +61,6 @@ def cluster(tmp_path_factory):
         client = stack.enter_context(_openai(proxy))
         yield SimpleNamespace(proxy=proxy, a=a, b=b, b_process=b_process, client=client,
                               model=added.json()["models"][0])
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def _live_status(proxy: str, headers=None) -> dict:
@@ -180,7 +170,7 @@ def test_e2e_a_dead_node_is_routed_around_then_dropped_and_remove_works(cluster)
     with running(["serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port), "--nodes",
                   cluster.a, cluster.b, "--health-check-interval", "600"], port) as proxy, _openai(proxy) as client:
         assert all(n["healthy"] for n in _live_status(proxy).values())
-        _stop(cluster.b_process)
+        stop(cluster.b_process)
         with ThreadPoolExecutor(6) as pool:
             answers = list(pool.map(lambda i: _ask(client, cluster.model, i, stream=i % 2 == 1), range(6)))
         assert all(answers), answers
