@@ -5,6 +5,7 @@
 # or, for the greedy check alone (no peers, no D1/T1):
 #   call 1, carry [.gpu_assets/smollm2.part00]:                 bash benchmarks/gpu_run.sh stage
 #   call 2, carry [.gpu_assets] minus part00:                   SKIP_D1T1=1 bash benchmarks/gpu_run.sh tidemind
+# and D1/T1 alone (on a machine whose peers ran already):       SKIP_CHECK=1 bash benchmarks/gpu_run.sh tidemind
 # The bundled SmolLM2 GGUF (98 MB) is carried in two halves because one call carries at most
 # 64 MiB. Peers: ../shared/bench/gpu (copied to .peers). Every figure lands in $OUT/results.jsonl.
 set -u
@@ -22,7 +23,8 @@ tidemind)
   python3 -m pip install -q --no-index --no-deps --target /tmp/site_tm .gpu_assets/gguf-*.whl || exit 1
   export PYTHONPATH=/tmp/site_tm:$PWD
   { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c 'import torch,transformers,triton;print("torch",torch.__version__,"transformers",transformers.__version__,"triton",triton.__version__)'; } | tee $OUT/env_tidemind.txt
-  if [ -f $GGUF_DIR/smollm2.part00 ]; then
+  if [ -n "${SKIP_CHECK:-}" ]; then echo "greedy check skipped (SKIP_CHECK)"
+  elif [ -f $GGUF_DIR/smollm2.part00 ]; then
     cat $GGUF_DIR/smollm2.part00 .gpu_assets/smollm2.part01 > $GGUF
     if [ "$(sha256sum $GGUF | cut -d' ' -f1)" = "$(cat .gpu_assets/smollm2.sha256)" ]; then
       timeout ${CHECK_TIMEOUT:-240} python3 benchmarks/gpu_bench.py check $GGUF 2>&1 | grep -v "Loading\|Converting" | tee $OUT/check.log

@@ -77,6 +77,20 @@ def tidemind_version() -> dict:
             "uncommitted_files": len(git("status", "--porcelain").splitlines()), "torch": torch.__version__}
 
 
+def without_local_paths(result: dict) -> dict:
+    """The result with this machine's paths replaced by names that mean the same anywhere: results
+    files are committed, and where the repository, the venv or the cache sit is nobody's business."""
+    import site
+
+    text = json.dumps(result)
+    replacements = [(os.path.dirname(os.path.dirname(smollm2_gguf())), "<site-packages>"), (str(REPO), "<repo>"),
+                    (sys.executable, "python"), (str(CACHE), "<bench-cache>"), (str(Path.home()), "~")]
+    replacements += [(p, "<site-packages>") for p in site.getsitepackages()]
+    for path, name in sorted(replacements, key=lambda pair: -len(pair[0])):
+        text = text.replace(json.dumps(path)[1:-1], name)
+    return json.loads(text)
+
+
 def wait_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 300.0) -> float:
     start = time.perf_counter()
     while time.perf_counter() - start < timeout:
@@ -235,7 +249,7 @@ def main() -> None:
         print("medians:", json.dumps(medians), "\ntidemind / llama.cpp:", json.dumps(result["ratio_tidemind_over_llamacpp"]))
     result["rounds"] = rounds
     result["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    write_json(result, json_path)
+    write_json(without_local_paths(result), json_path)
     m = result["machine"]
     plot_comparison(medians, f"C2: SmolLM2-135M GGUF, {args.num_prompts} chat prompts, {args.concurrency} concurrent "
                              f"streaming clients, {args.max_tokens} new tokens; {m['cpu']}, {m['cores']} cores; "
