@@ -14,7 +14,7 @@ import torch
 from tidemind.config import GenerationConfig
 from tidemind.engine.outputs import SamplingInputs
 from tidemind.runner import sampler as sampler_module
-from tidemind.runner.logits_processors import apply_bans, apply_penalties, process_logits
+from tidemind.runner.logits_processors import apply_penalties, process_logits
 from tidemind.runner.logits_processors import TokenArrays
 from tidemind.runner.sampler import (Sampler, SamplerOutput, gumbel_noise, hash32, hash32_tensor, noise_keys,
                                      noise_keys_tensor, seed_words)

@@ -8,9 +8,8 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from serve_fixtures import api_server, free_port
+from serve_fixtures import api_server, free_port, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -40,14 +39,6 @@ def server(server_log):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server}/v1", api_key=KEYS[1], max_retries=0)
-
-
-def metrics(url: str) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            out[sample.name] = sample.value
-    return out
 
 
 def assert_openai_error(response: httpx.Response, status: int, code=None, param=None) -> str:

@@ -11,9 +11,8 @@ import time
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from serve_fixtures import api_server
+from serve_fixtures import api_server, metrics
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +66,6 @@ def turn(url: str, session_id: int, prompt, **kw) -> dict:
 
 def end(url: str, session_id: int) -> dict:
     return post(url, {"prompt": "", "session_id": session_id, "interactive_mode": False})
-
-
-def metrics(url: str) -> dict:
-    out = {}
-    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
-        for sample in family.samples:
-            out[sample.name] = sample.value
-    return out
 
 
 def wait_until(predicate, timeout: float = 10.0) -> bool:

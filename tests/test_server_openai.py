@@ -12,10 +12,9 @@ import time
 import httpx
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from hf_reference import bench_prompts
-from serve_fixtures import api_server
+from serve_fixtures import api_server, metrics
 from tidemind import EngineConfig, GenerationConfig, pipeline
 from tidemind.loader import resolve_model
 
@@ -70,17 +69,6 @@ def client(server):
 @pytest.fixture(scope="module")
 def model(client):
     return client.models.list().data[0].id
-
-
-def metrics(url: str) -> dict:
-    """Unlabelled samples of /metrics, plus labelled ones as 'name{label=value}'."""
-    text = httpx.get(f"{url}/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
 
 
 def wait_for_all_blocks_free(url: str, timeout: float = 10.0) -> dict:

@@ -3,9 +3,9 @@ sessions give them back under memory pressure, aborted turns are forgotten (no t
 import pytest
 
 try:
-    from fake_runner import flush, make_request, make_scheduler, run_all, run_alone, step
+    from fake_runner import flush, make_request, make_scheduler, run_alone, step
 except ImportError:
-    from tests.fake_runner import flush, make_request, make_scheduler, run_all, run_alone, step
+    from tests.fake_runner import flush, make_request, make_scheduler, run_alone, step
 
 
 def _turn(request_id, history, new_tokens, session_id=1, **gen):

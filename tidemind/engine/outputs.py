@@ -7,7 +7,7 @@ lists (prompt / output token ids): the runner reads them and never mutates them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Sequence
 
 from ..config import GenerationConfig
 from ..messages import TokenLogprobs

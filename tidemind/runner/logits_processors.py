@@ -9,7 +9,7 @@ copies as it can (a copy costs tens of microseconds on a GPU host, more than mos
 from __future__ import annotations
 
 import weakref
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
