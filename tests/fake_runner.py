@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tidemind.config import GenerationConfig
-from tidemind.engine.block_manager import BlockManager
-from tidemind.engine.outputs import RunnerOutput, SchedulerOutput
-from tidemind.engine.request import Request
-from tidemind.engine.scheduler import Scheduler
+from tidemind.core.block_manager import BlockManager
+from tidemind.core.outputs import RunnerOutput, SchedulerOutput
+from tidemind.core.request import Request
+from tidemind.core.scheduler import Scheduler
 
 VOCAB_SIZE = 50
 EOS = 7

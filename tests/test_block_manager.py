@@ -1,8 +1,8 @@
 import pytest
 
 from tidemind.config import GenerationConfig
-from tidemind.engine.block_manager import BlockManager
-from tidemind.engine.request import Request
+from tidemind.core.block_manager import BlockManager
+from tidemind.core.request import Request
 
 
 def _req(rid: int) -> Request:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tidemind.config import GenerationConfig
-from tidemind.engine.outputs import SamplingInputs
+from tidemind.core.outputs import SamplingInputs
 from tidemind.runner import sampler as sampler_module
 from tidemind.runner.logits_processors import apply_penalties, process_logits
 from tidemind.runner.logits_processors import TokenArrays

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from tidemind.engine.request import RequestStatus
+from tidemind.core.request import RequestStatus
 
 try:  # tests/ is on sys.path (rootdir-less layout) or is a package (tests/__init__.py added later)
     from fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step
@@ -374,8 +374,8 @@ def test_randomized_stress_matches_running_alone():
 
 
 def test_bookkeeping_never_imports_torch():
-    code = ("import sys; import tidemind.engine.scheduler, tidemind.engine.block_manager, "
-            "tidemind.engine.request; sys.exit('torch' in sys.modules)")
+    code = ("import sys; import tidemind.core.scheduler, tidemind.core.block_manager, "
+            "tidemind.core.request, tidemind.core.sessions, tidemind.core.outputs; sys.exit('torch' in sys.modules)")
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run([sys.executable, "-c", code], cwd=root, env={"PYTHONPATH": str(root)})
     assert result.returncode == 0, "the engine bookkeeping (or a package __init__ above it) imports torch"

@@ -16,9 +16,9 @@ from ..chat.tokenizer import Tokenizer
 from ..config import EngineConfig, GenerationConfig
 from ..loader import resolve_model
 from ..messages import RequestOutput
-from .block_manager import BlockManager
-from .request import Request
-from .scheduler import Scheduler
+from ..core.block_manager import BlockManager
+from ..core.request import Request
+from ..core.scheduler import Scheduler
 
 logger = logging.getLogger("tidemind")
 

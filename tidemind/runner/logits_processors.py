@@ -14,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..engine.outputs import SamplingInputs
+from ..core.outputs import SamplingInputs
 
 
 def to_device(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -7,7 +7,7 @@ from typing import List
 import torch
 
 from ..config import EngineConfig, ModelConfig
-from ..engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from ..core.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from ..layers.attention import build_attention_metadata
 from ..loader import load_model
 from .dense_backend import apply_dense_backend, resolve_dense_backend

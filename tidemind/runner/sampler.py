@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import GenerationConfig
-from ..engine.outputs import SamplingInputs
+from ..core.outputs import SamplingInputs
 from ..messages import TokenLogprobs
 from .logits_processors import TokenArrays, keep_threshold, process_logits, to_device
 
