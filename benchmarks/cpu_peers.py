@@ -35,7 +35,7 @@ def bench_tidemind() -> dict:
         c3 = [random_prompt(pipe.engine.model_config.vocab_size)]
         stats = run_requests(engine, c3, GenerationConfig(max_new_tokens=WORKLOADS["C3"].new_tokens, ignore_eos=True))
         results["C3"] = {**stats.summary(), "decode_tok_s": round(stats.decode_tok_s(), 2)}
-        results["step_weights"] = step_weight_count(pipe.engine.runner.model)
+        results["step_weights"] = step_weight_count(pipe.engine.executor.runner.model)
     return results
 
 

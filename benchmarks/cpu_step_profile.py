@@ -43,7 +43,7 @@ def instrument(engine: Engine) -> dict:
     """Wrap the forward of every Linear, Attention and the LM head, the whole model's forward
     and the sampler with timers; returns the totals (seconds) they add to."""
     totals = collections.defaultdict(float)
-    runner = engine.runner
+    runner = engine.executor.runner
     for module in runner.model.modules():
         if isinstance(module, Linear):
             module.forward = timed(totals, "linear", module.forward)
@@ -52,7 +52,7 @@ def instrument(engine: Engine) -> dict:
         elif isinstance(module, LMHead):
             module.forward = timed(totals, "lm_head", module.forward)
     runner.model.forward = timed(totals, "model", runner.model.forward)
-    runner.sampler = timed(totals, "sampler", runner.sampler)
+    runner._sample = timed(totals, "sampler", runner._sample)
     engine.step = timed(totals, "step", engine.step)
     return totals
 
@@ -101,7 +101,7 @@ def main() -> None:
                                        num_threads=THREADS))
     template = get_chat_template(engine.tokenizer)
     prompts = [engine.tokenizer.encode(template.messages2prompt(p)) for p in chat_prompts()]
-    weights = step_weight_count(engine.runner.model)
+    weights = step_weight_count(engine.executor.runner.model)
     totals = instrument(engine)
     rows = []
     for batch in args.batch:

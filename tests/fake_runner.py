@@ -1,11 +1,14 @@
 """A model runner stand-in for scheduler tests (no torch) and the helpers that drive it.
 
-FakeRunner keeps a simulated paged KV cache: one token id per (block, slot). Each step it writes
-the scheduled tokens through the block table, and for every sequence that samples it reads the
-whole sequence back through the block table and checks it against the request's true tokens, so a
-wrong block table, a block shared by two live requests or a chunk at the wrong position fails the
-test. The "sampled" token is a hash of that sequence and the request's seed: deterministic, and
-independent of batching, chunking and preemption, exactly like greedy decoding of a real model.
+FakeRunner holds what a real runner holds, built only from the step contract's deltas: per request
+its tokens (sent once, then the tokens it sampled itself), its block table (sent once, then the new
+blocks) and num_computed_tokens. It keeps a simulated paged KV cache, one token id per (block,
+slot): each step it writes the scheduled tokens through the block table, and for every request that
+samples it reads the whole sequence back through the block table and checks it against its own
+tokens, so a wrong block table, a block shared by two live requests, a chunk at the wrong position
+or a delta that lost blocks fails the test. step() also checks that the runner's tokens equal the
+scheduler's. The "sampled" token is a hash of the sequence and the request's seed: deterministic,
+and independent of batching, chunking and preemption, exactly like greedy decoding of a real model.
 """
 from __future__ import annotations
 
@@ -13,14 +16,14 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tidemind.config import GenerationConfig
 from tidemind.core.block_manager import BlockManager
-from tidemind.core.outputs import RunnerOutput, SchedulerOutput
+from tidemind.core.outputs import NewRequestData, RunnerOutput, SchedulerOutput
 from tidemind.core.request import Request
 from tidemind.core.scheduler import Scheduler
 
 VOCAB_SIZE = 50
 EOS = 7
 
-StepRecord = List[Tuple[int, int, int, bool]]  # (request_id, start_pos, num_tokens, sample) per sequence
+StepRecord = List[Tuple[int, int, int, bool]]  # (request_id, start_pos, num_tokens, sample) per request
 
 
 def reference_token(seed: int, tokens: Sequence[int], vocab_size: int = VOCAB_SIZE) -> int:
@@ -28,6 +31,17 @@ def reference_token(seed: int, tokens: Sequence[int], vocab_size: int = VOCAB_SI
     for t in tokens:
         h = (h * 31 + t + 1) % (2**61 - 1)
     return h % vocab_size
+
+
+class _HeldRequest:
+    """The runner's copy of one request."""
+
+    def __init__(self, new: NewRequestData):
+        self.data = new
+        self.tokens: List[int] = list(new.prompt_token_ids) + list(new.output_token_ids)
+        self.num_outputs = len(new.output_token_ids)
+        self.block_table: List[int] = list(new.block_ids)
+        self.num_computed = new.num_computed_tokens
 
 
 class FakeRunner:
@@ -41,49 +55,71 @@ class FakeRunner:
         self.script = dict(script or {})
         self.steps: List[StepRecord] = []
         self.left_ids: List[List[int]] = []  # SchedulerOutput.finished_request_ids, per step
-        # Ids the runner has seen scheduled and not yet been told have left: each departure must be
-        # reported exactly once, and only for a request the runner knows.
-        self.live: set = set()
+        # The requests the runner holds: each departure must be reported exactly once, and only for
+        # a request the runner holds; a request arrives whole only when the runner lacks it.
+        self.held: Dict[int, _HeldRequest] = {}
+
+    @property
+    def live(self) -> set:
+        return set(self.held)
 
     def drop(self, left_ids: List[int]) -> None:
         for rid in left_ids:
-            assert rid in self.live, f"request {rid} reported as left, but the runner holds nothing for it"
-            self.live.remove(rid)
+            assert rid in self.held, f"request {rid} reported as left, but the runner holds nothing for it"
+            del self.held[rid]
+
+    def _apply_deltas(self, out: SchedulerOutput) -> None:
+        for new in out.new_requests:
+            assert new.request_id not in self.held, f"request {new.request_id} sent whole twice"
+            self.held[new.request_id] = _HeldRequest(new)
+        for cached in out.cached_requests:
+            held = self.held.get(cached.request_id)
+            assert held is not None, f"delta for request {cached.request_id}, which the runner does not hold"
+            assert held.num_computed == cached.num_computed_tokens, \
+                f"request {cached.request_id}: runner at {held.num_computed}, scheduler at {cached.num_computed_tokens}"
+            held.block_table.extend(cached.new_block_ids)
+        sent = [d.request_id for d in out.new_requests] + [d.request_id for d in out.cached_requests]
+        assert sorted(sent) == sorted(out.num_scheduled_tokens), "scheduled requests and deltas differ"
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.drop(out.finished_request_ids)
-        scheduled = {seq.request_id for seq in out.sequences}
-        assert not scheduled & set(out.finished_request_ids), "a request leaves and runs in one step"
+        assert not set(out.num_scheduled_tokens) & set(out.finished_request_ids), \
+            "a request leaves and runs in one step"
+        self._apply_deltas(out)
         bs = self.block_size
         record: StepRecord = []
         sampled: Dict[int, int] = {}
-        for seq in out.sequences:
-            end = seq.start_pos + seq.num_tokens
-            table = seq.block_table
-            assert len(table) * bs >= end, f"block table of {seq.request_id} too short for {end} tokens"
-            for pos, token in enumerate(seq.token_ids, start=seq.start_pos):
-                self.kv[table[pos // bs]][pos % bs] = token
-            record.append((seq.request_id, seq.start_pos, seq.num_tokens, seq.sample))
-            self.live.add(seq.request_id)
-            if seq.sample:
+        for rid, num_tokens in out.num_scheduled_tokens.items():
+            held = self.held[rid]
+            start, end, table = held.num_computed, held.num_computed + num_tokens, held.block_table
+            assert end <= len(held.tokens), f"request {rid}: {end} tokens scheduled, {len(held.tokens)} held"
+            assert len(table) * bs >= end, f"block table of {rid} too short for {end} tokens"
+            for pos in range(start, end):
+                self.kv[table[pos // bs]][pos % bs] = held.tokens[pos]
+            held.num_computed = end
+            sample = end == len(held.tokens)
+            record.append((rid, start, num_tokens, sample))
+            if sample:
                 seen = [self.kv[table[p // bs]][p % bs] for p in range(end)]
-                truth = list(seq.sampling.prompt_token_ids) + list(seq.sampling.output_token_ids)
-                assert seen == truth, f"request {seq.request_id}: KV cache holds {seen}, expected {truth}"
-                sampled[seq.request_id] = self._sample(seq.request_id, seq.sampling, seen)
+                assert seen == held.tokens, f"request {rid}: KV cache holds {seen}, expected {held.tokens}"
+                token = self._sample(rid, held, seen)
+                held.tokens.append(token)
+                held.num_outputs += 1
+                sampled[rid] = token
         self.steps.append(record)
         self.left_ids.append(list(out.finished_request_ids))
         return RunnerOutput(sampled_token_ids=sampled)
 
-    def _sample(self, request_id: int, sampling, tokens: List[int]) -> int:
-        index = len(sampling.output_token_ids)
+    def _sample(self, request_id: int, held: _HeldRequest, tokens: List[int]) -> int:
+        index = held.num_outputs
         script = self.script.get(request_id)
         if script is not None:
             return script[index]
-        token = reference_token(sampling.seed, tokens, self.vocab_size)
-        min_new = sampling.gen_config.min_new_tokens or 0
+        params = held.data.sampling
+        token = reference_token(params.seed, tokens, self.vocab_size)
         # What the real sampler does: stop ids are masked while fewer than min_new_tokens exist.
-        if index < min_new and token in sampling.stop_token_ids:
-            allowed = [t for t in range(self.vocab_size) if t not in sampling.stop_token_ids]
+        if index < params.min_new_tokens and token in params.stop_token_ids:
+            allowed = [t for t in range(self.vocab_size) if t not in params.stop_token_ids]
             token = allowed[token % len(allowed)]
         return token
 
@@ -110,14 +146,18 @@ def make_scheduler(num_blocks: int, block_size: int, max_batch_size: int = 8,
 def step(scheduler: Scheduler, runner: FakeRunner) -> Tuple[SchedulerOutput, List[Request]]:
     """One engine step, with the per-step contract checked before and after."""
     out = scheduler.schedule()
-    ids = [s.request_id for s in out.sequences]
-    assert len(ids) == len(set(ids)), f"a request scheduled twice in one step: {ids}"
+    ids = list(out.num_scheduled_tokens)
     assert len(ids) <= scheduler.max_batch_size
-    assert out.num_tokens <= scheduler.max_num_batched_tokens
-    assert all(s.num_tokens >= 1 for s in out.sequences)
-    assert out.sequences or not scheduler.has_unfinished_requests(), "an empty step: livelock"
+    assert out.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
+    assert all(n >= 1 for n in out.num_scheduled_tokens.values())
+    assert not out.is_empty or not scheduler.has_unfinished_requests(), "an empty step: livelock"
     scheduler.check_invariants()
-    received = scheduler.update(out, runner.execute(out))
+    runner_output = runner.execute(out)
+    for rid in ids:  # the runner's copy of every scheduled request holds the scheduler's tokens
+        request = scheduler.get_request(rid)
+        expected = request.all_token_ids if request is not None else None
+        assert expected is None or runner.held[rid].tokens[:len(expected)] == expected, f"request {rid}"
+    received = scheduler.update(out, runner_output)
     scheduler.check_invariants()
     for request in received:
         if request.is_finished:

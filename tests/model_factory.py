@@ -14,7 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from safetensors.torch import save_file
 
-from tidemind.layers.attention import build_attention_metadata
+from tidemind.attention.base import layout_from_lists
 
 VOCAB = 256
 _BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -157,7 +157,8 @@ def run_step(model, kv: PagedKV, batch: Sequence[Tuple[int, Sequence[int]]]) -> 
         query_lens.append(len(tokens))
         seq_lens.append(end)
         kv.lengths[seq_id] = end
-    meta = build_attention_metadata(query_lens, seq_lens, tables, kv.block_size, torch.device("cpu"))
+    layout = layout_from_lists(query_lens, seq_lens, tables, kv.block_size, torch.device("cpu"))
+    meta = model.ctx.attention_backend.build_metadata(layout)
     hidden = model(torch.tensor(ids), torch.tensor(positions), kv.kv_caches, meta)
     logits = model.compute_logits(hidden)
     return list(logits.split(query_lens))

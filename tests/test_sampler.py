@@ -12,19 +12,22 @@ import pytest
 import torch
 
 from tidemind.config import GenerationConfig
-from tidemind.core.outputs import SamplingInputs
+from tidemind.core.sampling_params import SamplingParams
 from tidemind.runner import sampler as sampler_module
 from tidemind.runner.logits_processors import apply_penalties, process_logits
-from tidemind.runner.logits_processors import TokenArrays
+from tidemind.runner.logits_processors import SamplingInputs
 from tidemind.runner.sampler import (Sampler, SamplerOutput, gumbel_noise, hash32, hash32_tensor, noise_keys,
                                      noise_keys_tensor, seed_words)
 
 NEG_INF = float("-inf")
 
 
+def params(cfg: GenerationConfig, seed: int = 0, stop=(), bad_words=()) -> SamplingParams:
+    return SamplingParams.from_generation_config(cfg, seed, frozenset(stop), [list(w) for w in bad_words])
+
+
 def make(seed=0, prompt=(), output=(), stop=(), bad_words=(), **config) -> SamplingInputs:
-    return SamplingInputs(GenerationConfig(**config), seed, list(prompt), list(output), frozenset(stop),
-                          [list(w) for w in bad_words])
+    return SamplingInputs(params(GenerationConfig(**config), seed, stop, bad_words), list(prompt), list(output))
 
 
 def run(logits: torch.Tensor, inputs) -> SamplerOutput:
@@ -42,15 +45,15 @@ def sampled(**config) -> dict:
 def reference_processed(row, inp: SamplingInputs) -> list:
     """Steps 1-3 for one row, on a list of floats."""
     x = [float(v) for v in row]
-    cfg, out = inp.gen_config, list(inp.output_token_ids)
+    cfg, out = inp.params, list(inp.output_token_ids)
     for t in cfg.bad_token_ids or ():
         if t < len(x):
             x[t] = NEG_INF
-    for word in inp.bad_word_token_ids:
+    for word in cfg.bad_word_token_ids:
         if len(word) == 1 or (len(out) >= len(word) - 1 and out[len(out) - len(word) + 1:] == list(word[:-1])):
             x[word[-1]] = NEG_INF
     if cfg.min_new_tokens and len(out) < cfg.min_new_tokens:
-        for t in inp.stop_token_ids:
+        for t in cfg.stop_token_ids:
             x[t] = NEG_INF
     for t in set(inp.prompt_token_ids) | set(out):
         x[t] = x[t] / cfg.repetition_penalty if x[t] > 0 else x[t] * cfg.repetition_penalty
@@ -95,8 +98,7 @@ def reference_probs(row, cfg: GenerationConfig, margin: float = 1e-4) -> list:
 def draw_many(row: torch.Tensor, num_draws: int, **config) -> Counter:
     """num_draws samples of one logits row: distinct seeds, and two steps per seed."""
     cfg = GenerationConfig(**config)
-    inputs = [SamplingInputs(cfg, s, [], [0] * step, frozenset())
-              for step in (0, 7) for s in range(num_draws // 2)]
+    inputs = [SamplingInputs(params(cfg, s), [], [0] * step) for step in (0, 7) for s in range(num_draws // 2)]
     return Counter(run(row.expand(len(inputs), -1), inputs).token_ids)
 
 
@@ -190,11 +192,9 @@ def test_penalties_follow_bans_and_change_greedy_choice():
 
 
 def test_penalties_across_steps_read_the_grown_output():
-    # One Sampler over many steps keeps token arrays per request; the output list grows in place
-    # (by one or several tokens, and once it is cut and rewritten), and each step must see exactly
-    # the current tokens.
+    # The output grows between steps (by one or several tokens, and once it is cut and rewritten),
+    # and each step must see exactly the current tokens.
     logits = torch.randn(2, 30, generator=torch.Generator().manual_seed(13))
-    tokens = TokenArrays()
     outputs = [[], [4]]
     inputs = [make(repetition_penalty=1.5, frequency_penalty=0.4, prompt=[1, 2]),
               make(presence_penalty=1.0, prompt=[3] * 40)]
@@ -203,14 +203,12 @@ def test_penalties_across_steps_read_the_grown_output():
     for step in range(40):
         if step == 25:
             outputs[0][:] = [29, 28, 29]
-        processed = apply_penalties(logits.clone(), inputs, tokens)
+        processed = apply_penalties(logits.clone(), inputs)
         for row, inp in enumerate(inputs):
             expected = torch.tensor(reference_processed(logits[row].tolist(), inp)).float()
             torch.testing.assert_close(processed[row], expected, rtol=1e-6, atol=1e-6)
         outputs[0].append((step * 7) % 30)
         outputs[1].extend([(step * 3) % 11, step % 5, 17] if step % 3 else [])
-    del inputs, inp
-    assert len(tokens) == 0  # entries go with their requests
 
 
 # ---------------------------------------------------------------- filtering and the draw

@@ -13,8 +13,9 @@ except ImportError:
     from tests.fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step
 
 
-def _records(out):
-    return [(s.request_id, s.start_pos, s.num_tokens, s.sample) for s in out.sequences]
+def _records(runner):
+    """What the last step computed: [(request_id, start_pos, num_tokens, sampled)]."""
+    return runner.steps[-1]
 
 
 def _assert_same_as_alone(requests):
@@ -32,7 +33,7 @@ def test_long_prompt_is_prefilled_in_chunks_of_the_budget():
         ((0, 8, False), 2), ((8, 8, False), 4), ((16, 4, True), 5), ((20, 1, True), 6), ((21, 1, True), 6)]
     for (start, n, sample), blocks in expected:
         out, received = step(sched, runner)
-        assert _records(out) == [(0, start, n, sample)]
+        assert _records(runner) == [(0, start, n, sample)]
         assert received == ([r] if sample else [])
         assert len(r.block_ids) == (blocks if not r.is_finished else 0)
     assert r.is_finished and r.finish_reason == "length" and r.num_output_tokens == 3
@@ -46,13 +47,13 @@ def test_mixed_step_serves_decodes_first_then_a_prefill_chunk():
     sched.add_request(a)
     sched.add_request(b)
     out, _ = step(sched, runner)
-    assert _records(out) == [(0, 0, 3, True), (1, 0, 3, True)]
+    assert _records(runner) == [(0, 0, 3, True), (1, 0, 3, True)]
     c = make_request(2, 30, max_new_tokens=2, eos=())
     sched.add_request(c)
     chunks = [(0, 8, False), (8, 8, False), (16, 8, False), (24, 6, True), (30, 1, True)]
     for i, chunk in enumerate(chunks):
         out, _ = step(sched, runner)
-        assert _records(out) == [(0, 3 + i, 1, True), (1, 3 + i, 1, True), (2, *chunk)]
+        assert _records(runner) == [(0, 3 + i, 1, True), (1, 3 + i, 1, True), (2, *chunk)]
     done = run_all(sched, runner)
     assert c.is_finished and set(done) >= {0, 1}
     _assert_same_as_alone([a, b, c])
@@ -64,7 +65,7 @@ def test_budget_smaller_than_batch_serves_oldest_first():
     for r in reqs:
         sched.add_request(r)
     out, _ = step(sched, runner)
-    assert _records(out) == [(0, 0, 1, True), (1, 0, 1, True)]
+    assert _records(runner) == [(0, 0, 1, True), (1, 0, 1, True)]
     assert sched.num_running == 2 and sched.num_waiting == 1  # no budget left to admit the third
     run_all(sched, runner)
     _assert_same_as_alone(reqs)
@@ -80,10 +81,10 @@ def test_preempts_newest_and_resumes_by_recompute():
     sched.add_request(b)
     for _ in range(5):
         out, _ = step(sched, runner)
-        assert [s.request_id for s in out.sequences] == [0, 1]
+        assert list(out.num_scheduled_tokens) == [0, 1]
     assert sched.block_manager.num_free_blocks == 0
     out, _ = step(sched, runner)  # A needs its 4th block for 13 tokens: B (newest) is preempted
-    assert _records(out) == [(0, 12, 1, True)] and out.finished_request_ids == [1]
+    assert _records(runner) == [(0, 12, 1, True)] and out.finished_request_ids == [1]
     assert b.status is RequestStatus.WAITING and b.num_preemptions == 1 and sched.num_preemptions == 1
     assert b.block_ids == [] and b.num_computed_tokens == 0 and b.num_output_tokens == 5
     run_all(sched, runner)
@@ -102,7 +103,7 @@ def test_newest_request_that_needs_a_block_preempts_itself():
     step(sched, runner)  # A grows to 9 tokens: the last block
     step(sched, runner)
     out, _ = step(sched, runner)  # B needs a 3rd block, none free, B is the newest: it yields
-    assert _records(out) == [(0, 10, 1, True)] and out.finished_request_ids == [1]
+    assert _records(runner) == [(0, 10, 1, True)] and out.finished_request_ids == [1]
     assert b.status is RequestStatus.WAITING and b.num_output_tokens == 3 and a.num_preemptions == 0
     run_all(sched, runner)
     _assert_same_as_alone([a, b])
@@ -117,7 +118,7 @@ def test_no_admission_in_a_step_that_preempted():
         step(sched, runner)
     sched.add_request(make_request(2, 1, max_new_tokens=1, eos=()))  # would fit in 1 block
     out, _ = step(sched, runner)
-    assert [s.request_id for s in out.sequences] == [0] and sched.num_waiting == 2
+    assert list(out.num_scheduled_tokens) == [0] and sched.num_waiting == 2
     assert [r.request_id for r in sched._waiting] == [1, 2]  # the preempted one first
     run_all(sched, runner)
 
@@ -133,10 +134,10 @@ def test_long_head_of_queue_is_not_starved_by_short_requests():
         sched.add_request(r)
     for _ in range(4):  # 4 free blocks while R0 runs: the shorts would fit, but may not skip
         out, _ = step(sched, runner)
-        assert [s.request_id for s in out.sequences] == [0]
+        assert list(out.num_scheduled_tokens) == [0]
     assert r0.is_finished
     out, _ = step(sched, runner)
-    assert [s.request_id for s in out.sequences] == [1, 2, 3, 4]
+    assert list(out.num_scheduled_tokens) == [1, 2, 3, 4]
     run_all(sched, runner)
     _assert_same_as_alone([r0, long, *shorts])
 
@@ -147,7 +148,7 @@ def test_max_batch_size_bounds_running_requests():
     for r in reqs:
         sched.add_request(r)
     out, _ = step(sched, runner)
-    assert [s.request_id for s in out.sequences] == [0, 1, 2]
+    assert list(out.num_scheduled_tokens) == [0, 1, 2]
     assert sched.num_running == 3 and sched.num_waiting == 7
     first_seen = {0: -1, 1: -1, 2: -1}
     for n in range(100):
@@ -155,8 +156,8 @@ def test_max_batch_size_bounds_running_requests():
             break
         out, _ = step(sched, runner)  # step() checks len(sequences) <= max_batch_size
         assert sched.num_running <= 3
-        for s in out.sequences:
-            first_seen.setdefault(s.request_id, n)
+        for rid in out.num_scheduled_tokens:
+            first_seen.setdefault(rid, n)
     assert sorted(first_seen, key=first_seen.get) == list(range(10))  # admitted in arrival order
     flush(sched, runner)
 
@@ -166,12 +167,12 @@ def test_watermark_holds_back_admission_only_while_others_run():
     a = make_request(0, 16, max_new_tokens=1, eos=())  # exactly the whole cache
     sched.add_request(a)
     out, _ = step(sched, runner)  # nothing runs: the watermark does not apply
-    assert _records(out) == [(0, 0, 16, True)] and a.is_finished
+    assert _records(runner) == [(0, 0, 16, True)] and a.is_finished
     b, c = make_request(1, 8, max_new_tokens=4, eos=()), make_request(2, 5, max_new_tokens=2, eos=())
     sched.add_request(b)
     sched.add_request(c)
     out, _ = step(sched, runner)  # B takes 2 blocks; C needs 2 + 1 kept back > 2 free
-    assert [s.request_id for s in out.sequences] == [1] and sched.num_waiting == 1
+    assert list(out.num_scheduled_tokens) == [1] and sched.num_waiting == 1
     run_all(sched, runner)
     _assert_same_as_alone([b, c])
 
@@ -193,7 +194,7 @@ def test_abort_running_request_frees_blocks_at_once():
     with pytest.raises(ValueError, match="finish reason"):
         sched.finish_request(1, "done")
     out, _ = step(sched, runner)
-    assert out.finished_request_ids == [0] and [s.request_id for s in out.sequences] == [1]
+    assert out.finished_request_ids == [0] and list(out.num_scheduled_tokens) == [1]
     run_all(sched, runner)
     assert b.finish_reason == "length"
 
@@ -261,12 +262,10 @@ def test_session_length_ends_with_length():
     assert r.finish_reason == "length" and r.num_output_tokens == 3 and r.num_tokens == 13
 
 
-def test_stop_token_ids_of_sampling_inputs():
+def test_stop_token_ids_of_sampling_params():
     r = make_request(0, 3, eos=(7, 8), stop_token_ids=[2])
     assert r.sampling.stop_token_ids == {2, 7, 8}
     assert make_request(1, 3, eos=(7, 8), ignore_eos=True, stop_token_ids=[2]).sampling.stop_token_ids == {2}
-    assert r.sampling.output_token_ids is r.output_token_ids  # live lists, not copies
-    assert r.sampling.prompt_token_ids is r.prompt_token_ids
 
 
 def test_min_new_tokens_with_masking_sampler_yields_no_early_stop():

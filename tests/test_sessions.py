@@ -36,7 +36,7 @@ def test_second_turn_reuses_the_first_turns_kv_and_matches_a_fresh_full_prompt()
     sched.add_request(second)
     out, _ = step(sched, runner)
     # Only the uncached tail is computed: the last answer token and the two new ones.
-    assert [(s.start_pos, s.num_tokens) for s in out.sequences] == [(len(history) - 1, 3)]
+    assert [(start, n) for _, start, n, _ in runner.steps[-1]] == [(len(history) - 1, 3)]
     assert second.num_cached_tokens == len(history) - 1
     while sched.has_unfinished_requests():
         step(sched, runner)
@@ -62,7 +62,7 @@ def test_idle_sessions_give_their_kv_back_under_pressure_and_recompute_later():
     second = _turn(1, history, [9])
     sched.add_request(second)
     out, _ = step(sched, runner)
-    assert out.sequences[0].start_pos == 0 and second.num_cached_tokens == 0  # recomputed
+    assert runner.steps[-1][0][1] == 0 and second.num_cached_tokens == 0  # recomputed
     while sched.has_unfinished_requests():
         step(sched, runner)
     assert (second.output_token_ids, second.finish_reason) == run_alone(

@@ -12,6 +12,7 @@ from typing import Optional, Sequence, Tuple
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+ATTENTION_BACKENDS = ("auto", "reference", "triton")
 
 
 def _help(text: str, **extra) -> dict:
@@ -51,6 +52,12 @@ class EngineConfig:
         "prompts are prefilled in chunks of at most this many tokens."))
     num_threads: int = field(default=0, metadata=_help(
         "CPU threads for torch on the CPU backend; 0 keeps torch's default."))
+    attention_backend: str = field(default="auto", metadata=_help(
+        "Attention and layer kernels: auto (triton on a GPU with Triton installed, else reference), "
+        "reference (torch; the CPU path) or triton.", choices=ATTENTION_BACKENDS))
+    eager_mode: bool = field(default=False, metadata=_help(
+        "Run every step eagerly: no CUDA graphs for decode steps (they are captured at start-up on a "
+        "GPU otherwise)."))
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -67,6 +74,8 @@ class EngineConfig:
         _check(self.max_prefill_token_num >= 1,
                f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1")
         _check(self.num_threads >= 0, f"num_threads={self.num_threads} must be >= 0")
+        _check(self.attention_backend in ATTENTION_BACKENDS,
+               f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
 
 
 # Drop-in names for scripts written against LMDeploy.

@@ -38,8 +38,8 @@ def run_chat(args: argparse.Namespace) -> int:
     with pipeline(args.model, backend_config=engine_config, chat_template=args.chat_template,
                   log_level=args.log_level) as pipe:
         if interactive:
-            kv = pipe.engine.runner.kv_spec
-            print(f"{pipe.engine.resolved.name} on {pipe.engine.runner.device}, chat template "
+            kv = pipe.engine.kv_spec
+            print(f"{pipe.engine.resolved.name} on {pipe.engine.executor.description}, chat template "
                   f"{pipe.chat_template.name}, KV cache {kv.num_blocks} blocks x {kv.block_size} tokens "
                   f"({kv.num_tokens} tokens). Type '{END_WORD}' for a new conversation, '{EXIT_WORD}' to quit, "
                   f"Ctrl-C to stop an answer.",

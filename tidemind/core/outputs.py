@@ -1,77 +1,78 @@
-"""Plain-data contracts between the scheduler and the model runner (no torch here).
+"""The step contract between the scheduler and the model runner: plain data, no torch.
 
-One engine step:  Scheduler.schedule() -> SchedulerOutput -> ModelRunner.execute() -> RunnerOutput
--> Scheduler.update().  Lists inside these objects may be shared references to a request's own
-lists (prompt / output token ids): the runner reads them and never mutates them.
+One engine step:  Scheduler.schedule() -> SchedulerOutput -> executor / runner -> RunnerOutput
+-> Scheduler.update().
+
+The contract is a delta, so that it can cross a process boundary cheaply (tensor-parallel workers
+each keep their own copy of the batch):
+- a request the runner does not hold yet arrives once, whole, as NewRequestData (its tokens so far,
+  flat sampling parameters, block table, how much of it is already in the KV cache);
+- a request the runner already holds arrives as CachedRequestData: the blocks appended to its
+  table since the previous step and its num_computed_tokens (a check that both sides agree);
+- the tokens to compute are named by count: the runner holds every token of a request it knows,
+  since it sampled all of them after the first step;
+- finished_request_ids: requests that left the running set since the previous step (finished,
+  aborted or preempted); the runner forgets them before it reads the new requests. A preempted
+  request comes back later as NewRequestData again, with its generated tokens in output_token_ids.
+
+Token region of a scheduled request in one step:
+    [0 .............. num_computed_tokens)[num_computed_tokens .. + num_scheduled_tokens)
+     already in the KV cache               computed now: a prompt chunk or the last sampled token
+A request is sampled when its computed region reaches the end of the tokens the runner holds.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Sequence
+from typing import Dict, List, Tuple
 
-from ..config import GenerationConfig
 from ..messages import TokenLogprobs
+from .sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
-class SamplingInputs:
-    """What the sampler needs to know about one request; built once when the request is added.
-
-    ``prompt_token_ids`` and ``output_token_ids`` are the request's live lists (read-only here):
-    repetition penalties look at both, presence/frequency penalties at the output only.
-    """
-
-    gen_config: GenerationConfig
-    seed: int  # resolved seed: gen_config.random_seed, or one drawn when the request was added
-    prompt_token_ids: Sequence[int]
-    output_token_ids: Sequence[int]
-    # Ids that end the sequence (EOS + stop_token_ids); masked until min_new_tokens are generated.
-    stop_token_ids: FrozenSet[int]
-    # Banned token sequences from bad_words, tokenized: a last token is banned when the output ends
-    # with all the tokens before it.
-    bad_word_token_ids: Sequence[Sequence[int]] = ()
-
-
-@dataclass
-class ScheduledSequence:
-    """One request's share of an engine step.
-
-    Token region of the request after this step:
-        [0 ............ start_pos)[start_pos ....... start_pos + len(token_ids))
-         already in the KV cache   computed now (prompt chunk, or the last sampled token)
-    """
-
+class NewRequestData:
     request_id: int
-    token_ids: List[int]  # tokens whose KV is computed this step
-    start_pos: int  # number of the request's tokens already in the KV cache
-    block_table: List[int]  # KV block ids, covering start_pos + len(token_ids) tokens
-    sample: bool  # True when this chunk reaches the end of the known tokens: sample the next one
-    sampling: SamplingInputs
+    prompt_token_ids: Tuple[int, ...]
+    # Tokens generated before a preemption (recomputed now as if prompt); () for a fresh request.
+    output_token_ids: Tuple[int, ...]
+    sampling: SamplingParams
+    block_ids: Tuple[int, ...]
+    # Tokens whose KV is already in block_ids' blocks (a session's cached turns), else 0.
+    num_computed_tokens: int
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    request_id: int
+    new_block_ids: Tuple[int, ...]  # appended to the request's block table, in order
+    num_computed_tokens: int
 
 
 @dataclass
 class SchedulerOutput:
-    sequences: List[ScheduledSequence]
-    # Requests that left the engine since the previous step (finished, aborted, preempted):
-    # the runner may drop any per-request state it keeps.
+    new_requests: List[NewRequestData] = field(default_factory=list)
+    cached_requests: List[CachedRequestData] = field(default_factory=list)
+    # request_id -> tokens computed for it this step; insertion order is the schedule order
+    # (running requests oldest first, then the admitted ones).
+    num_scheduled_tokens: Dict[int, int] = field(default_factory=dict)
     finished_request_ids: List[int] = field(default_factory=list)
 
     @property
-    def num_tokens(self) -> int:
-        return sum(len(s.token_ids) for s in self.sequences)
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
 
     @property
     def is_empty(self) -> bool:
-        return not self.sequences
+        return not self.num_scheduled_tokens
 
 
 @dataclass
 class RunnerOutput:
-    # request_id -> the token sampled for it (only sequences with sample=True appear)
+    # request_id -> the token sampled for it (only requests whose computed region reached the end)
     sampled_token_ids: Dict[int, int]
     # request_id -> log-probabilities of that token and the top alternatives (only where asked)
     logprobs: Dict[int, TokenLogprobs] = field(default_factory=dict)

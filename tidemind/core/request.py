@@ -20,7 +20,7 @@ import time
 from typing import FrozenSet, List, Optional, Sequence
 
 from ..config import GenerationConfig
-from .outputs import SamplingInputs
+from .sampling_params import SamplingParams
 
 
 class RequestStatus(enum.Enum):
@@ -34,7 +34,7 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "gen_config", "seed",
         "eos_token_ids", "max_total_tokens", "max_new_tokens", "min_new_tokens", "arrival",
         "num_computed_tokens", "block_ids", "status", "finish_reason", "num_preemptions", "sampling",
-        "session_id", "num_cached_tokens",
+        "session_id", "num_cached_tokens", "runner_blocks",
     )
 
     def __init__(
@@ -82,18 +82,12 @@ class Request:
         self.num_preemptions = 0
         self.session_id = session_id
         self.num_cached_tokens = 0  # prompt tokens whose KV came from the session, not computed
-        stop_ids = set(gen_config.stop_token_ids or ())
-        if not gen_config.ignore_eos:
-            stop_ids |= self.eos_token_ids
-        # Built once; holds the live prompt/output lists, so it stays current as tokens arrive.
-        self.sampling = SamplingInputs(
-            gen_config=gen_config,
-            seed=seed,
-            prompt_token_ids=self.prompt_token_ids,
-            output_token_ids=self.output_token_ids,
-            stop_token_ids=frozenset(stop_ids),
-            bad_word_token_ids=tuple(tuple(words) for words in bad_word_token_ids),
-        )
+        # Block ids of block_ids the runner holds (sent in earlier steps); None while the runner
+        # does not hold the request (never scheduled, or preempted / finished since).
+        self.runner_blocks: Optional[int] = None
+        # Built once; sent to the runner with the request's first step.
+        self.sampling = SamplingParams.from_generation_config(gen_config, seed, self.eos_token_ids,
+                                                              bad_word_token_ids)
 
     @property
     def num_tokens(self) -> int:

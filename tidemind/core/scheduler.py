@@ -7,8 +7,10 @@ Schedule tokens, not phases. Every request has ``num_computed_tokens`` catching 
     then waiting, FIFO:      the head takes min(uncomputed, budget left) while blocks, budget and
                              max_batch_size allow; the head blocks the rest (nothing starves)
 
-A chunk that reaches the end of a request's known tokens is sampled (``sample=True``); chunked
-prefill, mixed prefill+decode steps and recompute after preemption are all this one loop.
+A chunk that reaches the end of a request's known tokens is sampled; chunked prefill, mixed
+prefill+decode steps and recompute after preemption are all this one loop. What a step hands the
+runner is a delta (outputs.py): a request goes out whole the first time the runner sees it, then as
+its new blocks; ``Request.runner_blocks`` records what the runner holds.
 
 Queue invariants (checked by check_invariants):
 - ``running`` and ``waiting`` are each in add order, and every running request was added before
@@ -21,8 +23,9 @@ Queue invariants (checked by check_invariants):
 - schedule() is never empty while a request is unfinished: with nothing running every block is
   free and the watermark is off, so the waiting head's first chunk fits.
 
-Cost per step: O(number of running requests + admitted requests) plus slicing the scheduled
-tokens (O(budget)); nothing walks whole sequences.
+Cost per step: O(number of running requests + admitted requests) plus copying the tokens of the
+requests the runner sees for the first time (once per admission); a running request costs O(1)
+plus its new blocks.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from typing import Deque, Dict, List, Optional
 
 from ..messages import FINISH_REASONS
 from .block_manager import BlockManager
-from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from .outputs import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from .request import Request, RequestStatus
 from .sessions import SessionStore
 
@@ -143,15 +146,14 @@ class Scheduler:
     # ------------------------------------------------------------------ one step
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.max_num_batched_tokens
-        sequences: List[ScheduledSequence] = []
-        budget, preempted = self._schedule_running(sequences, budget)
+        out = SchedulerOutput()
+        budget, preempted = self._schedule_running(out, self.max_num_batched_tokens)
         if not preempted:  # a step that had to preempt is short of blocks: admit nobody
-            self._admit_waiting(sequences, budget)
-        left, self._left_ids = self._left_ids, []
-        return SchedulerOutput(sequences=sequences, finished_request_ids=left)
+            self._admit_waiting(out, budget)
+        out.finished_request_ids, self._left_ids = self._left_ids, []
+        return out
 
-    def _schedule_running(self, sequences: List[ScheduledSequence], budget: int):
+    def _schedule_running(self, out: SchedulerOutput, budget: int):
         """Give each running request, oldest first, min(uncomputed, budget left) tokens. Out of
         blocks, preempt the newest running request and retry; a request that has to preempt itself
         ends the pass. Returns (budget left, whether anything was preempted)."""
@@ -175,12 +177,12 @@ class Scheduler:
                 preempted = True
                 if victim is request:
                     return budget, preempted
-            sequences.append(self._sequence(request, num_tokens))
+            self._emit(out, request, num_tokens)
             budget -= num_tokens
             i += 1
         return budget, preempted
 
-    def _admit_waiting(self, sequences: List[ScheduledSequence], budget: int) -> None:
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
         """Admit waiting requests in add order (preempted ones come first, being older) while the
         batch has room, budget is left and the head's first chunk fits above the watermark."""
         waiting = self._waiting
@@ -203,28 +205,32 @@ class Scheduler:
             waiting.popleft()
             request.status = _RUNNING
             running.append(request)
-            sequences.append(self._sequence(request, num_tokens))
+            self._emit(out, request, num_tokens)
             budget -= num_tokens
 
     @staticmethod
-    def _sequence(request: Request, num_tokens: int) -> ScheduledSequence:
-        # Token region this step:  [start .... start + num_tokens)  of  request.all_token_ids
-        start = request.num_computed_tokens
-        end = start + num_tokens
-        return ScheduledSequence(
-            request_id=request.request_id,
-            token_ids=request.all_token_ids[start:end],
-            start_pos=start,
-            block_table=request.block_ids,  # live list; free() swaps in a new one, never clears it
-            sample=end == len(request.all_token_ids),
-            sampling=request.sampling,
-        )
+    def _emit(out: SchedulerOutput, request: Request, num_tokens: int) -> None:
+        """Schedule ``num_tokens`` of ``request`` (blocks already allocated): the whole request if
+        the runner does not hold it, else the blocks it gained since the runner last saw it."""
+        rid = request.request_id
+        out.num_scheduled_tokens[rid] = num_tokens
+        if request.runner_blocks is None:
+            out.new_requests.append(NewRequestData(
+                request_id=rid, prompt_token_ids=tuple(request.prompt_token_ids),
+                output_token_ids=tuple(request.output_token_ids), sampling=request.sampling,
+                block_ids=tuple(request.block_ids), num_computed_tokens=request.num_computed_tokens))
+        else:
+            out.cached_requests.append(CachedRequestData(
+                request_id=rid, new_block_ids=tuple(request.block_ids[request.runner_blocks:]),
+                num_computed_tokens=request.num_computed_tokens))
+        request.runner_blocks = len(request.block_ids)
 
     def _preempt(self, request: Request) -> None:
         # Preempt by recompute: drop the KV, keep the tokens. Its outputs stay in all_token_ids and
         # are computed again as prompt when it is readmitted; nothing already generated changes.
         self.block_manager.free(request)
         request.num_computed_tokens = 0
+        request.runner_blocks = None
         request.status = _WAITING
         request.num_preemptions += 1
         self.num_preemptions += 1
@@ -239,27 +245,27 @@ class Scheduler:
         sampled = runner_output.sampled_token_ids
         received: List[Request] = []
         any_finished = False
-        for seq in scheduler_output.sequences:
-            request = self._requests.get(seq.request_id)
+        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+            request = self._requests.get(request_id)
             if request is None or request.status is not _RUNNING:
                 continue  # ended (abort, stop string) between schedule() and update()
-            if request.num_computed_tokens != seq.start_pos:
-                raise RuntimeError(f"update() out of step for request {seq.request_id}: scheduled at "
-                                   f"{seq.start_pos}, request at {request.num_computed_tokens}")
-            request.num_computed_tokens += len(seq.token_ids)
-            if not seq.sample:
-                continue
+            request.num_computed_tokens += num_tokens
+            if request.num_computed_tokens > request.num_tokens:
+                raise RuntimeError(f"update() out of step for request {request_id}: {num_tokens} tokens "
+                                   f"computed past its {request.num_tokens} tokens ({request!r})")
+            if request.num_computed_tokens < request.num_tokens:
+                continue  # a prompt chunk that does not reach the end: nothing sampled
             try:
-                token_id = sampled[seq.request_id]
+                token_id = sampled[request_id]
             except KeyError:
-                raise RuntimeError(f"the runner sampled no token for request {seq.request_id}, "
-                                   f"which was scheduled with sample=True") from None
+                raise RuntimeError(f"the runner sampled no token for request {request_id}, whose "
+                                   f"computed tokens reached its end") from None
             request.append_token(token_id)
             received.append(request)
             reason = request.stop_reason(token_id)
             if reason is not None:
-                del self._requests[request.request_id]
-                self._left_ids.append(request.request_id)
+                del self._requests[request_id]
+                self._left_ids.append(request_id)
                 self._finish(request, reason)
                 any_finished = True
         if any_finished:
@@ -271,6 +277,7 @@ class Scheduler:
             # A completed turn keeps its KV in the session; an aborted one is forgotten.
             self.sessions.finish_turn(request, keep=reason in ("stop", "length"))
         self.block_manager.free(request)
+        request.runner_blocks = None
         request.status = _FINISHED
         request.finish_reason = reason
         self._add_order.pop(request.request_id, None)

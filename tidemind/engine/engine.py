@@ -5,9 +5,7 @@ new request is read-only and may run in the caller's thread.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import random
 from typing import Dict, List, Optional, Sequence
 
@@ -19,44 +17,29 @@ from ..messages import RequestOutput
 from ..core.block_manager import BlockManager
 from ..core.request import Request
 from ..core.scheduler import Scheduler
+from .executor import create_executor
 
 logger = logging.getLogger("tidemind")
 
 
-def _checkpoint_dtype(model_dir: str) -> Optional[str]:
-    with open(os.path.join(model_dir, "config.json")) as f:
-        hf_config = json.load(f)
-    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
-    return dtype if isinstance(dtype, str) else None
-
-
 class Engine:
     def __init__(self, model: Optional[str] = None, config: Optional[EngineConfig] = None):
-        # torch-touching parts are imported here so that the bookkeeping modules stay torch-free.
-        import torch
-
-        from ..runner.device import resolve_device, resolve_dtype
-        from ..runner.model_runner import ModelRunner
-
         self.config = config or EngineConfig()
         self.resolved = resolve_model(model)
-        device = resolve_device(self.config.device)
-        if device.type == "cpu" and self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        dtype = resolve_dtype(self.config.dtype, _checkpoint_dtype(self.resolved.path), device)
-        logger.info("loading %s from %s on %s in %s", self.resolved.name, self.resolved.path, device,
-                    str(dtype).replace("torch.", ""))
-        self.runner = ModelRunner(self.resolved.path, device, dtype)
-        self.model_config = self.runner.model_config
+        logger.info("model %s: %s", self.resolved.name, self.resolved.path)
+        self.executor = create_executor(self.resolved.path, self.config)
+        self.model_config = self.executor.model_config
         self.tokenizer = Tokenizer.from_pretrained(self.resolved.path)
         self.session_len = self.config.session_len or self.model_config.max_position_embeddings
         if self.session_len > self.model_config.max_position_embeddings:
             logger.warning("session_len=%d is longer than the model was trained for (%d positions)",
                            self.session_len, self.model_config.max_position_embeddings)
-        self.max_batch_size = self.config.max_batch_size or (256 if device.type == "cuda" else 64)
-        spec = self.runner.init_kv_cache(self.config, self.session_len, self.max_batch_size)
+        self.max_batch_size = self.config.max_batch_size or (256 if self.executor.device_type == "cuda" else 64)
+        self.kv_spec = spec = self.executor.init_kv_cache(self.config, self.session_len, self.max_batch_size)
         logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)", spec.num_blocks,
                     spec.block_size, spec.num_tokens, spec.num_bytes / 2**30, spec.budget_source)
+        if not self.config.eager_mode:
+            self.executor.capture_graphs(self.max_batch_size)
         # A lone sequence must always fit in the cache, or preemption could never make room for it.
         self.max_total_tokens = min(self.session_len, spec.num_tokens)
         if self.max_total_tokens < self.session_len:
@@ -159,7 +142,7 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
-        runner_output = self.runner.execute(scheduled)
+        runner_output = self.executor.execute(scheduled)
         for request in self.scheduler.update(scheduled, runner_output):
             outputs.append(self._token_output(request, runner_output.logprobs.get(request.request_id)))
         return outputs
@@ -194,4 +177,4 @@ class Engine:
             finished=True, finish_reason=reason, error=error)
 
     def close(self) -> None:
-        self.runner.close()
+        self.executor.close()

@@ -5,13 +5,10 @@ machine without a GPU or without Triton. Each function keeps the signature of it
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from ..layers.attention import AttentionMetadata
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_offset: float = 0.0) -> torch.Tensor:
@@ -49,6 +46,36 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
     return rotate(q), rotate(k)
 
 
+def build_cos_sin_cache(inv_freq: torch.Tensor, max_positions: int, attention_scaling: float = 1.0) -> torch.Tensor:
+    """[max_positions, head_dim] float32: row p = [cos(p * inv_freq) | sin(p * inv_freq)] * scaling.
+
+    inv_freq: [head_dim // 2] float32. The angles are formed exactly as Hugging Face forms them per
+    step (float32 position times float32 frequency), so a row equals HF's cos/sin bit for bit.
+    """
+    positions = torch.arange(max_positions, dtype=torch.int64, device=inv_freq.device)
+    freqs = positions.float()[:, None] * inv_freq[None, :]  # [max_positions, head_dim // 2]
+    cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)
+    return cache * attention_scaling if attention_scaling != 1.0 else cache
+
+
+def rotary_embedding_cached(query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor,
+                            cos_sin_cache: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Rotate query [T, H * D] and key [T, KVH * D] by their positions' rows of cos_sin_cache
+    [max_positions, D] (build_cos_sin_cache); new tensors of the same shapes ("rotate half" layout).
+
+    cos and sin are cast to the inputs' dtype and the rotation is done in that dtype, as Hugging Face
+    does, so that float32 results match it exactly.
+    """
+    num_tokens = query.shape[0]
+    head_dim = cos_sin_cache.shape[1]
+    rows = cos_sin_cache.index_select(0, positions.long())  # [T, D]: the two halves are cos, sin
+    cos, sin = rows.to(query.dtype).chunk(2, dim=-1)
+    cos = torch.cat((cos, cos), dim=-1)
+    sin = torch.cat((sin, sin), dim=-1)
+    q, k = rotary_embedding(query.reshape(num_tokens, -1, head_dim), key.reshape(num_tokens, -1, head_dim), cos, sin)
+    return q.reshape(num_tokens, -1), k.reshape(num_tokens, -1)
+
+
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up = [gate | up] along the last dim: [n, 2 * d] -> [n, d]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -61,34 +88,38 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
-    """Store the new tokens' keys and values in their cache slots.
+def write_kv_cache_split(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store the new tokens' keys and values in their cache slots; slots < 0 are skipped (padding).
 
     key, value: [num_tokens, num_kv_heads, head_dim]
-    kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim] (0: keys, 1: values)
-    slot_mapping: [num_tokens] int64, slot = block_id * block_size + offset in block
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: [num_tokens] int32/int64, slot = block_id * block_size + offset in block
     """
-    num_kv_heads, head_dim = kv_cache.shape[-2:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, key.to(kv_cache.dtype))
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
+    num_kv_heads, head_dim = key_cache.shape[-2:]
+    slots = slot_mapping.long()
+    if bool((slots < 0).any()):
+        keep = slots >= 0
+        key, value, slots = key[keep], value[keep], slots[keep]
+    key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(key_cache.dtype))
+    value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(value_cache.dtype))
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """Keys (or values) of the first `length` tokens of the sequences of `block_table`.
+def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """Keys (or values) of the first `length` tokens of the sequences of `block_tables`.
 
-    cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_table: [S, >= ceil(length / bs)]
+    cache: [num_blocks, block_size, num_kv_heads, head_dim]; block_tables: [S, >= ceil(length / bs)]
     returns [S, num_kv_heads, length, head_dim]
     """
     _, block_size, h, d = cache.shape
     num_blocks = -(-length // block_size)
-    table = block_table[:, :num_blocks]
+    table = block_tables[:, :num_blocks]
     # index_select copies whole blocks (memcpy per row): twice as fast as advanced indexing on CPU.
     gathered = cache.index_select(0, table.reshape(-1))  # [S * num_blocks, block_size, H, D]
     return gathered.view(table.shape[0], num_blocks * block_size, h, d)[:, :length].transpose(1, 2)
 
 
-def _visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional[int]) -> torch.Tensor:
+def visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional[int]) -> torch.Tensor:
     """Mask [..., length] of the keys each query position may attend to (causal, optional window).
 
     A query at position p sees key j when j <= p and, with a window w, j > p - w (Hugging Face's
@@ -99,63 +130,3 @@ def _visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional
     if sliding_window is not None:
         visible &= key_pos > query_pos.unsqueeze(-1) - sliding_window
     return visible
-
-
-def _decode_mask(meta: "AttentionMetadata", length: int, sliding_window: Optional[int],
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask [S, 1, 1, length] (0 or -inf) of the decode group's keys: the same for every
-    layer with the same window, so it is built once per step and kept in meta.step_cache."""
-    key = ("decode_mask", length, sliding_window, dtype)
-    mask = meta.step_cache.get(key)
-    if mask is None:
-        seq_lens = meta.seq_lens[:meta.num_decode_seqs]
-        # the query is the last token: it sees every cached key of its sequence (within the window)
-        visible = _visible_keys(seq_lens - 1, length, sliding_window)  # [S, length]
-        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device).masked_fill_(~visible, float("-inf"))
-        mask = meta.step_cache[key] = mask[:, None, None, :]
-    return mask
-
-
-def paged_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
-                    meta: "AttentionMetadata", scale: float,
-                    sliding_window: Optional[int] = None) -> torch.Tensor:
-    """Causal attention of the step's new tokens over their sequences' paged KV cache.
-
-    query: [num_tokens, num_heads, head_dim]; key, value: [num_tokens, num_kv_heads, head_dim]
-    (the new tokens, written into kv_cache here first); returns [num_tokens, num_heads, head_dim].
-    Sequences are laid out as in `meta`: the first meta.num_decode_seqs have one query token each.
-    """
-    write_kv_cache(key, value, kv_cache, meta.slot_mapping)
-    num_decodes = meta.num_decode_seqs
-    if num_decodes:
-        # One query per sequence: gather every decode sequence's keys once, padded to the longest.
-        length = max(meta.seq_lens_host[:num_decodes])
-        k = _gather_kv(kv_cache[0], meta.block_tables[:num_decodes], length)
-        v = _gather_kv(kv_cache[1], meta.block_tables[:num_decodes], length)
-        q = query[:num_decodes].unsqueeze(2)  # [S, num_heads, 1, head_dim]
-        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=scale, enable_gqa=True,
-                                              attn_mask=_decode_mask(meta, length, sliding_window, q.dtype))
-        if num_decodes == meta.num_seqs:
-            return attn.squeeze(2)  # a decode-only step: nothing else to attend
-    out = torch.empty_like(query)
-    if num_decodes:
-        out[:num_decodes] = attn.squeeze(2)
-    starts = meta.query_start_loc_host
-    for i in range(num_decodes, len(meta.seq_lens_host)):
-        start, end, length = starts[i], starts[i + 1], meta.seq_lens_host[i]
-        q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, num_heads, q_len, head_dim]
-        if length == end - start and (sliding_window is None or length <= sliding_window):
-            # The whole sequence is new: plain causal attention over the new keys.
-            k = key[start:end].transpose(0, 1).unsqueeze(0)
-            v = value[start:end].transpose(0, 1).unsqueeze(0)
-            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            table = meta.block_tables[i:i + 1]
-            k = _gather_kv(kv_cache[0], table, length).to(q.dtype)
-            v = _gather_kv(kv_cache[1], table, length).to(q.dtype)
-            query_pos = torch.arange(length - (end - start), length, device=query.device)
-            visible = _visible_keys(query_pos, length, sliding_window)  # [q_len, length]
-            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None], scale=scale,
-                                                  enable_gqa=True)
-        out[start:end] = attn.squeeze(0).transpose(0, 1)
-    return out

@@ -117,12 +117,13 @@ def compute_inv_freq(params: dict, head_dim: int, max_position_embeddings: int) 
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotates q and k by their tokens' positions ("rotate half" layout).
+    """The cos/sin table of one rope configuration; layers rotate q and k through their KernelSet's
+    rotary_embedding(q, k, positions, table) ("rotate half" layout).
 
-    forward: positions [num_tokens] int64, q [num_tokens, H * D], k [num_tokens, KVH * D]
-             -> rotated q, k of the same shapes.
-    cos/sin are recomputed per step from positions, in float32 as Hugging Face does
-    (angle = pos * inv_freq, emb = cat(angle, angle)), then cast to q's dtype.
+    table(device): float32 [max_positions, head_dim], row p = [cos(p * inv_freq) | sin(p * inv_freq)]
+    (times attention_scaling), the angles formed in float32 exactly as Hugging Face forms them per
+    step. Built once per device on first use; reserve() raises its length before that (sequences
+    may run past max_position_embeddings when session_len asks for it).
     """
 
     def __init__(self, head_dim: int, params: dict, max_position_embeddings: int):
@@ -131,31 +132,21 @@ class RotaryEmbedding(nn.Module):
         self.rope_type = params["rope_type"]
         self.base = params["rope_theta"]
         inv_freq, self.attention_scaling = compute_inv_freq(params, head_dim, max_position_embeddings)
-        # A plain attribute, not a buffer: it survives meta-device construction and to_empty().
+        # Plain attributes, not buffers: they survive meta-device construction and to_empty().
         self._inv_freq_cpu = inv_freq  # [head_dim // 2] float32
-        self._inv_freq: Optional[torch.Tensor] = None
+        self.max_positions = max_position_embeddings
+        self._table: Optional[torch.Tensor] = None
 
-    def _inv_freq_on(self, device: torch.device) -> torch.Tensor:
-        if self._inv_freq is None or self._inv_freq.device != device:
-            self._inv_freq = self._inv_freq_cpu.to(device)
-        return self._inv_freq
+    def reserve(self, max_positions: int) -> None:
+        if max_positions > self.max_positions:
+            self.max_positions = max_positions
+            self._table = None
 
-    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        # positions [num_tokens] -> cos, sin [num_tokens, head_dim] in dtype
-        freqs = positions.float()[:, None] * self._inv_freq_on(positions.device)[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos(), emb.sin()
-        if self.attention_scaling != 1.0:
-            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
-        return cos.to(dtype), sin.to(dtype)
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-                ) -> Tuple[torch.Tensor, torch.Tensor]:
-        num_tokens = q.shape[0]
-        cos, sin = self.cos_sin(positions, q.dtype)
-        q_rot, k_rot = reference.rotary_embedding(q.reshape(num_tokens, -1, self.head_dim),
-                                                  k.reshape(num_tokens, -1, self.head_dim), cos, sin)
-        return q_rot.reshape(num_tokens, -1), k_rot.reshape(num_tokens, -1)
+    def table(self, device: torch.device) -> torch.Tensor:
+        if self._table is None or self._table.device != device:
+            self._table = reference.build_cos_sin_cache(self._inv_freq_cpu.to(device), self.max_positions,
+                                                        self.attention_scaling)
+        return self._table
 
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, type={self.rope_type}, base={self.base}"
+        return f"head_dim={self.head_dim}, type={self.rope_type}, base={self.base}, positions={self.max_positions}"

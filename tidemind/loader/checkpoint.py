@@ -10,13 +10,14 @@ import json
 import logging
 import os
 import time
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ..config import ModelConfig
+from ..layers.context import BuildContext
 from ..models.registry import get_model_class, supported_architectures
 
 logger = logging.getLogger(__name__)
@@ -132,14 +133,16 @@ def model_class_for(hf_config: dict, path: str) -> type:
     return get_model_class(architectures[0])
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device) -> Tuple[torch.nn.Module, ModelConfig]:
-    """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory."""
+def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None
+               ) -> Tuple[torch.nn.Module, ModelConfig]:
+    """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory.
+    ``ctx``: the kernels and attention backend its layers use (default: the torch reference)."""
     start = time.perf_counter()
     hf_config = read_hf_config(path)
     model_cls = model_class_for(hf_config, path)
     files = safetensors_files(path)
     with torch.device("meta"):
-        model = model_cls(hf_config)
+        model = model_cls(hf_config, ctx)
     model = model.to(dtype=dtype)
     model.to_empty(device=device)
     model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))

@@ -17,11 +17,12 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..layers.attention import Attention, AttentionMetadata
+from ..layers.attention import Attention
+from ..layers.context import BuildContext
 from ..layers.linear import Linear, QKVLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters_from_config
-from .llama import BlockArgs, GatedMLP, LlamaForCausalLM, apply_rotary
+from .llama import BlockArgs, GatedMLP, LlamaForCausalLM
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -62,48 +63,50 @@ def gemma3_rope_parameters(hf_config: dict, layer_type: str) -> dict:
 
 
 class Gemma3Attention(nn.Module):
-    def __init__(self, args: BlockArgs, sliding_window: Optional[int], query_pre_attn_scalar: float):
+    def __init__(self, args: BlockArgs, sliding_window: Optional[int], query_pre_attn_scalar: float,
+                 ctx: BuildContext):
         super().__init__()
         self.head_dim = args.head_dim
+        self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
                                   bias=args.qkv_bias)
         self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
-        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0)
-        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0)
-        self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim,
-                              scale=query_pre_attn_scalar ** -0.5, sliding_window=sliding_window)
+        self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
+        self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
+        self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=query_pre_attn_scalar ** -0.5,
+                              backend=ctx.attention_backend, sliding_window=sliding_window)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                meta) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         # per-head norms: [T, H*D] -> [T*H, D] -> back
         q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(num_tokens, -1)
         k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(num_tokens, -1)
-        q, k = apply_rotary(q, k, cos, sin, self.head_dim)
+        q, k = self.rotary_embedding(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, args: BlockArgs, layer_type: str, sliding_window: Optional[int],
-                 query_pre_attn_scalar: float):
+                 query_pre_attn_scalar: float, ctx: BuildContext):
         super().__init__()
         self.layer_type = layer_type
-        eps, hidden = args.rms_norm_eps, args.hidden_size
-        self.input_layernorm = RMSNorm(hidden, eps, weight_offset=1.0)
-        self.self_attn = Gemma3Attention(args, sliding_window, query_pre_attn_scalar)
-        self.post_attention_layernorm = RMSNorm(hidden, eps, weight_offset=1.0)
-        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0)
-        self.mlp = GatedMLP(hidden, args.intermediate_size, args.hidden_act)
-        self.post_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0)
+        eps, hidden, kernels = args.rms_norm_eps, args.hidden_size, ctx.kernels
+        self.input_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
+        self.self_attn = Gemma3Attention(args, sliding_window, query_pre_attn_scalar, ctx)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
+        self.pre_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
+        self.mlp = GatedMLP(hidden, args.intermediate_size, args.hidden_act, kernels)
+        self.post_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: dict,
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor, meta) -> Tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.post_attention_layernorm(self.self_attn(hidden, *rope[self.layer_type], kv_cache, meta))
+        hidden = self.post_attention_layernorm(self.self_attn(hidden, rope[self.layer_type], kv_cache, meta))
         hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
         return self.post_feedforward_layernorm(self.mlp(hidden)), residual
 
@@ -111,7 +114,7 @@ class Gemma3DecoderLayer(nn.Module):
 class Gemma3ForCausalLM(LlamaForCausalLM):
     norm_weight_offset = 1.0
 
-    def __init__(self, hf_config: dict):
+    def __init__(self, hf_config: dict, ctx: Optional[BuildContext] = None):
         hf_config = gemma3_text_config(hf_config)
         if hf_config.get("attn_logit_softcapping") is not None:
             raise ValueError("attn_logit_softcapping is set in config.json, which tidemind's paged attention "
@@ -120,7 +123,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
             raise ValueError("use_bidirectional_attention=True (an encoder-style Gemma 3) cannot be served "
                              "as a causal language model")
         self._layer_types = layer_types(hf_config)
-        super().__init__(hf_config)
+        super().__init__(hf_config, ctx)
 
     @classmethod
     def model_config(cls, hf_config: dict):
@@ -144,15 +147,18 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         layer_type = self._layer_types[layer_idx]
         window = self.hf_config.get("sliding_window") if layer_type == SLIDING else None
         return Gemma3DecoderLayer(args, layer_type, window, self.hf_config.get("query_pre_attn_scalar")
-                                  or args.head_dim)
+                                  or args.head_dim, self.ctx)
 
     def build_rotary(self, hf_config: dict, head_dim: int) -> nn.ModuleDict:
         return nn.ModuleDict({layer_type: RotaryEmbedding(head_dim, gemma3_rope_parameters(hf_config, layer_type),
                                                           self.config.max_position_embeddings)
                               for layer_type in sorted(set(self._layer_types))})
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> dict:
-        return {layer_type: rotary.cos_sin(positions, dtype) for layer_type, rotary in self.rotary_emb.items()}
+    def rotary_embeddings(self) -> list:
+        return list(self.rotary_emb.values())
+
+    def rope_inputs(self, positions: torch.Tensor) -> dict:
+        return {layer_type: (positions, rotary.table(positions.device)) for layer_type, rotary in self.rotary_emb.items()}
 
 
 class Gemma3ForConditionalGeneration(Gemma3ForCausalLM):

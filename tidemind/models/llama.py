@@ -15,9 +15,10 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels import reference
+from ..kernels.registry import KernelSet
 from ..layers.activation import GatedActivation
-from ..layers.attention import Attention, AttentionMetadata
+from ..layers.attention import Attention
+from ..layers.context import BuildContext
 from ..layers.embedding import LMHead, VocabEmbedding
 from ..layers.linear import Linear, MergedLinear, QKVLinear
 from ..layers.norm import RMSNorm
@@ -60,61 +61,54 @@ class GatedMLP(nn.Module):
     forward: [num_tokens, hidden] -> [num_tokens, hidden]
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, bias: bool = False):
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, kernels: KernelSet,
+                 bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
                                          shard_names=("gate", "up"))
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = GatedActivation(hidden_act)
+        self.act_fn = GatedActivation(hidden_act, kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 head_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    # q [T, H*D], k [T, KVH*D], cos/sin [T, D] -> rotated q, k in the same flat layout
-    num_tokens = q.shape[0]
-    q_rot, k_rot = reference.rotary_embedding(q.reshape(num_tokens, -1, head_dim),
-                                              k.reshape(num_tokens, -1, head_dim), cos, sin)
-    return q_rot.reshape(num_tokens, -1), k_rot.reshape(num_tokens, -1)
-
-
 class LlamaAttention(nn.Module):
-    """forward: hidden [T, hidden], cos/sin [T, head_dim] -> [T, hidden]."""
+    """forward: hidden [T, hidden], rope (positions [T], cos/sin table) -> [T, hidden]."""
 
-    def __init__(self, args: BlockArgs, sliding_window: Optional[int]):
+    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext):
         super().__init__()
-        self.head_dim = args.head_dim
+        self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
                                   bias=args.qkv_bias)
         self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
         self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=args.head_dim ** -0.5,
-                              sliding_window=sliding_window)
+                              backend=ctx.attention_backend, sliding_window=sliding_window)
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+                meta) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = apply_rotary(q, k, cos, sin, self.head_dim)
+        q, k = self.rotary_embedding(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: BlockArgs, sliding_window: Optional[int]):
+    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext):
         super().__init__()
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.self_attn = LlamaAttention(args, sliding_window)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, bias=args.mlp_bias)
+        kernels = ctx.kernels
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, kernels=kernels)
+        self.self_attn = LlamaAttention(args, sliding_window, ctx)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, kernels=kernels)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, kernels, bias=args.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: Tuple[torch.Tensor, ...],
-                kv_cache: torch.Tensor, meta: AttentionMetadata) -> Tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: torch.Tensor, meta) -> Tuple[torch.Tensor, torch.Tensor]:
         # hidden, residual: [T, hidden]; residual is None before the first layer
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:
             hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, *rope, kv_cache, meta)
+        hidden = self.self_attn(hidden, rope, kv_cache, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
 
@@ -130,16 +124,18 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Subclasses change behaviour through the hooks below, not by branching here."""
 
-    def __init__(self, hf_config: dict):
+    def __init__(self, hf_config: dict, ctx: Optional[BuildContext] = None):
         super().__init__()
         self.hf_config = hf_config
+        self.ctx = ctx or BuildContext()
         self.config = self.model_config(hf_config)
         args = self.block_args(hf_config)
         self.head_dim = args.head_dim
         layers = [self.build_layer(args, i) for i in range(self.config.num_layers)]
         embed = VocabEmbedding(self.config.vocab_size, args.hidden_size, scale=self.embedding_scale(hf_config))
         self.model = LlamaModel(layers, embed, RMSNorm(args.hidden_size, args.rms_norm_eps,
-                                                       weight_offset=self.norm_weight_offset))
+                                                       weight_offset=self.norm_weight_offset,
+                                                       kernels=self.ctx.kernels))
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
         self.lm_head = LMHead(self.config.vocab_size, args.hidden_size,
                               tied_to=embed if self.tie_word_embeddings else None,
@@ -186,7 +182,7 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     def build_layer(self, args: BlockArgs, layer_idx: int) -> nn.Module:
-        return LlamaDecoderLayer(args, self.layer_sliding_window(self.hf_config, layer_idx))
+        return LlamaDecoderLayer(args, self.layer_sliding_window(self.hf_config, layer_idx), self.ctx)
 
     @classmethod
     def embedding_scale(cls, hf_config: dict) -> Optional[float]:
@@ -200,9 +196,12 @@ class LlamaForCausalLM(nn.Module):
         return RotaryEmbedding(head_dim, rope_parameters_from_config(hf_config),
                                self.config.max_position_embeddings)
 
-    def rope_tables(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-        # what every layer's forward receives as `rope`: (cos, sin), each [T, head_dim]
-        return self.rotary_emb.cos_sin(positions, dtype)
+    def rotary_embeddings(self) -> List[RotaryEmbedding]:
+        return [self.rotary_emb]
+
+    def rope_inputs(self, positions: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        # what every layer's forward receives as `rope`: (positions [T], cos/sin table [max_pos, D])
+        return positions, self.rotary_emb.table(positions.device)
 
     def name_mapper(self) -> NameMapper:
         ignore = ("rotary_emb.inv_freq",) + (("lm_head.weight",) if self.tie_word_embeddings else ())
@@ -216,12 +215,13 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- the model contract -------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: List[torch.Tensor],
-                meta: AttentionMetadata) -> torch.Tensor:
-        # input_ids, positions: [T] int64 -> hidden [T, hidden]
+                meta) -> torch.Tensor:
+        # input_ids, positions: [T] int32 or int64; meta: the attention backend's metadata of the step
+        # -> hidden [T, hidden]
         if len(kv_caches) != len(self.model.layers):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.model.layers)} layers")
         hidden = self.model.embed_tokens(input_ids)
-        rope = self.rope_tables(positions, hidden.dtype)
+        rope = self.rope_inputs(positions)
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches):
             hidden, residual = layer(hidden, residual, rope, kv_cache, meta)

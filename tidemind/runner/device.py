@@ -1,6 +1,8 @@
 """Resolve the "auto" device and dtype once, at start-up."""
 from __future__ import annotations
 
+import json
+import os
 from typing import Optional
 
 import torch
@@ -27,3 +29,11 @@ def resolve_dtype(name: str, checkpoint_dtype: Optional[str], device: torch.devi
     if checkpoint_dtype == "float16":
         return torch.float16
     return torch.bfloat16
+
+
+def checkpoint_dtype(model_dir: str) -> Optional[str]:
+    """config.json's torch_dtype / dtype, e.g. "bfloat16" (None when it names none)."""
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+        hf_config = json.load(f)
+    dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
+    return dtype if isinstance(dtype, str) else None

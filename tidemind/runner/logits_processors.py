@@ -1,20 +1,30 @@
 """Logit processing: bans, min_new_tokens and penalties (in place), top_k/top_p/min_p thresholds.
 
 Each function takes the batch's logits ``[num_rows, vocab]`` and the rows' ``SamplingInputs`` (same
-order), does work only for the rows whose ``GenerationConfig`` asks for it, and writes into
+order), does work only for the rows whose ``SamplingParams`` ask for it, and writes into
 ``logits`` in place (the sampler owns that tensor). Which rows need what is decided on the host
 from the inputs, so nothing here waits for the device; each step sends its host data in as few
 copies as it can (a copy costs tens of microseconds on a GPU host, more than most kernels here).
 """
 from __future__ import annotations
 
-import weakref
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..core.outputs import SamplingInputs
+from ..core.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """One row to sample: its request's parameters and tokens so far (numpy views of the runner's
+    InputBatch row, or plain lists); the step of its noise is len(output_token_ids)."""
+
+    params: SamplingParams
+    prompt_token_ids: Sequence[int]
+    output_token_ids: Sequence[int]
 
 
 def to_device(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -34,10 +44,10 @@ def from_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _banned_ids(inp: SamplingInputs) -> List[int]:
-    cfg = inp.gen_config
+    cfg = inp.params
     out = inp.output_token_ids
-    banned = list(cfg.bad_token_ids or ())
-    for word in inp.bad_word_token_ids:
+    banned = list(cfg.bad_token_ids)
+    for word in cfg.bad_word_token_ids:
         # word = [prefix..., last]: `last` is banned when the output ends with `prefix`.
         num_prefix = len(word) - 1
         if num_prefix < 0 or num_prefix > len(out):
@@ -45,7 +55,7 @@ def _banned_ids(inp: SamplingInputs) -> List[int]:
         if num_prefix == 0 or list(out[len(out) - num_prefix:]) == list(word[:num_prefix]):
             banned.append(word[-1])
     if cfg.min_new_tokens and len(out) < cfg.min_new_tokens:
-        banned.extend(inp.stop_token_ids)
+        banned.extend(cfg.stop_token_ids)
     return banned
 
 
@@ -55,8 +65,7 @@ def apply_bans(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.
     rows: List[int] = []
     cols: List[int] = []
     for row, inp in enumerate(inputs):
-        cfg = inp.gen_config
-        if not (cfg.bad_token_ids or inp.bad_word_token_ids or cfg.min_new_tokens):
+        if not inp.params.has_bans:
             continue
         # Ids outside the model's vocabulary can never be produced: nothing to ban.
         banned = [t for t in _banned_ids(inp) if t < vocab]
@@ -68,46 +77,8 @@ def apply_bans(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.
     return logits
 
 
-class TokenArrays:
-    """int64 numpy copies of requests' prompt and output tokens, kept across engine steps.
-
-    Keyed by the SamplingInputs object, which lives as long as its request (an entry goes when the
-    object does). Prompt tokens never change and output tokens only grow, so a step converts only
-    the tokens that are new since the previous step; an output that got shorter is read again.
-    """
-
-    def __init__(self):
-        # id(inputs) -> [weak reference, prompt array, output buffer, number of output tokens held]
-        self._entries: Dict[int, list] = {}
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def _entry(self, inp: SamplingInputs) -> list:
-        key = id(inp)
-        entry = self._entries.get(key)
-        if entry is None or entry[0]() is not inp or len(entry[1]) != len(inp.prompt_token_ids):
-            ref = weakref.ref(inp, lambda _, key=key: self._entries.pop(key, None))
-            entry = [ref, np.asarray(inp.prompt_token_ids, dtype=np.int64), np.empty(16, dtype=np.int64), 0]
-            self._entries[key] = entry
-        return entry
-
-    def prompt(self, inp: SamplingInputs) -> np.ndarray:
-        return self._entry(inp)[1]
-
-    def output(self, inp: SamplingInputs) -> np.ndarray:
-        entry = self._entry(inp)
-        out, held = inp.output_token_ids, entry[3]
-        if len(out) < held:
-            held = 0
-        if len(out) > held:
-            if len(out) > len(entry[2]):
-                grown = np.empty(max(2 * len(entry[2]), len(out)), dtype=np.int64)
-                grown[:held] = entry[2][:held]
-                entry[2] = grown
-            entry[2][held:len(out)] = out[held:]
-        entry[3] = len(out)
-        return entry[2][:len(out)]
+def _tokens(values: Sequence[int]) -> np.ndarray:
+    return np.asarray(values, dtype=np.int64)
 
 
 def token_pairs(rows: Sequence[int], arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -119,56 +90,50 @@ def token_pairs(rows: Sequence[int], arrays: Sequence[np.ndarray], device: torch
     return from_host(torch.from_numpy(pairs), device)
 
 
-def _repetition(logits: torch.Tensor, inputs: Sequence[SamplingInputs], rows: List[int],
-                tokens: TokenArrays) -> None:
+def _repetition(logits: torch.Tensor, inputs: Sequence[SamplingInputs], rows: List[int]) -> None:
     # Each (row, token) of prompt + output; a token seen several times appears several times, and
     # every copy writes the same value computed from the unpenalized logit: idempotent.
-    arrays = [a for r in rows for a in (tokens.prompt(inputs[r]), tokens.output(inputs[r]))]
+    arrays = [_tokens(a) for r in rows for a in (inputs[r].prompt_token_ids, inputs[r].output_token_ids)]
     pair_rows, pair_tokens = token_pairs([r for r in rows for _ in (0, 1)], arrays, logits.device)
-    penalty = to_device([inp.gen_config.repetition_penalty for inp in inputs], torch.float32,
+    penalty = to_device([inp.params.repetition_penalty for inp in inputs], torch.float32,
                         logits.device)[pair_rows]  # [n]
     values = logits[pair_rows, pair_tokens]  # [n]
     logits[pair_rows, pair_tokens] = torch.where(values > 0, values / penalty, values * penalty)
 
 
-def _presence_frequency(logits: torch.Tensor, inputs: Sequence[SamplingInputs], rows: List[int],
-                        tokens: TokenArrays) -> None:
+def _presence_frequency(logits: torch.Tensor, inputs: Sequence[SamplingInputs], rows: List[int]) -> None:
     device = logits.device
-    pair_rows, pair_tokens = token_pairs(rows, [tokens.output(inputs[r]) for r in rows], device)
+    pair_rows, pair_tokens = token_pairs(rows, [_tokens(inputs[r].output_token_ids) for r in rows], device)
     # Occurrences of each pair's (row, token) in the output, by binary search in the sorted keys.
     keys = pair_rows * logits.shape[1] + pair_tokens  # [n]
     sorted_keys = keys.sort().values
     counts = (torch.searchsorted(sorted_keys, keys, right=True) - torch.searchsorted(sorted_keys, keys))
-    presence, frequency = to_device([[inp.gen_config.presence_penalty for inp in inputs],
-                                     [inp.gen_config.frequency_penalty for inp in inputs]],
+    presence, frequency = to_device([[inp.params.presence_penalty for inp in inputs],
+                                     [inp.params.frequency_penalty for inp in inputs]],
                                     torch.float32, device)  # [num_rows] each
     values = logits[pair_rows, pair_tokens]  # [n]; duplicates write the same value, as above
     logits[pair_rows, pair_tokens] = values - (presence[pair_rows] + frequency[pair_rows] * counts)
 
 
-def apply_penalties(logits: torch.Tensor, inputs: Sequence[SamplingInputs],
-                    tokens: Optional[TokenArrays] = None) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.Tensor:
     """Repetition penalty (HF: prompt + output tokens), then presence/frequency (OpenAI: output).
 
     Work is proportional to the number of tokens of the penalized sequences, not to the vocabulary.
-    ``tokens``: a TokenArrays kept across steps (the sampler's), or None to convert every token now.
     """
-    tokens = tokens if tokens is not None else TokenArrays()
-    repetition_rows = [i for i, inp in enumerate(inputs) if inp.gen_config.repetition_penalty != 1.0]
+    repetition_rows = [i for i, inp in enumerate(inputs) if inp.params.repetition_penalty != 1.0]
     if repetition_rows:
-        _repetition(logits, inputs, repetition_rows, tokens)
+        _repetition(logits, inputs, repetition_rows)
     additive_rows = [i for i, inp in enumerate(inputs)
-                     if inp.gen_config.presence_penalty != 0.0 or inp.gen_config.frequency_penalty != 0.0]
+                     if inp.params.presence_penalty != 0.0 or inp.params.frequency_penalty != 0.0]
     if additive_rows:
-        _presence_frequency(logits, inputs, additive_rows, tokens)
+        _presence_frequency(logits, inputs, additive_rows)
     return logits
 
 
-def process_logits(logits: torch.Tensor, inputs: Sequence[SamplingInputs],
-                   tokens: Optional[TokenArrays] = None) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.Tensor:
     """Steps 1-3 of the sampler (bans, min_new_tokens, penalties), in place; returns ``logits``."""
     apply_bans(logits, inputs)
-    apply_penalties(logits, inputs, tokens)
+    apply_penalties(logits, inputs)
     return logits
 
 

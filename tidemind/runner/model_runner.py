@@ -1,79 +1,124 @@
-"""Everything of a step that touches tensors: inputs, the forward pass, the KV cache, sampling."""
+"""Everything of a step that touches tensors: the model on its device, the KV cache, the runner's
+persistent batch, the step's inputs, CUDA graphs and sampling."""
 from __future__ import annotations
 
 import logging
-from typing import List
+from typing import List, Optional
 
+import numpy as np
 import torch
 
-from ..config import EngineConfig, ModelConfig
-from ..core.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
-from ..layers.attention import build_attention_metadata
+from ..attention import create_attention_backend, resolve_attention_backend
+from ..config import EngineConfig
+from ..core.outputs import RunnerOutput, SchedulerOutput
+from ..kernels.registry import kernel_set
+from ..layers.context import BuildContext
 from ..loader import load_model
+from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
+from .input_batch import InputBatch
 from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
 from .sampler import Sampler
+from .step_inputs import PreparedStep, StepBuffers, prepare_step
 
 logger = logging.getLogger("tidemind")
 
 
 class ModelRunner:
-    """Holds the model and its KV cache on one device and executes scheduled steps."""
+    """Holds the model, its KV cache and the batch of requests on one device; executes steps.
 
-    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype):
+    Start-up order: __init__ (load weights), init_kv_cache (size and allocate the cache, the
+    batch and the step buffers), capture_graphs (GPU, unless eager), then execute() every step.
+    """
+
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto"):
         self.device = device
         self.dtype = dtype
-        self.model, self.model_config = load_model(model_path, dtype, device)
+        backend_name = resolve_attention_backend(attention_backend, device)
+        # The layer kernels follow the attention backend: Triton for both, or the torch reference.
+        self.build_context = BuildContext(kernels=kernel_set(backend_name),
+                                          attention_backend=create_attention_backend(backend_name))
+        logger.info("attention backend: %s; layer kernels: %s", backend_name, self.build_context.kernels.name)
+        self.model, self.model_config = load_model(model_path, dtype, device, self.build_context)
         self.dense_backend = resolve_dense_backend("auto", device, dtype)
         apply_dense_backend(self.model, self.dense_backend)
         logger.info("dense matmul backend: %s", self.dense_backend)
+        self.attention = self.build_context.attention_backend
         self.sampler = Sampler()
-        self.kv_spec: KVCacheSpec | None = None
+        self.kv_spec: Optional[KVCacheSpec] = None
         self.kv_caches: List[torch.Tensor] = []
-
-    @property
-    def config(self) -> ModelConfig:
-        return self.model_config
+        self.batch: Optional[InputBatch] = None
+        self.buffers: Optional[StepBuffers] = None
+        self.graphs: Optional[DecodeGraphs] = None
 
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> KVCacheSpec:
-        self.kv_spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
-                                     session_len, max_batch_size)
-        self.kv_caches = allocate_kv_cache(self.kv_spec, self.model_config, self.dtype, self.device)
-        return self.kv_spec
+        """Size and allocate the KV cache (after the weights, from the memory left), then the batch
+        state and step buffers for sequences of at most min(session_len, cache tokens) tokens."""
+        self.kv_spec = spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
+                                            session_len, max_batch_size)
+        self.kv_caches = allocate_kv_cache(spec, self.model_config, self.dtype, self.device)
+        max_model_len = min(session_len, spec.num_tokens)
+        max_blocks = -(-max_model_len // spec.block_size)
+        self.batch = InputBatch(max_batch_size, max_model_len, max_blocks)
+        max_tokens = max(engine_config.max_prefill_token_num, max_batch_size)
+        self.buffers = StepBuffers(max_tokens, max_batch_size, max_blocks, self.device)
+        for rotary in self.model.rotary_embeddings():
+            rotary.reserve(max_model_len)
+        return spec
+
+    def capture_graphs(self, max_batch_size: int) -> Optional[float]:
+        """Capture decode steps as CUDA graphs (GPU and a graph-capable attention backend only).
+        Returns the seconds it took, or None where graphs do not apply."""
+        if self.device.type != "cuda" or not self.attention.supports_cuda_graphs:
+            return None
+        self.graphs = DecodeGraphs(self.model, self.attention, self.kv_caches, self.buffers,
+                                   self.kv_spec.block_size, self.batch.max_model_len, self.device)
+        return self.graphs.capture(max_batch_size)
 
     @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
-        # Single-token (decode) sequences first: attention batches them together.
-        seqs = sorted(scheduled.sequences, key=lambda s: s.num_tokens != 1)
-        input_ids, positions = self._flatten(seqs)
-        meta = build_attention_metadata(
-            query_lens=[s.num_tokens for s in seqs],
-            seq_lens=[s.start_pos + s.num_tokens for s in seqs],
-            block_tables=[s.block_table for s in seqs],
-            block_size=self.kv_spec.block_size, device=self.device)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)  # [num_tokens, hidden]
-
-        sampled = [(i, s) for i, s in enumerate(seqs) if s.sample]
-        if not sampled:
+        batch = self.batch
+        # Departures first: a row freed now may be taken by a new request of this step.
+        for request_id in scheduled.finished_request_ids:
+            batch.remove(request_id)
+        for new in scheduled.new_requests:
+            batch.add(new)
+        for cached in scheduled.cached_requests:
+            batch.update(cached)
+        if scheduled.is_empty:
             return RunnerOutput(sampled_token_ids={})
-        last_rows = [meta.query_start_loc_host[i + 1] - 1 for i, _ in sampled]
-        rows = torch.tensor(last_rows, dtype=torch.int64, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))  # [num_sampled, vocab] float32
-        out = self.sampler(logits, [s.sampling for _, s in sampled])
-        token_ids = {s.request_id: tok for (_, s), tok in zip(sampled, out.token_ids)}
-        logprobs = {s.request_id: lp for (_, s), lp in zip(sampled, out.logprobs) if lp is not None}
-        return RunnerOutput(sampled_token_ids=token_ids, logprobs=logprobs)
+        padding = self.graphs.padded_size if self.graphs is not None else None
+        step = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding)
+        hidden = self._forward(step)  # [num_tokens, hidden]
+        batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
+        if not step.sampled_request_ids:
+            return RunnerOutput(sampled_token_ids={})
+        if len(step.sampled_request_ids) < step.layout.num_tokens:
+            hidden = hidden.index_select(0, step.logits_indices)
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32
+        token_ids, logprobs = self._sample(logits, step)
+        batch.append_tokens(step.sampled_rows, np.asarray(token_ids, dtype=np.int32))
+        rids = step.sampled_request_ids
+        return RunnerOutput(sampled_token_ids=dict(zip(rids, token_ids)),
+                            logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None})
 
-    def _flatten(self, seqs: List[ScheduledSequence]):
-        ids: List[int] = []
-        pos: List[int] = []
-        for s in seqs:
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start_pos, s.start_pos + s.num_tokens))
-        as_tensor = lambda v: torch.tensor(v, dtype=torch.int64).to(self.device, non_blocking=True)  # noqa: E731
-        return as_tensor(ids), as_tensor(pos)
+    def _forward(self, step: PreparedStep) -> torch.Tensor:
+        if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.layout.num_seqs):
+            return self.graphs.run(step.layout.num_seqs)
+        metadata = self.attention.build_metadata(step.layout)
+        return self.model(step.input_ids, step.positions, self.kv_caches, metadata)
+
+    def _sample(self, logits: torch.Tensor, step: PreparedStep):
+        """(token ids, logprobs or None per row) for the sampled rows, in logits order."""
+        batch = self.batch
+        rows = step.sampled_rows
+        if batch.plain_greedy[rows].all():  # argmax alone decides: one device->host copy
+            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+        out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in rows])
+        return out.token_ids, out.logprobs
 
     def close(self) -> None:
+        self.graphs = None
         self.kv_caches = []
         self.model = None
         if self.device.type == "cuda":

@@ -1,6 +1,6 @@
 """The sampler: from one logits row per sequence to one token per sequence (plus logprobs).
 
-Per row, only where its GenerationConfig asks: bans and min_new_tokens, penalties
+Per row, only where its SamplingParams ask: bans and min_new_tokens, penalties
 (logits_processors.py), then argmax for greedy rows, or temperature -> top_k -> top_p -> min_p ->
 draw for sampled rows. Rows that need the same work are batched; which rows need what is decided
 on the host from the inputs, and the device->host copy of the results is the one synchronization
@@ -28,10 +28,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..config import GenerationConfig
-from ..core.outputs import SamplingInputs
+from ..core.sampling_params import SamplingParams
 from ..messages import TokenLogprobs
-from .logits_processors import TokenArrays, keep_threshold, process_logits, to_device
+from .logits_processors import SamplingInputs, keep_threshold, process_logits, to_device
 
 # Rows with top_k take candidates from one topk(max top_k + slack) call; the slack lets the
 # exactness check see ties at the k-th value without a full sort.
@@ -107,7 +106,7 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
 @dataclass
 class SamplerOutput:
     token_ids: List[int]  # one per logits row
-    # {token_id: logprob} (chosen token + top alternatives) where gen_config.logprobs is set
+    # {token_id: logprob} (chosen token + top alternatives) where params.logprobs is set
     logprobs: List[Optional[TokenLogprobs]]
 
 
@@ -116,14 +115,14 @@ class _SampledRows:
     """A group of sampled rows: batch row indices, their configs and seed words (same order)."""
 
     rows: List[int]
-    cfgs: List[GenerationConfig]
+    cfgs: List[SamplingParams]
     words: List[Tuple[int, int, int]]  # seed_words(seed, step) per row
     vocab: int
 
     @classmethod
     def build(cls, rows: List[int], inputs: Sequence[SamplingInputs], vocab: int) -> "_SampledRows":
-        return cls(rows, [inputs[r].gen_config for r in rows],
-                   [seed_words(inputs[r].seed, len(inputs[r].output_token_ids)) for r in rows], vocab)
+        return cls(rows, [inputs[r].params for r in rows],
+                   [seed_words(inputs[r].params.seed, len(inputs[r].output_token_ids)) for r in rows], vocab)
 
     def subset(self, positions: List[int]) -> "_SampledRows":
         return _SampledRows([self.rows[p] for p in positions], [self.cfgs[p] for p in positions],
@@ -257,17 +256,17 @@ class _RawLogprobs:
 
     rows: List[int]
     rows_t: torch.Tensor  # int64 [L], the same on the device
-    num_top: List[int]  # gen_config.logprobs per row
+    num_top: List[int]  # params.logprobs per row
     logprobs: torch.Tensor  # [L, vocab]
     top_values: torch.Tensor  # [L, max(num_top)], decreasing
     top_ids: torch.Tensor  # [L, max(num_top)]
 
     @classmethod
     def build(cls, logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> Optional["_RawLogprobs"]:
-        rows = [i for i, inp in enumerate(inputs) if inp.gen_config.logprobs is not None]
+        rows = [i for i, inp in enumerate(inputs) if inp.params.logprobs is not None]
         if not rows:
             return None
-        num_top = [inputs[r].gen_config.logprobs for r in rows]
+        num_top = [inputs[r].params.logprobs for r in rows]
         rows_t = to_device(rows, torch.long, logits.device)
         # A new tensor: the later in-place processing of `logits` does not reach it.
         logprobs = torch.log_softmax(_select_rows(logits, rows, rows_t), dim=-1)
@@ -295,7 +294,7 @@ def _split_rows(inputs: Sequence[SamplingInputs], vocab: int
     """Rows by the work they need: (greedy, top_k, top_p without top_k, neither)."""
     greedy, top_k, nucleus, full = [], [], [], []
     for row, inp in enumerate(inputs):
-        cfg = inp.gen_config
+        cfg = inp.params
         k = cfg.top_k if cfg.top_k < vocab else 0
         # top_k == 1 keeps only the best token: argmax, which settles ties the way greedy rows do.
         if cfg.is_greedy or k == 1:
@@ -324,11 +323,7 @@ class Sampler:
 
     logits: float32 [num_rows, vocab], one row per sequence to sample. It is CONSUMED: bans and
     penalties are written into it. inputs: one SamplingInputs per row, same order.
-    One Sampler serves all steps: it keeps the token arrays that penalties read (TokenArrays).
     """
-
-    def __init__(self):
-        self.tokens = TokenArrays()
 
     def __call__(self, logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> SamplerOutput:
         if logits.dim() != 2 or logits.shape[0] != len(inputs):
@@ -337,7 +332,7 @@ class Sampler:
         logits = logits.float()  # no copy when already float32
         num_rows, vocab = logits.shape
         raw = _RawLogprobs.build(logits, inputs)  # before any processing, like vLLM's default
-        process_logits(logits, inputs, self.tokens)
+        process_logits(logits, inputs)
         token_ids, groups, flags = self._choose(logits, inputs)  # [num_rows], groups, [R] per group
 
         logprob_parts = (raw.chosen(token_ids), raw.top_values, raw.top_ids) if raw is not None else ()

@@ -1,0 +1,81 @@
+"""The seam between the engine and the model runner(s).
+
+The engine hands each step's SchedulerOutput to an executor and gets a RunnerOutput back; it never
+touches tensors. InProcessExecutor drives one ModelRunner in this process; executors that drive
+worker processes (one runner per tensor-parallel rank, or Ray actors across machines) sit behind
+the same interface, sending each step's contract to every rank. torch is imported only when an
+executor is created, so the engine's own modules stay importable without it.
+"""
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Optional
+
+from ..config import EngineConfig, ModelConfig
+from ..core.outputs import RunnerOutput, SchedulerOutput
+
+if TYPE_CHECKING:
+    from ..runner.kv_cache import KVCacheSpec
+
+logger = logging.getLogger("tidemind")
+
+
+class Executor(ABC):
+    model_config: ModelConfig
+    device_type: str  # "cuda" or "cpu": the defaults that depend on the device read it
+    description: str  # one line for logs and the chat banner: device, dtype, backends
+
+    @abstractmethod
+    def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> "KVCacheSpec":
+        """Size and allocate the KV cache on every device; all ranks get the same number of blocks."""
+
+    @abstractmethod
+    def capture_graphs(self, max_batch_size: int) -> Optional[float]:
+        """Capture CUDA graphs where they apply; the seconds it took, or None."""
+
+    @abstractmethod
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        ...
+
+    @abstractmethod
+    def close(self) -> None:
+        ...
+
+
+class InProcessExecutor(Executor):
+    def __init__(self, model_path: str, config: EngineConfig):
+        import torch
+
+        from ..runner.device import checkpoint_dtype, resolve_device, resolve_dtype
+        from ..runner.model_runner import ModelRunner
+
+        device = resolve_device(config.device)
+        if device.type == "cpu" and config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        dtype = resolve_dtype(config.dtype, checkpoint_dtype(model_path), device)
+        logger.info("loading %s on %s in %s", model_path, device, str(dtype).replace("torch.", ""))
+        self.runner = ModelRunner(model_path, device, dtype, config.attention_backend)
+        self.model_config = self.runner.model_config
+        self.device_type = device.type
+        self.description = (f"{device} {str(dtype).replace('torch.', '')}, attention "
+                            f"{self.runner.attention.name}, kernels {self.runner.build_context.kernels.name}")
+
+    def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> "KVCacheSpec":
+        return self.runner.init_kv_cache(engine_config, session_len, max_batch_size)
+
+    def capture_graphs(self, max_batch_size: int) -> Optional[float]:
+        seconds = self.runner.capture_graphs(max_batch_size)
+        if seconds is not None:
+            self.description += ", CUDA graphs"
+        return seconds
+
+    def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        return self.runner.execute(scheduled)
+
+    def close(self) -> None:
+        self.runner.close()
+
+
+def create_executor(model_path: str, config: EngineConfig) -> Executor:
+    return InProcessExecutor(model_path, config)

@@ -1,0 +1,64 @@
+"""The layer kernels (norms, rotary, gated activations) as one set, chosen once at start-up.
+
+Layers receive a KernelSet through the model's BuildContext and call its functions; they never
+import a kernel module. "reference" is kernels/reference.py (torch; the CPU path and the
+definition every kernel is tested against); "triton" holds the Triton twins, imported only when
+chosen. Both sets compute the same functions; the Triton ones may work in place (see each kernel).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Tuple
+
+import torch
+
+from . import reference
+
+KERNEL_SETS: Tuple[str, ...] = ("reference", "triton")
+
+
+@dataclass(frozen=True)
+class KernelSet:
+    name: str
+    # (x [n, hidden], weight [hidden], eps, weight_offset) -> [n, hidden]
+    rms_norm: Callable
+    # (x, residual, weight, eps, weight_offset) -> (rms_norm(x + residual), x + residual)
+    add_rms_norm: Callable
+    # (query [T, H*D], key [T, KVH*D], positions [T], cos_sin_cache [max_pos, D]) -> rotated (query, key)
+    rotary_embedding: Callable
+    silu_and_mul: Callable  # gate_up [n, 2d] -> [n, d]
+    gelu_tanh_and_mul: Callable  # gate_up [n, 2d] -> [n, d]
+
+
+REFERENCE_KERNELS = KernelSet(
+    name="reference", rms_norm=reference.rms_norm, add_rms_norm=reference.add_rms_norm,
+    rotary_embedding=reference.rotary_embedding_cached, silu_and_mul=reference.silu_and_mul,
+    gelu_tanh_and_mul=reference.gelu_tanh_and_mul)
+
+
+def _triton_kernels() -> KernelSet:
+    from . import activation, rms_norm, rotary
+
+    return KernelSet(name="triton", rms_norm=rms_norm.rms_norm, add_rms_norm=rms_norm.add_rms_norm,
+                     rotary_embedding=rotary.rotary_embedding, silu_and_mul=activation.silu_and_mul,
+                     gelu_tanh_and_mul=activation.gelu_tanh_and_mul)
+
+
+def kernel_set(name: str) -> KernelSet:
+    """The kernels an attention-backend-style name stands for ("reference" or "triton")."""
+    if name == "reference":
+        return REFERENCE_KERNELS
+    if name == "triton":
+        return _triton_kernels()
+    raise ValueError(f"kernel set {name!r} is not one of {', '.join(KERNEL_SETS)}")
+
+
+def default_kernel_set(device: torch.device) -> str:
+    """Triton on a CUDA device where it is installed, else the torch reference."""
+    if device.type != "cuda":
+        return "reference"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "reference"
+    return "triton"

@@ -1,0 +1,150 @@
+"""One step's model inputs, built on the host in numpy and sent to the device in one copy.
+
+StepBuffers owns one int32 buffer on the device (pinned host staging buffer beside it on a GPU; on
+the CPU the staging buffer is the device buffer) with every per-step field at a fixed offset:
+
+    [ seq_lens | query_start_loc | logits_indices | input_ids | positions | slot_mapping | block_tables ]
+      max_seqs   max_seqs + 1      max_seqs         max_tokens  max_tokens  max_tokens     max_seqs x max_blocks
+
+Fixed offsets make the device views the static inputs that CUDA graphs replay; block tables come
+last, row by row, so a step's used region is always a prefix of the buffer and one copy of that
+prefix sends it all. The host must not rewrite the staging buffer while a copy from it may still be
+in flight: the runner synchronizes once per step (for the sampled ids) before preparing the next.
+
+Step order: sequences with one new token first (the decode group), then prompt chunks, each group in
+schedule order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..attention.base import StepLayout
+from ..core.outputs import SchedulerOutput
+from .input_batch import InputBatch
+
+_FIELDS = ("seq_lens", "query_start_loc", "logits_indices", "input_ids", "positions", "slot_mapping",
+           "block_tables")
+
+
+class StepBuffers:
+    def __init__(self, max_tokens: int, max_seqs: int, max_blocks_per_seq: int, device: torch.device):
+        self.max_tokens = max_tokens
+        self.max_seqs = max_seqs
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.device = device
+        sizes = {"seq_lens": max_seqs, "query_start_loc": max_seqs + 1, "logits_indices": max_seqs,
+                 "input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+                 "block_tables": max_seqs * max_blocks_per_seq}
+        self._offsets: Dict[str, int] = {}
+        total = 0
+        for name in _FIELDS:
+            self._offsets[name] = total
+            total += sizes[name]
+        self._size = total
+        on_gpu = device.type == "cuda"
+        self._host = torch.zeros(total, dtype=torch.int32, pin_memory=on_gpu)
+        self._host_np = self._host.numpy()
+        self._device = torch.zeros(total, dtype=torch.int32, device=device) if on_gpu else self._host
+
+    def host(self, name: str, length: int) -> np.ndarray:
+        start = self._offsets[name]
+        return self._host_np[start:start + length]
+
+    def device_view(self, name: str, length: int) -> torch.Tensor:
+        start = self._offsets[name]
+        return self._device[start:start + length]
+
+    def block_tables_host(self, num_seqs: int) -> np.ndarray:
+        return self.host("block_tables", num_seqs * self.max_blocks_per_seq).reshape(num_seqs, -1)
+
+    def block_tables_device(self, num_seqs: int) -> torch.Tensor:
+        return self.device_view("block_tables", num_seqs * self.max_blocks_per_seq).view(num_seqs, -1)
+
+    def upload(self, num_seqs: int) -> None:
+        """Send the fields of a step with num_seqs sequences to the device (one copy)."""
+        if self._device is self._host:
+            return
+        end = self._offsets["block_tables"] + num_seqs * self.max_blocks_per_seq
+        self._device[:end].copy_(self._host[:end], non_blocking=True)
+
+
+@dataclass
+class PreparedStep:
+    layout: StepLayout
+    input_ids: torch.Tensor  # [num_tokens] int32, on the device
+    positions: torch.Tensor  # [num_tokens] int32
+    logits_indices: torch.Tensor  # [num_sampled] int32: the row of hidden states each sample reads
+    sampled_rows: np.ndarray  # [num_sampled] InputBatch rows, in logits order
+    sampled_request_ids: List[int]
+    scheduled_rows: np.ndarray  # [num_seqs] InputBatch rows in step order
+    num_scheduled: np.ndarray  # [num_seqs] tokens computed for each
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.layout.num_decodes == self.layout.num_seqs
+
+
+def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuffers, block_size: int,
+                 decode_padding: Optional[Callable[[int], int]] = None) -> PreparedStep:
+    """Fill the buffers for the scheduled requests (whose deltas the batch has applied) and upload.
+
+    decode_padding(num_seqs) -> the row count a decode-only step is replayed with (a CUDA graph's
+    size): rows past num_seqs are filled as padding (token 0 at position 0, slot -1, seq_len 0)."""
+    request_ids = list(scheduled.num_scheduled_tokens)
+    counts_in_schedule = np.fromiter(scheduled.num_scheduled_tokens.values(), dtype=np.int64,
+                                     count=len(request_ids))
+    rows_in_schedule = np.fromiter((batch.row(rid) for rid in request_ids), dtype=np.int64, count=len(request_ids))
+    # Decode group first; a stable sort keeps schedule order inside each group.
+    order = np.argsort(counts_in_schedule != 1, kind="stable")
+    rows, counts = rows_in_schedule[order], counts_in_schedule[order]
+    num_seqs, num_decodes = len(rows), int(np.count_nonzero(counts == 1))
+    num_tokens = int(counts.sum())
+    if num_tokens > buffers.max_tokens or num_seqs > buffers.max_seqs:
+        raise RuntimeError(f"a step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's "
+                           f"buffers ({buffers.max_tokens} / {buffers.max_seqs})")
+
+    starts = batch.num_computed_tokens[rows]  # [S] tokens already in the cache
+    seq_lens = starts + counts
+    query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)
+    np.cumsum(counts, out=query_start_loc[1:])
+    # Per token: its sequence's row and its position in that sequence.
+    token_rows = np.repeat(rows, counts)
+    positions = np.arange(num_tokens, dtype=np.int64) + np.repeat(starts - query_start_loc[:-1], counts)
+    block_ids = batch.block_table[token_rows, positions // block_size]
+
+    buffers.host("seq_lens", num_seqs)[:] = seq_lens
+    buffers.host("query_start_loc", num_seqs + 1)[:] = query_start_loc
+    buffers.host("input_ids", num_tokens)[:] = batch.token_ids[token_rows, positions]
+    buffers.host("positions", num_tokens)[:] = positions
+    buffers.host("slot_mapping", num_tokens)[:] = block_ids.astype(np.int64) * block_size + positions % block_size
+    width = int(batch.num_blocks[rows].max()) if num_seqs else 0
+    buffers.block_tables_host(num_seqs)[:, :width] = batch.block_table[rows, :width]
+    # A sequence samples when this step computes up to its last known token.
+    samples = seq_lens == batch.num_tokens[rows]
+    num_sampled = int(np.count_nonzero(samples))
+    buffers.host("logits_indices", num_sampled)[:] = query_start_loc[1:][samples] - 1
+    padded = decode_padding(num_seqs) if decode_padding is not None and num_decodes == num_seqs else num_seqs
+    if padded > num_seqs:
+        for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
+            buffers.host(name, padded)[num_seqs:] = value
+    buffers.upload(padded)
+
+    layout = StepLayout(
+        num_tokens=num_tokens, num_seqs=num_seqs, num_decodes=num_decodes,
+        max_query_len=int(counts.max()) if num_seqs else 0, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
+        block_size=block_size, slot_mapping=buffers.device_view("slot_mapping", num_tokens),
+        seq_lens=buffers.device_view("seq_lens", num_seqs),
+        query_start_loc=buffers.device_view("query_start_loc", num_seqs + 1),
+        block_tables=buffers.block_tables_device(num_seqs), seq_lens_host=seq_lens,
+        query_start_loc_host=query_start_loc)
+    ordered_ids = [request_ids[i] for i in order]
+    return PreparedStep(
+        layout=layout, input_ids=buffers.device_view("input_ids", num_tokens),
+        positions=buffers.device_view("positions", num_tokens),
+        logits_indices=buffers.device_view("logits_indices", num_sampled), sampled_rows=rows[samples],
+        sampled_request_ids=[rid for rid, s in zip(ordered_ids, samples) if s],
+        scheduled_rows=rows, num_scheduled=counts)
