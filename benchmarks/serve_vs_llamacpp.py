@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from tidemind.bench.cpu_ceilings import measure_cpu_ceilings
-from tidemind.bench.serve import ServeBenchSettings
+from tidemind.bench.serve_settings import ServeBenchSettings
 from tidemind.bench.serve_metrics import format_summary
 from tidemind.bench.serve_report import COMPARED, compared_value, output_paths, plot_comparison, write_json
 from tidemind.bench.serve_runner import run_benchmark

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from serve_fixtures import api_server, free_port
-from tidemind.bench.serve import ServeBenchSettings, arrival_offsets, request_bodies
+from tidemind.bench.serve_settings import ServeBenchSettings, arrival_offsets, request_bodies
 from tidemind.bench.serve_client import SSEParser, _StreamState, normalize_url
 from tidemind.bench.serve_metrics import RequestRecord, percentile, summarize
 from tidemind.bench.serve_report import dumps

@@ -31,10 +31,9 @@ def test_allocate_is_all_or_nothing():
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = _req(0), _req(1)
     assert bm.allocate(a, 5)  # 3 blocks
-    assert not bm.can_allocate(2)
     assert not bm.allocate(b, 4)  # needs 2, 1 free
     assert b.block_ids == [] and bm.num_free_blocks == 1
-    assert bm.can_allocate(1) and bm.allocate(b, 2)
+    assert bm.allocate(b, 2)
     assert bm.num_free_blocks == 0 and bm.usage == 1.0
     bm.check_invariants([a, b])
 

@@ -14,7 +14,7 @@ from typing import List, Optional, Tuple
 
 import httpx
 
-from .serve import SERVE_WORKLOADS, ServeBenchSettings, arrival_offsets, rate_name, request_bodies
+from .serve_settings import SERVE_WORKLOADS, ServeBenchSettings, arrival_offsets, rate_name, request_bodies
 from .serve_client import auth_headers, choose_model, normalize_url, served_models, stream_request
 from .serve_metrics import RequestRecord, summarize
 

@@ -72,9 +72,6 @@ class BlockManager:
         """Extra blocks ``request`` needs so that its block table covers ``num_tokens`` tokens."""
         return max(0, -(-num_tokens // self._block_size) - len(request.block_ids))
 
-    def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
-
     def allocate(self, request: Request, num_tokens: int) -> bool:
         """Grow ``request.block_ids`` to cover ``num_tokens`` tokens. All or nothing: returns False,
         changing nothing, when too few blocks are free."""

@@ -13,7 +13,8 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import AsyncIterator, Callable, Deque, Dict, Iterator, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
 from ..config import GenerationConfig
 from ..messages import RequestOutput
@@ -24,11 +25,34 @@ logger = logging.getLogger("tidemind")
 Sink = Callable[[RequestOutput], None]
 
 
+# Commands callers put in the engine thread's inbox; it applies them in order before each step.
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: int
+    prompt_token_ids: List[int]
+    gen_config: GenerationConfig
+    seed: Optional[int]
+    session_id: Optional[int]
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: int
+
+
+@dataclass(frozen=True)
+class EndSession:
+    session_id: int
+
+
+Command = Union[AddRequest, AbortRequest, EndSession]
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._ids = itertools.count(1)
-        self._inbox: Deque[Tuple] = deque()
+        self._inbox: Deque[Command] = deque()
         self._sinks: Dict[int, Sink] = {}
         # session_id -> the request running its turn, as callers see it: an abort or end_session
         # releases the session at once, since the engine thread applies commands in order.
@@ -54,7 +78,7 @@ class AsyncEngine:
                                      f"finish, or cancel it, before the next turn")
                 self._session_turns[session_id] = request_id
             self._sinks[request_id] = sink
-            self._inbox.append(("add", request_id, list(prompt_token_ids), gen_config, seed, session_id))
+            self._inbox.append(AddRequest(request_id, list(prompt_token_ids), gen_config, seed, session_id))
             self._wake.notify()
         return request_id
 
@@ -62,13 +86,13 @@ class AsyncEngine:
         """Forget a conversation and free its KV (a running turn is aborted)."""
         with self._wake:
             self._session_turns.pop(session_id, None)
-            self._inbox.append(("end_session", session_id))
+            self._inbox.append(EndSession(session_id))
             self._wake.notify()
 
     def abort(self, request_id: int) -> None:
         with self._wake:
             self._release_session_of(request_id)
-            self._inbox.append(("abort", request_id))
+            self._inbox.append(AbortRequest(request_id))
             self._wake.notify()
 
     def stream(self, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
@@ -137,20 +161,19 @@ class AsyncEngine:
                 outputs = self.engine.step()
             self._dispatch(outputs)
 
-    def _apply(self, command: Tuple) -> None:
-        if command[0] == "abort":
-            self.engine.abort_request(command[1])
-            return
-        if command[0] == "end_session":
-            self.engine.end_session(command[1])
-            return
-        _, request_id, prompt_token_ids, gen_config, seed, session_id = command
-        try:
-            self.engine.add_request(request_id, prompt_token_ids, gen_config, seed, session_id)
-        except Exception as exc:
-            logger.exception("request %d could not be added", request_id)
-            self._dispatch([RequestOutput(request_id, [], "", len(prompt_token_ids), 0, finished=True,
-                                          finish_reason="error", error=str(exc))])
+    def _apply(self, command: Command) -> None:
+        if isinstance(command, AbortRequest):
+            self.engine.abort_request(command.request_id)
+        elif isinstance(command, EndSession):
+            self.engine.end_session(command.session_id)
+        else:
+            try:
+                self.engine.add_request(command.request_id, command.prompt_token_ids, command.gen_config,
+                                        command.seed, command.session_id)
+            except Exception as exc:
+                logger.exception("request %d could not be added", command.request_id)
+                self._dispatch([RequestOutput(command.request_id, [], "", len(command.prompt_token_ids), 0,
+                                              finished=True, finish_reason="error", error=str(exc))])
 
     def _release_session_of(self, request_id: int) -> None:
         # Call with self._wake held.

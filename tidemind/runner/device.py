@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -37,3 +37,19 @@ def checkpoint_dtype(model_dir: str) -> Optional[str]:
         hf_config = json.load(f)
     dtype = hf_config.get("torch_dtype") or hf_config.get("dtype")
     return dtype if isinstance(dtype, str) else None
+
+
+def to_device(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a tensor on ``device``, copied without making the host wait for the device.
+
+    A plain ``torch.tensor(data, device="cuda")`` synchronizes with the stream (it would wait for
+    the model's kernels); a pinned buffer and a non-blocking copy do not.
+    """
+    return from_host(torch.tensor(data, dtype=dtype), device)
+
+
+def from_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, copied as to_device does."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

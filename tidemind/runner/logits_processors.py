@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ..core.sampling_params import SamplingParams
+from .device import from_host, to_device
 
 
 @dataclass(frozen=True)
@@ -25,22 +26,6 @@ class SamplingInputs:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
-
-
-def to_device(data: Sequence, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a tensor on ``device``, copied without making the host wait for the device.
-
-    A plain ``torch.tensor(data, device="cuda")`` synchronizes with the stream (it would wait for
-    the model's kernels); a pinned buffer and a non-blocking copy do not.
-    """
-    return from_host(torch.tensor(data, dtype=dtype), device)
-
-
-def from_host(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, copied as to_device does."""
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)
 
 
 def _banned_ids(inp: SamplingInputs) -> List[int]:

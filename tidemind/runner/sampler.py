@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from ..core.sampling_params import SamplingParams
 from ..messages import TokenLogprobs
-from .logits_processors import SamplingInputs, keep_threshold, process_logits, to_device
+from .device import to_device
+from .logits_processors import SamplingInputs, keep_threshold, process_logits
 
 # Rows with top_k take candidates from one topk(max top_k + slack) call; the slack lets the
 # exactness check see ties at the k-th value without a full sort.
