@@ -4,6 +4,12 @@ submit requests and receive their outputs.
 Only the engine thread touches the Engine's mutable state: callers hand it commands through an
 inbox. Validation runs in the caller's thread, so a bad request raises there and never reaches
 the engine.
+
+The engine contains the failures of single requests and single steps itself (engine.py). If the
+engine thread cannot go on (an exception outside that containment, e.g. while recovering from a
+failed step), the AsyncEngine is dead: `failure` says why, every caller waiting on a request gets a
+final error output at once, new submissions raise EngineDeadError, and the on_failure callbacks run
+(the server uses one to report unhealthy and exit), never a silent hang.
 """
 from __future__ import annotations
 
@@ -23,6 +29,10 @@ from .engine import Engine
 logger = logging.getLogger("tidemind")
 
 Sink = Callable[[RequestOutput], None]
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped after an unrecoverable failure; no request can run."""
 
 
 # Commands callers put in the engine thread's inbox; it applies them in order before each step.
@@ -59,6 +69,8 @@ class AsyncEngine:
         self._session_turns: Dict[int, int] = {}
         self._wake = threading.Condition()
         self._closed = False
+        self.failure: Optional[str] = None  # set once the engine thread died; then nothing runs
+        self.on_failure: List[Callable[[str], None]] = []
         self._thread = threading.Thread(target=self._run, name="tidemind-engine", daemon=True)
         self._thread.start()
 
@@ -72,6 +84,8 @@ class AsyncEngine:
         self.engine.validate_request(prompt_token_ids, gen_config, session_id)
         request_id = next(self._ids)
         with self._wake:
+            if self.failure is not None:
+                raise EngineDeadError(f"the engine stopped after a failure ({self.failure}); restart it")
             if session_id is not None:
                 if session_id in self._session_turns:
                     raise ValueError(f"session {session_id} is busy with another request: wait for it to "
@@ -139,8 +153,37 @@ class AsyncEngine:
         self._thread.join()
         self.engine.close()
 
+    @property
+    def is_alive(self) -> bool:
+        return self.failure is None and self._thread.is_alive()
+
     # ------------------------------------------------------------ engine thread
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:  # the engine cannot go on: fail everyone now, never hang
+            logger.critical("the engine thread died", exc_info=True)
+            self._die(f"{type(exc).__name__} in the engine thread")
+
+    def _die(self, reason: str) -> None:
+        with self._wake:
+            self.failure = reason
+            sinks, self._sinks = self._sinks, {}
+            self._inbox.clear()
+            self._session_turns.clear()
+        error = f"the engine stopped after a failure ({reason})"
+        for request_id, sink in sinks.items():
+            try:
+                sink(RequestOutput(request_id, [], "", 0, 0, finished=True, finish_reason="error", error=error))
+            except Exception:
+                logger.exception("could not deliver the failure of request %d", request_id)
+        for callback in list(self.on_failure):
+            try:
+                callback(reason)
+            except Exception:
+                logger.exception("an on_failure callback failed")
+
+    def _loop(self) -> None:
         while True:
             with self._wake:
                 while not self._closed and not self._inbox and not self.engine.has_unfinished_requests():
@@ -153,13 +196,7 @@ class AsyncEngine:
                 self._inbox.clear()
             for command in commands:
                 self._apply(command)
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # a failed step must not take down other callers' requests silently
-                logger.exception("engine step failed")
-                self.engine.abort_all(f"engine step failed: {exc!r}")
-                outputs = self.engine.step()
-            self._dispatch(outputs)
+            self._dispatch(self.engine.step())
 
     def _apply(self, command: Command) -> None:
         if isinstance(command, AbortRequest):
@@ -187,5 +224,12 @@ class AsyncEngine:
                 with self._wake:
                     self._release_session_of(out.request_id)
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
-            if sink is not None:
+            if sink is None:
+                continue
+            try:
                 sink(out)
+            except Exception:  # a caller that went away (closed event loop) must not stop the engine
+                logger.exception("the output of request %d could not be delivered; aborting it", out.request_id)
+                if not out.finished:
+                    self._sinks.pop(out.request_id, None)
+                    self.engine.abort_request(out.request_id)

@@ -2,6 +2,12 @@
 
 Called from a single thread (see async_engine.py for the thread that drives it). Validation of a
 new request is read-only and may run in the caller's thread.
+
+Failures stay contained: an exception while turning one request's token into its output fails
+that request alone; an exception while executing a step fails the requests of that step (their
+blocks are freed, the runner forgets them) and the engine goes on with the others. Each failure is
+logged with the request ids; callers get finish_reason "error" with a message that names no
+internal detail.
 """
 from __future__ import annotations
 
@@ -18,8 +24,13 @@ from ..core.block_manager import BlockManager
 from ..core.request import Request
 from ..core.scheduler import Scheduler
 from .executor import create_executor
+from .faults import FAULTS
 
 logger = logging.getLogger("tidemind")
+
+# What callers see of a failure (the exception itself goes to the log, with the request ids).
+STEP_FAILED = "the engine failed while running this request; the server log has the details"
+OUTPUT_FAILED = "the engine failed while making this request's output; the server log has the details"
 
 
 class Engine:
@@ -129,7 +140,7 @@ class Engine:
                 "generated_tokens_total": self.generated_tokens_total}
 
     def abort_all(self, error: str) -> None:
-        """End every unfinished request with finish_reason "error" (after a failed step)."""
+        """End every unfinished request with finish_reason "error" (the engine is closing)."""
         for request_id in list(self._detokenizers):
             self.abort_request(request_id, "error", error)
 
@@ -142,10 +153,39 @@ class Engine:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return outputs
-        runner_output = self.executor.execute(scheduled)
+        try:
+            FAULTS.check("execute")
+            runner_output = self.executor.execute(scheduled)
+        except Exception:
+            request_ids = list(scheduled.num_scheduled_tokens)
+            logger.exception("engine step failed; failing its requests %s", request_ids)
+            FAULTS.check("recovery")
+            for request_id in request_ids:
+                self.fail_request(request_id, STEP_FAILED)
+            return outputs + self._take_pending()
         for request in self.scheduler.update(scheduled, runner_output):
-            outputs.append(self._token_output(request, runner_output.logprobs.get(request.request_id)))
-        return outputs
+            try:
+                FAULTS.check("output")
+                outputs.append(self._token_output(request, runner_output.logprobs.get(request.request_id)))
+            except Exception:
+                logger.exception("request %d failed while its output was made", request.request_id)
+                self.fail_request(request.request_id, OUTPUT_FAILED, request)
+        return outputs + self._take_pending()
+
+    def _take_pending(self) -> List[RequestOutput]:
+        pending, self._pending = self._pending, []
+        return pending
+
+    def fail_request(self, request_id: int, error: str, request: Optional[Request] = None) -> None:
+        """End a request with finish_reason "error": its blocks are freed and its caller gets a
+        final output. Works whether or not the scheduler has already finished it (``request``
+        names it then)."""
+        known = self.scheduler.get_request(request_id)
+        if known is not None:
+            self.scheduler.finish_request(request_id, "error")
+            request = known
+        if self._detokenizers.pop(request_id, None) is not None and request is not None:
+            self._pending.append(self._final_output(request, "error", error))
 
     def _token_output(self, request: Request, logprobs) -> RequestOutput:
         """Detokenize the request's newest token; a stop word found in the text ends the request."""

@@ -1,0 +1,106 @@
+"""Failure containment in the engine, by fault injection (tidemind/engine/faults.py) on the bundled
+SmolLM2: a failure tied to one request fails it alone, a failed step fails that step's requests and
+the engine goes on, and an engine that cannot go on fails every caller at once (never a hang)."""
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+
+from tidemind import EngineConfig, GenerationConfig, pipeline
+from tidemind.engine.async_engine import EngineDeadError
+from tidemind.engine.faults import FAULTS
+
+pytestmark = pytest.mark.slow
+
+GREEDY = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+PROMPTS = [[1, 504, 3458, 30], [1, 2683, 314, 260, 3575], [1, 9690, 2683], [1, 504, 1033, 31, 12, 88]]
+
+
+def _pipe(**config):
+    return pipeline(backend_config=EngineConfig(dtype="float32", device="cpu", session_len=256, **config))
+
+
+def _collect(engine, prompts, timeout: float = 60.0):
+    """Submit all prompts at once; returns per prompt (token ids, finish_reason, error)."""
+    sinks = [queue.SimpleQueue() for _ in prompts]
+    for prompt, sink in zip(prompts, sinks):
+        engine.submit(prompt, GREEDY, sink.put)
+    results = []
+    for sink in sinks:
+        tokens = []
+        while True:
+            out = sink.get(timeout=timeout)
+            tokens += out.new_token_ids
+            if out.finished:
+                results.append((tokens, out.finish_reason, out.error))
+                break
+    return results
+
+
+def _blocks_all_free(pipe, timeout: float = 5.0) -> bool:
+    manager = pipe.engine.block_manager
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if manager.num_free_blocks == manager.num_total_blocks:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture(autouse=True)
+def no_faults_left():
+    FAULTS.clear()
+    yield
+    FAULTS.clear()
+
+
+@pytest.fixture(scope="module")
+def solo():
+    """Each prompt's greedy tokens, run alone with no fault."""
+    with _pipe() as pipe:
+        return [_collect(pipe.async_engine, [p])[0][0] for p in PROMPTS]
+
+
+def test_a_failure_making_one_output_fails_that_request_alone(solo):
+    with _pipe() as pipe:
+        FAULTS.inject("output", at=9)  # the 9th output of the run: a token of one of the 4 requests
+        results = _collect(pipe.async_engine, PROMPTS)
+        failed = [i for i, (_, reason, _) in enumerate(results) if reason == "error"]
+        assert len(failed) == 1
+        for i, (tokens, reason, error) in enumerate(results):
+            if i in failed:
+                assert "server log" in error and "InjectedFault" not in error
+            else:
+                assert (tokens, reason) == (solo[i], "length")
+        assert _blocks_all_free(pipe)
+        assert _collect(pipe.async_engine, PROMPTS[:1])[0][0] == solo[0]  # the engine goes on
+
+
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(solo):
+    # Two requests run at a time: the failed step holds the first two, the other two wait.
+    with _pipe(max_batch_size=2) as pipe:
+        FAULTS.inject("execute", at=3)
+        results = _collect(pipe.async_engine, PROMPTS)
+        assert [reason for _, reason, _ in results] == ["error", "error", "length", "length"]
+        assert [tokens for tokens, _, _ in results[2:]] == solo[2:]
+        assert _blocks_all_free(pipe)
+        assert pipe.async_engine.is_alive
+        assert [r[0] for r in _collect(pipe.async_engine, PROMPTS[:2])] == solo[:2]
+
+
+def test_an_engine_that_cannot_go_on_fails_every_caller_at_once():
+    with _pipe(max_batch_size=2) as pipe:
+        engine = pipe.async_engine
+        reasons = []
+        engine.on_failure.append(reasons.append)
+        FAULTS.inject("execute", at=2)
+        FAULTS.inject("recovery", at=1)  # the cleanup of the failed step fails too
+        start = time.monotonic()
+        results = _collect(engine, PROMPTS, timeout=10.0)
+        assert time.monotonic() - start < 10.0
+        assert all(reason == "error" for _, reason, _ in results)
+        assert not engine.is_alive and engine.failure and reasons == [engine.failure]
+        with pytest.raises(EngineDeadError, match="restart"):
+            engine.submit(PROMPTS[0], GREEDY, lambda out: None)
