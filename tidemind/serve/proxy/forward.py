@@ -159,7 +159,7 @@ async def _send(state: ProxyState, node, request: Request, body: bytes) -> httpx
     headers = {"content-type": request.headers.get("content-type", "application/json"),
                "accept": request.headers.get("accept", "*/*"),
                "accept-encoding": "identity"}  # relayed bytes must be what the client can read as is
-    auth = node_auth(state.settings, request)
+    auth = node_auth(state, node, request)
     if auth:
         headers["authorization"] = auth
     upstream = state.client.build_request("POST", f"{node.url}{request.url.path}", content=body,
