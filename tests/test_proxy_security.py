@@ -1,11 +1,12 @@
 """The proxy is secure by default (issue 8): adding and removing nodes needs a credential, the node
 key reaches only nodes the operator vouched for, node URLs are checked, a failed add tells nothing of
-the port it tried, and the proxy listens on loopback unless told otherwise. In-process against
-test_proxy.py's fake nodes; with real sockets where the network is the point (port states, peer
-addresses)."""
+the port it tried, the proxy listens on loopback unless told otherwise, and request bodies are
+bounded. In-process against test_proxy.py's fake nodes; with real sockets where the network is
+the point (port states, peer addresses, a 50 MB body)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import http.server
 import os
@@ -24,6 +25,7 @@ from test_proxy import FakeFleet, FakeNode, _add, _status, proxy_client  # noqa:
 from tidemind.serve.proxy.app import ProxySettings, create_app
 
 REMOTE = "203.0.113.9"  # a client on another machine (TEST-NET-3)
+JSON = {"content-type": "application/json"}
 
 
 @contextlib.contextmanager
@@ -131,6 +133,8 @@ def test_settings_refuse_keys_that_would_open_registration():
         ProxySettings(api_keys=("k",), registration_key="k")
     with pytest.raises(ValueError, match="--registration-key is empty"):
         ProxySettings(registration_key=" ")
+    with pytest.raises(ValueError, match="--max-request-bytes"):
+        ProxySettings(max_request_bytes=0)
 
 
 def test_keys_come_from_the_environment_and_never_show_in_help(monkeypatch):
@@ -148,7 +152,8 @@ def test_keys_come_from_the_environment_and_never_show_in_help(monkeypatch):
         if module is server_launch:  # the flag's former name still works
             assert parser.parse_args(["--proxy-api-key", "old"]).proxy_api_key == "old"
         else:
-            assert parser.parse_args([]).server_name == "127.0.0.1"
+            defaults = parser.parse_args([])
+            assert defaults.server_name == "127.0.0.1" and defaults.max_request_bytes == 8 << 20
 
 
 # ---------------------------------------------------------------- node URLs
@@ -232,6 +237,55 @@ def test_add_node_errors_do_not_tell_port_states_apart(caplog):
                    for record in caplog.records), url
 
 
+# ---------------------------------------------------------------- request size
+
+def _json_of_size(size: int) -> bytes:
+    head = b'{"model": "m", "pad": "'
+    return head + b"x" * (size - len(head) - 2) + b'"}'
+
+
+def test_a_body_over_max_request_bytes_is_refused_before_it_is_parsed_or_forwarded(proxy_client):
+    fleet = FakeFleet(a=FakeNode())
+    client = proxy_client(fleet, max_request_bytes=1000)
+    _add(client, "a")
+    assert client.post("/v1/completions", content=_json_of_size(1000), headers=JSON).status_code == 200
+
+    def chunked():  # no Content-Length: the limit counts what arrives
+        yield _json_of_size(1500)
+
+    for content in (_json_of_size(1001), b"{" * 5000, chunked()):  # not JSON: too large comes first
+        error = _error(client.post("/v1/completions", content=content, headers=JSON), 413, "request_too_large")
+        assert "--max-request-bytes" in error["message"]
+    _error(client.post("/nodes/add", content=_json_of_size(2000), headers=JSON), 413, "request_too_large")
+    assert len(fleet.nodes["http://a:1"].bodies) == 1
+
+
+def test_the_body_limit_stops_reading_as_soon_as_the_limit_is_passed():
+    from tidemind.serve.proxy.security import BodySizeLimit
+
+    pulled, sent = 0, []
+
+    async def endless_body():
+        nonlocal pulled
+        pulled += 1
+        return {"type": "http.request", "body": b"x" * 1024, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("the app must not see a request over the limit")
+
+    limited = BodySizeLimit(app, limit=10 * 1024)
+    for declared, reads in ((None, 11), (b"52428800", 0)):  # chunks until past the limit; none at all
+        pulled = 0
+        sent.clear()
+        headers = [(b"content-length", declared)] if declared else []
+        asyncio.run(limited({"type": "http", "method": "POST", "path": "/v1/completions", "headers": headers},
+                            endless_body, send))
+        assert pulled == reads and sent[0]["status"] == 413
+
+
 # ---------------------------------------------------------------- where the proxy listens (real processes)
 
 def _non_loopback_address() -> Optional[str]:
@@ -247,7 +301,7 @@ def _non_loopback_address() -> Optional[str]:
 
 def test_the_proxy_listens_on_loopback_by_default_and_says_so(tmp_path):
     port, log = free_port(), tmp_path / "proxy.log"
-    with running(["serve", "proxy", "--server-port", str(port)], port, log_path=str(log)):
+    with running(["serve", "proxy", "--server-port", str(port)], port, log_path=str(log)) as proxy:
         text = log.read_text()
         assert "loopback only" in text and "--server-name 0.0.0.0" in text, text
         assert "from this machine only" in text, text
@@ -255,6 +309,9 @@ def test_the_proxy_listens_on_loopback_by_default_and_says_so(tmp_path):
         if elsewhere is not None:
             with pytest.raises(httpx.ConnectError):
                 httpx.get(f"http://{elsewhere}:{port}/health", timeout=5)
+        # The issue's 50 MB body: refused by the default limit (8 MiB) without being read whole.
+        big = httpx.post(f"{proxy}/v1/chat/completions", content=b"x" * (50 << 20), headers=JSON, timeout=60)
+        _error(big, 413, "request_too_large")
 
 
 @pytest.mark.skipif(_non_loopback_address() is None, reason="this machine has no non-loopback address")

@@ -1,5 +1,5 @@
 """The proxy's HTTP app: node management, the model list, and the forwarded OpenAI endpoints
-(forward.py), behind the access checks of security.py."""
+(forward.py), behind the access checks and the body size limit of security.py."""
 from __future__ import annotations
 
 import asyncio
@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from .forward import FORWARDED_PATHS, forward
 from .nodes import NodeProbeError, check_all, health_check_loop, normalize_url, probe_node
-from .security import REGISTRATION_PATHS, ApiKeyCheck, authorize_registration
+from .security import REGISTRATION_PATHS, ApiKeyCheck, BodySizeLimit, authorize_registration
 from .state import ProxySettings, ProxyState, error_response, json_object
 
 __all__ = ["ProxySettings", "create_app"]
@@ -129,6 +129,8 @@ def create_app(settings: ProxySettings, transport: Optional[httpx.AsyncBaseTrans
             await client.aclose()
 
     app = FastAPI(title="tidemind proxy", lifespan=lifespan)
+    # The last middleware added runs first: keys are checked before a body is read.
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     if settings.api_keys:
         # With a registration key, that key alone guards node registration (authorize_registration).
         exempt = ("/health",) + (REGISTRATION_PATHS if settings.registration_key else ())

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List
 
-from . import REGISTRATION_KEY_ENV
+from . import DEFAULT_MAX_REQUEST_BYTES, REGISTRATION_KEY_ENV
 from .routing import DEFAULT_ROUTING_STRATEGY, ROUTING_STRATEGIES
 
 
@@ -35,6 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allowed-node-hosts", nargs="+", default=(), metavar="HOST",
                         help="hosts nodes may be on: names, *.DOMAIN, IP addresses or networks (10.0.0.0/8), "
                              "matched against node URLs as written, never resolved; default: any host")
+    parser.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                        help="largest request body; a larger one is answered 413 before it is read "
+                             f"(default: {DEFAULT_MAX_REQUEST_BYTES}, {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB)")
     parser.add_argument("--health-check-interval", type=float, default=10.0, metavar="SECONDS",
                         help="seconds between health checks of every node; a node that fails 3 checks in "
                              "a row is dropped (default: 10)")
@@ -73,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     settings = ProxySettings(
         routing_strategy=args.routing_strategy, api_keys=tuple(args.api_keys or ()),
         node_api_key=args.node_api_key, registration_key=args.registration_key,
-        allowed_node_hosts=tuple(args.allowed_node_hosts),
+        allowed_node_hosts=tuple(args.allowed_node_hosts), max_request_bytes=args.max_request_bytes,
         health_check_interval=args.health_check_interval, request_timeout=args.request_timeout or None,
         nodes=tuple(args.nodes))
     app = create_app(settings)

@@ -1,9 +1,11 @@
-"""Who may do what on the proxy.
+"""Who may do what on the proxy, and how much they may send.
 
 - Clients: with --api-keys, every path but /health needs `Authorization: Bearer KEY` (ApiKeyCheck).
 - Node registration (/nodes/add, /nodes/remove): with --registration-key, that key and nothing
   else (a client's API key does not let it register nodes); without one, only local requests
   (is_local_request), which with --api-keys must present a key as on any path.
+- Bodies: a request body over --max-request-bytes is answered 413 before the app reads it
+  (BodySizeLimit), so neither the proxy's memory nor its JSON parser sees more than that.
 """
 from __future__ import annotations
 
@@ -96,3 +98,54 @@ def authorize_registration(settings: ProxySettings, request: Request) -> Tuple[b
         f"request came from {peer}): start the proxy with --registration-key KEY (or "
         f"${REGISTRATION_KEY_ENV}) and present that key, e.g. api_server --proxy-registration-key KEY",
         "invalid_request_error", code="registration_forbidden")
+
+
+class BodySizeLimit:
+    """ASGI middleware: reads the request body (the proxy needs it whole anyway), answering 413 as
+    soon as it is known to exceed `limit` bytes: at once from Content-Length, else when the chunks
+    received so far pass it. The app then reads the body from memory; nothing over `limit` is held."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or ()).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            await self._too_large(scope, receive, send)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before it finished sending: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._too_large(scope, receive, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: http.disconnect, when the client leaves
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send):
+        response = error_response(
+            413, f"the request body is larger than the proxy's limit of {self.limit} bytes: send a smaller "
+            "request, or start the proxy with a larger --max-request-bytes", "invalid_request_error",
+            code="request_too_large")
+        # The rest of the body is never read, so the connection cannot carry another request.
+        response.headers["connection"] = "close"
+        await response(scope, receive, send)

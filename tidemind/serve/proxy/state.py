@@ -10,6 +10,7 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from . import DEFAULT_MAX_REQUEST_BYTES
 from .nodes import HostAllowList, Node, NodeTable, normalize_url
 from .routing import DEFAULT_ROUTING_STRATEGY, ROUTING_STRATEGIES
 
@@ -22,6 +23,7 @@ class ProxySettings:
     # Needed on /nodes/add and /nodes/remove; None: those are accepted from loopback clients only.
     registration_key: Optional[str] = None
     allowed_node_hosts: Tuple[str, ...] = ()  # HostAllowList entries; empty: nodes on any host
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     health_check_interval: float = 10.0
     max_failed_checks: int = 3  # failed health checks in a row before a node is dropped
     connect_timeout: float = 3.0
@@ -45,6 +47,8 @@ class ProxySettings:
         if self.registration_key is not None and self.registration_key in self.api_keys:
             raise ValueError("--registration-key is also one of the --api-keys: every client could then add "
                              "and remove nodes; give it a key of its own")
+        if self.max_request_bytes < 1:
+            raise ValueError("--max-request-bytes must be a positive number of bytes")
         allowed = HostAllowList(self.allowed_node_hosts)
         object.__setattr__(self, "nodes", tuple(normalize_url(url) for url in self.nodes))
         for url in self.nodes:
