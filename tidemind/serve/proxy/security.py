@@ -79,9 +79,9 @@ class ApiKeyCheck:
 
 
 def authorize_registration(settings: ProxySettings, request: Request) -> Tuple[bool, Optional[JSONResponse]]:
-    """(trusted, refusal) for a /nodes/add or /nodes/remove call: `trusted` when the caller
-    presented the registration key (its nodes then get --node-api-key); `refusal`, the answer to
-    send instead, when the caller may not manage nodes."""
+    """(key_presented, refusal) for a /nodes/add or /nodes/remove call: `key_presented` when the
+    caller gave the registration key (the nodes it adds are then trusted with --node-api-key);
+    `refusal`, the answer to send instead, when the caller may not manage nodes."""
     if settings.registration_key:
         if _matches(_bearer_token(request.scope.get("headers") or ()), [settings.registration_key.encode()]):
             return True, None
@@ -103,7 +103,8 @@ def authorize_registration(settings: ProxySettings, request: Request) -> Tuple[b
 class BodySizeLimit:
     """ASGI middleware: reads the request body (the proxy needs it whole anyway), answering 413 as
     soon as it is known to exceed `limit` bytes: at once from Content-Length, else when the chunks
-    received so far pass it. The app then reads the body from memory; nothing over `limit` is held."""
+    received so far pass it. The app then reads the body from memory: at most `limit` bytes, plus
+    the one chunk that passes it, are ever held."""
 
     def __init__(self, app, limit: int):
         self.app = app
