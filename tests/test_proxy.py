@@ -94,9 +94,9 @@ def test_session_affinity_pins_loses_once_and_is_bounded():
 
 def test_node_table_drops_after_three_failed_checks_but_keeps_pending_nodes():
     table = NodeTable(max_failed_checks=3)
-    node = table.add("http://a:1", [{"id": "m"}], auth=None)
+    node = table.add("http://a:1", [{"id": "m"}], trusted=False)
     table.sessions.pin(7, node.url)
-    pending = table.add_pending("http://later:1", auth=None)
+    pending = table.add_pending("http://later:1")
     for _ in range(2):
         assert not table.record_check(node, passed=False)
     assert not node.healthy and table.candidates("m") == []
@@ -130,6 +130,9 @@ class FakeNode:
     status: int = 200  # of forwarded POSTs
     break_stream: bool = False  # a stream breaks off after its first chunk
     authorizations: List[Optional[str]] = field(default_factory=list)  # of forwarded POSTs
+    bodies: List[dict] = field(default_factory=list)  # of forwarded POSTs
+    model_list_authorizations: List[Optional[str]] = field(default_factory=list)  # of GET /v1/models
+    requests: int = 0  # of any kind, refused connections included
 
 
 def _streamed(status: int, payload: dict) -> httpx.Response:
@@ -147,6 +150,8 @@ class FakeFleet:
     async def handle(self, request: httpx.Request) -> httpx.Response:
         url = f"{request.url.scheme}://{request.url.netloc.decode()}"
         node = self.nodes.get(url)
+        if node is not None:
+            node.requests += 1
         if node is None or node.down:
             raise httpx.ConnectError("connection refused", request=request)
         if request.url.path == "/health" and node.health_fails:
@@ -158,10 +163,12 @@ class FakeFleet:
             return httpx.Response(200, json={"status": "ok"})
         await asyncio.sleep(node.delay)
         if request.url.path == "/v1/models":
+            node.model_list_authorizations.append(request.headers.get("authorization"))
             return httpx.Response(200, json={"object": "list", "data": [{"id": m, "object": "model", "owner": url}
                                                                         for m in node.models]})
         node.authorizations.append(request.headers.get("authorization"))
         payload = json.loads(request.content)
+        node.bodies.append(payload)
         if node.status != 200:
             return _streamed(node.status, {"error": {"message": "bad", "type": "invalid_request_error",
                                                      "param": None, "code": None}})
@@ -193,7 +200,9 @@ def proxy_client():
 
     def make(fleet: FakeFleet, **settings) -> TestClient:
         app = create_app(ProxySettings(**settings), transport=httpx.MockTransport(fleet.handle))
-        client = TestClient(app)
+        # A client on the proxy's own machine: without a registration key, only such a client may
+        # add and remove nodes (test_proxy_security.py calls from elsewhere too).
+        client = TestClient(app, client=("127.0.0.1", 50000))
         client.__enter__()
         clients.append(client)
         return client
@@ -218,7 +227,7 @@ def test_add_probes_the_node_and_routes_by_model(proxy_client):
     client = proxy_client(fleet)
     _add(client, "a", "b")
     refused = client.post("/nodes/add", json={"url": "http://dead:1"})
-    assert refused.status_code == 400 and "cannot be reached" in refused.json()["error"]["message"]
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "node_unreachable"
     assert client.post("/nodes/add", json={"url": "dead:1"}).json()["error"]["code"] == "invalid_url"
     cards = client.get("/v1/models").json()["data"]
     assert [card["id"] for card in cards] == ["m", "other"]
@@ -319,7 +328,8 @@ def test_node_errors_pass_through_unchanged(proxy_client):
 
 def test_api_keys_guard_everything_but_health_and_node_key_is_forwarded(proxy_client):
     fleet = FakeFleet(a=FakeNode())
-    client = proxy_client(fleet, api_keys=("k1", "k2"), node_api_key="node-key")
+    # a is one of the operator's --nodes, so it is trusted with the node key (test_proxy_security.py).
+    client = proxy_client(fleet, api_keys=("k1", "k2"), node_api_key="node-key", nodes=("http://a:1",))
     good = {"Authorization": "Bearer k2"}
     assert client.get("/health").status_code == 200
     for method, path in (("GET", "/v1/models"), ("GET", "/nodes/status"), ("POST", "/nodes/add"),

@@ -192,23 +192,32 @@ def test_e2e_a_dead_node_is_routed_around_then_dropped_and_remove_works(cluster)
     assert no_node.status_code == 404 and no_node.json()["error"]["code"] == "model_not_found"
 
 
-def test_e2e_proxy_api_keys():
+def test_e2e_proxy_api_keys_and_registration_key(monkeypatch):
     import openai
 
+    # Read by the proxy's --registration-key and the api_server's --proxy-registration-key alike:
+    # the key is on no command line.
+    monkeypatch.setenv("TIDEMIND_PROXY_REGISTRATION_KEY", "reg-secret")
     port = free_port()
     with running(["serve", "proxy", "--server-name", "127.0.0.1", "--server-port", str(port),
                   "--api-keys", "sesame"], port) as proxy:
+        user = {"Authorization": "Bearer sesame"}
         assert httpx.get(f"{proxy}/health").status_code == 200
         with pytest.raises(openai.AuthenticationError) as refused, _openai(proxy, key="wrong") as client:
             client.models.list()
         assert refused.value.status_code == 401 and refused.value.body["code"] == "invalid_api_key"
-        assert httpx.post(f"{proxy}/nodes/add", json={"url": "http://127.0.0.1:9"}).status_code == 401
+        # a client's key does not let it add nodes, not even from the proxy's own machine
+        for headers in ({}, user):
+            added = httpx.post(f"{proxy}/nodes/add", json={"url": "http://127.0.0.1:9"}, headers=headers)
+            assert added.status_code == 401 and added.json()["error"]["code"] == "invalid_registration_key"
         with _openai(proxy, key="sesame") as client:
             assert client.models.list().data == []
-        # an api_server registers itself with the proxy's key, and its answers flow through
-        with api_server("--proxy-url", proxy, "--proxy-api-key", "sesame") as node:
-            status = httpx.get(f"{proxy}/nodes/status", headers={"Authorization": "Bearer sesame"}, timeout=10)
-            assert [n["url"] for n in status.json()["nodes"]] == [node]
+        # an api_server registers itself with the registration key, and its answers flow through
+        with api_server("--proxy-url", proxy) as node:
+            deadline = time.time() + 30  # registration runs once the node listens, maybe after /health answers
+            while not _live_status(proxy, headers=user) and time.time() < deadline:
+                time.sleep(0.2)
+            assert [(n["url"], n["trusted"]) for n in _live_status(proxy, headers=user).values()] == [(node, True)]
             with _openai(proxy, key="sesame") as client:
                 answer = client.completions.create(model=client.models.list().data[0].id, prompt="Hi", max_tokens=3)
             assert answer.usage.completion_tokens == 3

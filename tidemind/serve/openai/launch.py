@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 from typing import Optional
@@ -13,6 +14,7 @@ from urllib.parse import urlsplit
 
 from ...cli.args import add_config_flags, config_from_args
 from ...config import EngineConfig
+from ..proxy import REGISTRATION_KEY_ENV
 
 logger = logging.getLogger("tidemind")
 
@@ -46,8 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server.add_argument("--proxy-url", default=None,
                         help="a `tidemind serve proxy` URL: register there at start (POST /nodes/add) and "
                              "leave at shutdown (POST /nodes/remove)")
-    server.add_argument("--proxy-api-key", default=None,
-                        help="the key to present to a proxy started with --api-keys when registering")
+    # --proxy-api-key: the flag's former name. The environment is read here, so --help never shows the key.
+    server.add_argument("--proxy-registration-key", "--proxy-api-key", dest="proxy_api_key",
+                        default=os.environ.get(REGISTRATION_KEY_ENV) or None, metavar="KEY",
+                        help="the key to present when registering with the proxy: its --registration-key "
+                             f"(default: ${REGISTRATION_KEY_ENV}); for a proxy without one, one of its --api-keys")
     server.add_argument("--chat-template", default=None,
                         help="a built-in template name (see `tidemind list`) or a JSON file with "
                              "ChatTemplateConfig fields; default: the model's own template")
@@ -106,9 +111,13 @@ async def _tell_proxy(proxy_url: str, action: str, url: str, api_key: Optional[s
         if action == "remove" and response.status_code == 404:
             logger.info("the proxy %s had already dropped %s", proxy_url, url)
             return
-        if response.status_code == 401:
-            logger.warning("the proxy %s refused to %s %s: give its key with --proxy-api-key", proxy_url,
-                           "register" if action == "add" else "deregister", url)
+        if response.status_code in (401, 403):
+            try:  # the proxy's own message names the fix
+                reason = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                reason = "give its --registration-key with --proxy-registration-key"
+            logger.warning("the proxy %s refused to %s %s: %s", proxy_url,
+                           "register" if action == "add" else "deregister", url, reason)
             return
         response.raise_for_status()
         logger.info("%s %s at the proxy %s", "registered" if action == "add" else "deregistered", url, proxy_url)

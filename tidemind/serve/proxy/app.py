@@ -1,11 +1,10 @@
 """The proxy's HTTP app: node management, the model list, and the forwarded OpenAI endpoints
-(forward.py), behind an optional API key check."""
+(forward.py), behind the access checks and the body size limit of security.py."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import secrets
 from typing import Optional, Tuple
 
 import httpx
@@ -14,33 +13,12 @@ from fastapi.responses import JSONResponse
 
 from .forward import FORWARDED_PATHS, forward
 from .nodes import NodeProbeError, check_all, health_check_loop, normalize_url, probe_node
-from .state import ProxySettings, ProxyState, error_response, json_object, node_auth
+from .security import REGISTRATION_PATHS, ApiKeyCheck, BodySizeLimit, authorize_registration
+from .state import ProxySettings, ProxyState, error_response, json_object
 
 __all__ = ["ProxySettings", "create_app"]
 
 logger = logging.getLogger("tidemind.proxy")
-
-
-class _ApiKeyCheck:
-    """ASGI middleware: every path but /health needs `Authorization: Bearer KEY`."""
-
-    def __init__(self, app, keys: Tuple[str, ...]):
-        self.app = app
-        self.keys = [k.encode() for k in keys]
-
-    def _authorized(self, scope) -> bool:
-        header = dict(scope.get("headers") or ()).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        return scheme.lower() == b"bearer" and any(secrets.compare_digest(token.strip(), k) for k in self.keys)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"] != "/health" and not self._authorized(scope):
-            response = error_response(401, "missing or invalid API key: send the header "
-                                      "'Authorization: Bearer KEY' with one of the proxy's --api-keys",
-                                      "invalid_request_error", code="invalid_api_key")
-            await response(scope, receive, send)
-            return
-        await self.app(scope, receive, send)
 
 
 def _node_url(payload: dict) -> Tuple[Optional[str], Optional[JSONResponse]]:
@@ -49,6 +27,14 @@ def _node_url(payload: dict) -> Tuple[Optional[str], Optional[JSONResponse]]:
         return normalize_url(payload.get("url")), None
     except ValueError as exc:
         return None, error_response(400, str(exc), "invalid_request_error", code="invalid_url", param="url")
+
+
+def _could_not_add(url: str) -> JSONResponse:
+    # One answer whatever went wrong: telling a closed port from an open one, or an HTTP service from
+    # another, would make /nodes/add a port scanner. The reason is in the proxy's log.
+    return error_response(400, f"node {url} could not be added: the proxy found no working tidemind "
+                          "api_server there (GET /health, then GET /v1/models); the proxy's log says why",
+                          "invalid_request_error", code="node_unreachable", param="url")
 
 
 def _add_routes(app: FastAPI) -> None:
@@ -66,22 +52,36 @@ def _add_routes(app: FastAPI) -> None:
     @app.post("/nodes/add")
     async def add_node(request: Request):
         state: ProxyState = request.app.state.proxy
+        key_presented, refusal = authorize_registration(state.settings, request)
+        if refusal is not None:
+            return refusal
         payload, error = json_object(await request.body())
         url, error = (None, error) if error is not None else _node_url(payload)
         if error is not None:
             return error
-        auth = node_auth(state.settings, request)
+        if not state.allowed_hosts.allows(url):
+            return error_response(403, f"node {url} is not on the proxy's --allowed-node-hosts: add its host "
+                                  "there to route to it", "invalid_request_error", code="node_host_not_allowed",
+                                  param="url")
+        trusted = key_presented or url in state.settings.nodes
         try:
-            cards = await probe_node(state.client, url, auth, state.settings.health_check_timeout)
+            # The caller's own Authorization is its registration credential: never sent to the node.
+            cards = await probe_node(state.client, url, state.table.key_header(trusted),
+                                     state.settings.health_check_timeout)
         except NodeProbeError as exc:
-            return error_response(400, str(exc), "invalid_request_error", code="node_unreachable", param="url")
-        node = state.table.add(url, cards, auth)
-        logger.warning("added node %s, serving %s", url, ", ".join(node.models))
+            logger.warning("refused to add node %s: %s", url, exc)
+            return _could_not_add(url)
+        node = state.table.add(url, cards, trusted)
+        logger.warning("added node %s (%s), serving %s", url, "trusted" if node.trusted else "not trusted with "
+                       "--node-api-key", ", ".join(node.models))
         return {"url": url, "models": node.models}
 
     @app.post("/nodes/remove")
     async def remove_node(request: Request):
         state: ProxyState = request.app.state.proxy
+        _, refusal = authorize_registration(state.settings, request)
+        if refusal is not None:
+            return refusal
         if "node_url" in request.query_params:  # LMDeploy's clients send ?node_url=...; ours send {"url": ...}
             payload, error = {"url": request.query_params["node_url"]}, None
         else:
@@ -115,9 +115,8 @@ def create_app(settings: ProxySettings, transport: Optional[httpx.AsyncBaseTrans
                                   pool=settings.connect_timeout),
             limits=httpx.Limits(max_connections=None, max_keepalive_connections=64))
         state = app.state.proxy = ProxyState(settings, client)
-        auth = f"Bearer {settings.node_api_key}" if settings.node_api_key else None
         for url in settings.nodes:
-            state.table.add_pending(normalize_url(url), auth)
+            state.table.add_pending(url)
         await check_all(state.table, client, settings.health_check_timeout)
         checker = asyncio.create_task(health_check_loop(state.table, client, settings.health_check_interval,
                                                         settings.health_check_timeout))
@@ -130,7 +129,11 @@ def create_app(settings: ProxySettings, transport: Optional[httpx.AsyncBaseTrans
             await client.aclose()
 
     app = FastAPI(title="tidemind proxy", lifespan=lifespan)
+    # The last middleware added runs first: keys are checked before a body is read.
+    app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     if settings.api_keys:
-        app.add_middleware(_ApiKeyCheck, keys=tuple(settings.api_keys))
+        # With a registration key, that key alone guards node registration (authorize_registration).
+        exempt = ("/health",) + (REGISTRATION_PATHS if settings.registration_key else ())
+        app.add_middleware(ApiKeyCheck, keys=tuple(settings.api_keys), exempt=exempt)
     _add_routes(app)
     return app

@@ -5,6 +5,10 @@ Forwarded bodies are relayed chunk by chunk as the node sends them (SSE and newl
 streams included); status codes, content types and error bodies of the node reach the client
 unchanged. A request that could not start on a node (no response byte came back) is retried on
 another one; once a response has started, nothing is retried.
+
+Request bodies, unlike responses, are read whole before a node is chosen (bounded by
+--max-request-bytes, security.BodySizeLimit): routing needs the body's `model` and `session_id`,
+and a request that could not start on one node is sent again, whole, to another.
 """
 from __future__ import annotations
 
@@ -159,7 +163,7 @@ async def _send(state: ProxyState, node, request: Request, body: bytes) -> httpx
     headers = {"content-type": request.headers.get("content-type", "application/json"),
                "accept": request.headers.get("accept", "*/*"),
                "accept-encoding": "identity"}  # relayed bytes must be what the client can read as is
-    auth = node_auth(state.settings, request)
+    auth = node_auth(state, node, request)
     if auth:
         headers["authorization"] = auth
     upstream = state.client.build_request("POST", f"{node.url}{request.url.path}", content=body,

@@ -6,10 +6,12 @@ All state is touched from the proxy's one event loop only, so it needs no locks.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
+import re
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, List, Optional
+from typing import Deque, Dict, Iterable, List, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 import httpx
@@ -26,18 +28,77 @@ class NodeProbeError(RuntimeError):
     pass
 
 
+_HOSTNAME = re.compile(r"[a-z0-9_]([a-z0-9_.-]*[a-z0-9_.])?")  # DNS-ish names; no %-escapes, no spaces
+
+
+def _ip(host: str) -> Optional[Union[ipaddress.IPv4Address, ipaddress.IPv6Address]]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (ip.ipv4_mapped or ip) if ip.version == 6 else ip  # ::ffff:10.0.0.7 is 10.0.0.7
+
+
 def normalize_url(url) -> str:
-    """'http://host:port' without a trailing slash; anything else is refused with the fix."""
+    """`scheme://host:port` (scheme and host lower-cased, no trailing slash); anything that is not a
+    plain http(s) URL of a host is refused with the fix. No credentials, path, query or fragment:
+    the proxy adds the paths itself, and --node-api-key is the only credential nodes get."""
     if not isinstance(url, str) or not url.strip():
         raise ValueError('give the node as {"url": "http://HOST:PORT"}')
     url = url.strip().rstrip("/")
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise ValueError(f"node url {url!r} is not an http(s) URL: give it as http://HOST:PORT")
-    if parts.path or parts.query:
-        raise ValueError(f"node url {url!r} has a path: give only http://HOST:PORT, the proxy adds "
-                         "/v1/... itself")
-    return url
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"node url {url!r} holds credentials: give only http://HOST:PORT, and the "
+                         "nodes' key to the proxy with --node-api-key")
+    if parts.path or parts.query or parts.fragment:
+        raise ValueError(f"node url {url!r} has a path, query or fragment: give only http://HOST:PORT, "
+                         "the proxy adds /v1/... itself")
+    host = parts.hostname  # lower-cased by urlsplit
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0 or (_ip(host) is None and not _HOSTNAME.fullmatch(host)):
+        raise ValueError(f"node url {url!r} is not a valid HOST:PORT: give it as http://HOST:PORT")
+    netloc = f"[{host}]" if ":" in host else host
+    return f"{parts.scheme.lower()}://{netloc}" + (f":{port}" if port is not None else "")
+
+
+class HostAllowList:
+    """The hosts nodes may be on (--allowed-node-hosts); empty: any host.
+
+    Entries: a host name (`gpu-1.internal`), `*.DOMAIN` (any name under DOMAIN), an IP address or
+    a network (`10.0.0.0/8`). A node URL's host is matched as written, never resolved: a name
+    matches only name entries and an IP literal only address entries, so a name cannot stand in
+    for an address the list refuses (DNS answers can change between check and connect)."""
+
+    def __init__(self, entries: Iterable[str] = ()):
+        self.entries: Tuple[str, ...] = tuple(entries)
+        self.names, self.domains, self.networks = set(), [], []
+        for entry in self.entries:
+            text = entry.strip().lower().rstrip(".")
+            try:
+                self.networks.append(ipaddress.ip_network(text, strict=False))
+                continue
+            except ValueError:
+                pass
+            name = text[2:] if text.startswith("*.") else text
+            if not _HOSTNAME.fullmatch(name):
+                raise ValueError(f"--allowed-node-hosts entry {entry!r} is not a host name, *.DOMAIN, an IP "
+                                 "address or a network such as 10.0.0.0/8")
+            (self.domains.append if text.startswith("*.") else self.names.add)(name)
+
+    def allows(self, url: str) -> bool:
+        """`url`: as normalize_url gives it."""
+        if not self.entries:
+            return True
+        host = urlsplit(url).hostname.rstrip(".")
+        ip = _ip(host)
+        if ip is not None:
+            return any(ip in network for network in self.networks)
+        return host in self.names or any(host.endswith(f".{domain}") for domain in self.domains)
 
 
 @dataclass
@@ -46,8 +107,9 @@ class Node:
     # None until the node answered /v1/models: a node given with --nodes that is not up yet.
     models: Optional[List[str]] = None
     cards: Dict[str, dict] = field(default_factory=dict)  # the node's /v1/models entry of each model
-    # The Authorization header that was accepted by the node's /v1/models (None: no key needed).
-    auth: Optional[str] = None
+    # Vouched for by the operator (--nodes, or registered with the --registration-key): only such
+    # nodes are sent --node-api-key.
+    trusted: bool = False
     healthy: bool = False
     in_flight: int = 0
     served: int = 0
@@ -78,7 +140,7 @@ class Node:
             "max_s": recent[-1] if recent else None,
             "samples": len(recent),
         }
-        return {"url": self.url, "models": list(self.models or []), "healthy": self.healthy,
+        return {"url": self.url, "models": list(self.models or []), "healthy": self.healthy, "trusted": self.trusted,
                 "pending": self.models is None, "in_flight": self.in_flight, "served": self.served,
                 "failed_starts": self.failed_starts, "failed_checks": self.failed_checks,
                 "sessions": sessions, "latency": latency}
@@ -90,28 +152,37 @@ class NodeTable:
     A node that was healthy once is dropped after `max_failed_checks` failed health checks in a
     row; a pending node (given at start, never answered) stays until it answers or is removed."""
 
-    def __init__(self, max_failed_checks: int = 3):
+    def __init__(self, max_failed_checks: int = 3, node_api_key: Optional[str] = None):
         if max_failed_checks < 1:
             raise ValueError("max_failed_checks must be at least 1")
         self.max_failed_checks = max_failed_checks
+        self._node_api_key = node_api_key
         self.nodes: Dict[str, Node] = {}
         self.sessions = SessionAffinity()
 
     def get(self, url: str) -> Optional[Node]:
         return self.nodes.get(url)
 
-    def add(self, url: str, cards: List[dict], auth: Optional[str]) -> Node:
+    def key_header(self, trusted: bool) -> Optional[str]:
+        """The Authorization header the proxy's own key gives a node: --node-api-key goes only to
+        trusted nodes, so that a node registered by someone else never receives it."""
+        return f"Bearer {self._node_api_key}" if trusted and self._node_api_key else None
+
+    def add(self, url: str, cards: List[dict], trusted: bool) -> Node:
         """`cards`: the node's /v1/models entries (each has an "id")."""
         node = self.nodes.get(url)
         if node is None:
             node = self.nodes[url] = Node(url)
-        # Adding a node again (say, a restarted server) refreshes what it serves; stats are kept.
+        # Adding a node again (say, a restarted server) refreshes what it serves; stats are kept, and
+        # so is trust: it belongs to the URL the operator vouched for, whoever adds it again.
         node.set_models(cards)
-        node.auth, node.healthy, node.failed_checks = auth, True, 0
+        node.trusted = node.trusted or trusted
+        node.healthy, node.failed_checks = True, 0
         return node
 
-    def add_pending(self, url: str, auth: Optional[str]) -> Node:
-        return self.nodes.setdefault(url, Node(url, auth=auth))
+    def add_pending(self, url: str) -> Node:
+        """A node the operator gave at start (--nodes): trusted, probed by the health check."""
+        return self.nodes.setdefault(url, Node(url, trusted=True))
 
     def remove(self, url: str) -> bool:
         node = self.nodes.pop(url, None)
@@ -169,7 +240,8 @@ async def probe_node(client: httpx.AsyncClient, url: str, auth: Optional[str], t
         raise NodeProbeError(f"node {url} did not answer /v1/models ({exc!r})") from None
     if answer.status_code == 401:
         raise NodeProbeError(f"node {url} refused /v1/models without a valid API key: start the proxy "
-                             "with --node-api-key KEY (one of the node's --api-keys)")
+                             "with --node-api-key KEY (one of the node's --api-keys); the proxy sends it only "
+                             "to nodes given with --nodes or registered with its --registration-key")
     try:
         answer.raise_for_status()
         cards = answer.json()["data"]
@@ -190,7 +262,7 @@ async def _check_node(table: NodeTable, client: httpx.AsyncClient, node: Node, t
         passed = False
     if passed and node.models is None:
         try:
-            node.set_models(await probe_node(client, node.url, node.auth, timeout))
+            node.set_models(await probe_node(client, node.url, table.key_header(node.trusted), timeout))
             logger.warning("node %s is up, serving %s", node.url, ", ".join(node.models))
         except NodeProbeError as exc:
             logger.warning("%s", exc)

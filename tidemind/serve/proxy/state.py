@@ -10,7 +10,8 @@ import httpx
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from .nodes import NodeTable
+from . import DEFAULT_MAX_REQUEST_BYTES
+from .nodes import HostAllowList, Node, NodeTable, normalize_url
 from .routing import DEFAULT_ROUTING_STRATEGY, ROUTING_STRATEGIES
 
 
@@ -18,13 +19,17 @@ from .routing import DEFAULT_ROUTING_STRATEGY, ROUTING_STRATEGIES
 class ProxySettings:
     routing_strategy: str = DEFAULT_ROUTING_STRATEGY
     api_keys: Tuple[str, ...] = ()  # keys the proxy's clients must present; empty: no check
-    node_api_key: Optional[str] = None  # sent to nodes instead of the client's Authorization header
+    node_api_key: Optional[str] = None  # sent to trusted nodes instead of the client's Authorization
+    # Needed on /nodes/add and /nodes/remove; None: those are accepted from loopback clients only.
+    registration_key: Optional[str] = None
+    allowed_node_hosts: Tuple[str, ...] = ()  # HostAllowList entries; empty: nodes on any host
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     health_check_interval: float = 10.0
     max_failed_checks: int = 3  # failed health checks in a row before a node is dropped
     connect_timeout: float = 3.0
     request_timeout: Optional[float] = 600.0  # longest silence from a node mid-request; None: no limit
     max_attempts: int = 3  # nodes tried for one request whose start failed
-    nodes: Tuple[str, ...] = ()  # initial nodes, probed by the first health check
+    nodes: Tuple[str, ...] = ()  # initial nodes (normalized here), trusted, probed by the first health check
 
     def __post_init__(self):
         if self.routing_strategy not in ROUTING_STRATEGIES:
@@ -36,6 +41,20 @@ class ProxySettings:
             raise ValueError("max_attempts must be at least 1")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("--api-keys got an empty key: give non-empty keys")
+        if self.registration_key is not None and not self.registration_key.strip():
+            raise ValueError("--registration-key is empty: give a non-empty key, or leave it out to accept "
+                             "node registration from this machine only")
+        if self.registration_key is not None and self.registration_key in self.api_keys:
+            raise ValueError("--registration-key is also one of the --api-keys: every client could then add "
+                             "and remove nodes; give it a key of its own")
+        if self.max_request_bytes < 1:
+            raise ValueError("--max-request-bytes must be a positive number of bytes")
+        allowed = HostAllowList(self.allowed_node_hosts)
+        object.__setattr__(self, "nodes", tuple(normalize_url(url) for url in self.nodes))
+        for url in self.nodes:
+            if not allowed.allows(url):
+                raise ValueError(f"--nodes entry {url} is not on --allowed-node-hosts "
+                                 f"({' '.join(allowed.entries)}): add its host there")
 
     @property
     def health_check_timeout(self) -> float:
@@ -47,7 +66,8 @@ class ProxyState:
     def __init__(self, settings: ProxySettings, client: httpx.AsyncClient):
         self.settings = settings
         self.client = client
-        self.table = NodeTable(settings.max_failed_checks)
+        self.table = NodeTable(settings.max_failed_checks, settings.node_api_key)
+        self.allowed_hosts = HostAllowList(settings.allowed_node_hosts)
         self.rng = random.Random()
         self.retried = 0  # requests that were sent to another node after a failed start
 
@@ -70,7 +90,11 @@ def json_object(body: bytes) -> Tuple[Optional[dict], Optional[JSONResponse]]:
     return payload, None
 
 
-def node_auth(settings: ProxySettings, request: Request) -> Optional[str]:
-    if settings.node_api_key:
-        return f"Bearer {settings.node_api_key}"
+def node_auth(state: ProxyState, node: Node, request: Request) -> Optional[str]:
+    """The Authorization header a request forwarded to `node` carries: --node-api-key for a trusted
+    node; else the client's own header, unless the proxy has --api-keys (the header then holds one
+    of them, the proxy's own credential, which is never passed on)."""
+    own_key = state.table.key_header(node.trusted)
+    if own_key or state.settings.api_keys:
+        return own_key
     return request.headers.get("authorization")
