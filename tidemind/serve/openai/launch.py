@@ -12,7 +12,7 @@ import socket
 from typing import Optional
 from urllib.parse import urlsplit
 
-from ...cli.args import add_config_flags, config_from_args
+from ...config_flags import add_config_flags, config_from_args
 from ...config import EngineConfig
 from ..proxy import REGISTRATION_KEY_ENV
 
