@@ -188,6 +188,7 @@ DECODE_CASES = [
     ([33, 5, 70], 8, 2, 128, 16, 20, 3),           # GQA 4, window, three shares (some empty)
     ([0, 77, 64], 8, 1, 256, 32, None, 2),         # GQA 8, head_dim 256
     ([50, 9], 16, 1, 64, 16, 9, 4),                # GQA 16, window shorter than a share
+    ([700, 300], 4, 1, 64, 64, None, None),        # the default split count splits (4 "SMs" on the CPU)
 ]
 
 
@@ -239,6 +240,7 @@ PREFILL_CASES = [
     ([100, 30], [60, 30], 8, 1, 64, 32, 16),             # window, GQA 8
     ([45], [45], 4, 1, 256, 16, 24),                     # Gemma 3's shape: head_dim 256, window
     ([37, 0, 21], [12, 0, 21], 16, 2, 64, 16, 7),        # an empty sequence, GQA 8, tiny window
+    ([400, 150], [300, 150], 4, 2, 64, 64, 100),         # several query tiles at the default tile sizes
 ]
 
 
