@@ -393,7 +393,7 @@ def bench_decode(ceiling: float) -> None:
 
         kv_bytes = batch * keys_read * shape.num_kv_heads * shape.head_dim * 2 * size
         query_out_bytes = 2 * batch * shape.num_heads * shape.head_dim * size
-        splits = decode_attention.num_kv_splits(batch, shape.num_kv_heads, context, DEVICE)
+        splits = decode_attention.num_kv_splits(batch, shape.num_kv_heads, keys_read, DEVICE)
         bench("paged_decode_attention", f"{shape.name} B={batch} ctx={context} splits={splits}", make_inputs,
               run_kernel, run_reference, ceiling, bytes_moved=kv_bytes + query_out_bytes,
               bytes_per_set=batch * context * shape.num_kv_heads * shape.head_dim * 2 * size)

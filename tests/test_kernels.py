@@ -215,9 +215,9 @@ def test_paged_decode_attention(monkeypatch, dtype, seq_lens, num_heads, num_kv_
 def test_num_kv_splits_fills_the_gpu_only_when_needed(monkeypatch):
     monkeypatch.setattr(decode_attention, "_sm_count", lambda device: 132)
     assert decode_attention.num_kv_splits(256, 8, 4096, DEVICE) == 1        # the batch fills the GPU
-    assert decode_attention.num_kv_splits(1, 8, 4096, DEVICE) == 16         # 256 keys a share
+    assert decode_attention.num_kv_splits(1, 8, 1024, DEVICE) == 8          # 128 keys a share
     assert decode_attention.num_kv_splits(1, 1, 100_000, DEVICE) == 32      # capped
-    assert decode_attention.num_kv_splits(16, 8, 4096, DEVICE) == 3         # about two waves
+    assert decode_attention.num_kv_splits(16, 8, 4096, DEVICE) == 5         # about four waves
     assert decode_attention.num_kv_splits(4, 1, 100, DEVICE) == 1           # too short to split
 
 
