@@ -217,13 +217,13 @@ def _check_norms(shape: ModelShape, num_tokens: int):
 
 def _check_activation(shape: ModelShape, num_tokens: int):
     gate_up = randn(num_tokens, 2 * shape.intermediate, dtype=shape.dtype, scale=3.0)
-    yield shape.activation, getattr(activation, shape.activation)(gate_up), getattr(reference, shape.activation)(gate_up)
+    kernel, torch_reference = getattr(activation, shape.activation), getattr(reference, shape.activation)
+    yield shape.activation, kernel(gate_up), torch_reference(gate_up)
 
 
 def _check_rotary(shape: ModelShape, num_tokens: int):
-    width = (shape.num_heads + 2 * shape.num_kv_heads) * shape.head_dim
-    query, key, _ = randn(num_tokens, width, dtype=shape.dtype).split(
-        [shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim], -1)
+    q_width, kv_width = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    query, key, _ = randn(num_tokens, q_width + 2 * kv_width, dtype=shape.dtype).split([q_width, kv_width, kv_width], -1)
     positions = torch.randint(0, 8192, (num_tokens,), device=DEVICE)
     table = cos_sin_cache(shape)
     expected = torch.cat(reference.rotary_embedding_cached(query, key, positions, table), -1)
@@ -348,7 +348,8 @@ def bench_elementwise(ceiling: float) -> None:
         bench("add_rms_norm", case,
               lambda: (randn(tokens, hidden, dtype=shape.dtype), randn(tokens, hidden, dtype=shape.dtype)),
               lambda x, r: rms_norm_kernels.add_rms_norm(x, r, weight, 1e-5),
-              lambda x, r: reference.add_rms_norm(x, r, weight, 1e-5), ceiling, bytes_moved=(4 * tokens + 1) * hidden * size)
+              lambda x, r: reference.add_rms_norm(x, r, weight, 1e-5), ceiling,
+              bytes_moved=(4 * tokens + 1) * hidden * size)
         bench("silu_and_mul", case, lambda: (randn(tokens, 2 * inter, dtype=shape.dtype),), activation.silu_and_mul,
               reference.silu_and_mul, ceiling, bytes_moved=3 * tokens * inter * size)
 
@@ -383,7 +384,8 @@ def bench_decode(ceiling: float) -> None:
         def make_inputs(shape=shape, batch=batch, context=context):
             key_cache, value_cache, tables = paged_cache([context] * batch, shape, garbage=False)
             query = randn(batch, shape.num_heads, shape.head_dim, dtype=shape.dtype)
-            return query, key_cache, value_cache, tables, torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+            seq_lens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+            return query, key_cache, value_cache, tables, seq_lens
 
         def run_kernel(q, kc, vc, t, s, window=window, context=context, scale=scale):
             return decode_attention.paged_decode_attention(q, kc, vc, t, s, scale, window, context)
@@ -439,7 +441,8 @@ def bench_prefill() -> None:
 def print_table() -> None:
     checks = [r for r in RESULTS if r["kind"] == "check"]
     failed = [f"{r['model']}/{r['kernel']}" for r in checks if not r.get("passed")]
-    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    print(f"\n{len(checks) - len(failed)}/{len(checks)} checks passed"
+          + (f"; FAILED: {', '.join(failed)}" if failed else ""))
     print("ms: the kernel's calls replayed from a CUDA graph (device time; 'eager' if capture failed); ref ms: "
           "the torch reference, eager (do_bench, L2 flushed); ceil: GB/s / copy ceiling")
     print(f"{'kernel':24s} {'case':44s} {'ms':>9s} {'ref ms':>9s} {'speedup':>8s} {'GB/s':>7s} {'ceil':>6s} "

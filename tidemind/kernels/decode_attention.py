@@ -12,8 +12,8 @@ tl.dot), so each K/V tile is read once per KV head:
 Shares: the visible keys [lo, seq_len) (lo = seq_len - window, or 0) are cut into num_splits
 chunks of whole tiles; with one split the program writes the output, otherwise every program
 writes its unnormalized (max, sum, acc) and _decode_reduce_kernel merges them per (b, head).
-The split count depends only on host values (B, KVH, max_seq_len, SM count), so the launch can be
-captured in a CUDA graph.
+The split count depends only on host values (B, KVH, max_seq_len, the window, the SM count), so
+the launch can be captured in a CUDA graph.
 
 Reference: kernels/reference.py (paged_decode_attention).
 """
@@ -126,14 +126,15 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def num_kv_splits(batch: int, num_kv_heads: int, max_seq_len: int, device: torch.device) -> int:
-    """Shares per (sequence, KV head): enough programs for _TARGET_WAVES waves over the SMs, none
-    shorter than _MIN_TOKENS_PER_SPLIT keys; 1 when the batch alone fills the GPU."""
+def num_kv_splits(batch: int, num_kv_heads: int, max_keys: int, device: torch.device) -> int:
+    """Shares per (sequence, KV head), for sequences attending at most max_keys keys: enough
+    programs for _TARGET_WAVES waves over the SMs, none shorter than _MIN_TOKENS_PER_SPLIT keys;
+    1 when the batch alone fills the GPU."""
     programs = batch * num_kv_heads
     sm_count = _sm_count(device)
     if programs >= sm_count:
         return 1
-    by_length = triton.cdiv(max(max_seq_len, 1), _MIN_TOKENS_PER_SPLIT)
+    by_length = triton.cdiv(max(max_keys, 1), _MIN_TOKENS_PER_SPLIT)
     by_occupancy = triton.cdiv(_TARGET_WAVES * sm_count, max(programs, 1))
     return max(1, min(by_length, by_occupancy, _MAX_SPLITS))
 
@@ -160,8 +161,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, out) -> None:
     if num_heads % num_kv_heads or num_heads // num_kv_heads > 64:
         raise ValueError(f"paged_decode_attention: {num_heads} query heads are not a multiple (<= 64x) of "
                          f"{num_kv_heads} kv heads")
-    if head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
-        raise ValueError(f"paged_decode_attention: head_dim {head_dim} (>= 16) and block_size {block_size} "
+    if not 16 <= head_dim <= 256 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
+        raise ValueError(f"paged_decode_attention: head_dim {head_dim} (16..256) and block_size {block_size} "
                          "must be powers of two")
     if block_tables.dim() != 2 or block_tables.shape[0] != batch or seq_lens.shape != (batch,):
         raise ValueError(f"paged_decode_attention: block_tables {tuple(block_tables.shape)} must be [{batch}, W] "
@@ -199,8 +200,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         return out
     if max_seq_len is None:
         max_seq_len = block_tables.shape[1] * block_size
-    visible_len = min(max_seq_len, sliding_window) if sliding_window is not None else max_seq_len
-    num_splits = num_kv_splits(batch, num_kv_heads, visible_len, query.device)
+    max_keys = min(max_seq_len, sliding_window) if sliding_window is not None else max_seq_len
+    num_splits = num_kv_splits(batch, num_kv_heads, max_keys, query.device)
     group = num_heads // num_kv_heads
     block_n, num_warps, num_stages = _config(head_dim, query.dtype)  # K/V are cast to query's dtype
     if num_splits > 1:

@@ -156,8 +156,8 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, query_start_lo
     if num_heads % num_kv_heads:
         raise ValueError(f"paged_prefill_attention: {num_heads} query heads are not a multiple of "
                          f"{num_kv_heads} kv heads")
-    if head_dim < 16 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
-        raise ValueError(f"paged_prefill_attention: head_dim {head_dim} (>= 16) and block_size {block_size} "
+    if not 16 <= head_dim <= 256 or head_dim & (head_dim - 1) or block_size & (block_size - 1):
+        raise ValueError(f"paged_prefill_attention: head_dim {head_dim} (16..256) and block_size {block_size} "
                          "must be powers of two")
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or query_start_loc.shape != (num_seqs + 1,):
@@ -198,6 +198,9 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
         return out
     block_m, block_n, num_warps, num_stages = _config(head_dim, query.dtype)
     grid = (num_heads, triton.cdiv(max_query_len, block_m), num_seqs)
+    if max(grid[1:]) > 65535:  # CUDA's limit on the grid's second and third dims
+        raise ValueError(f"paged_prefill_attention: {num_seqs} sequences / max_query_len {max_query_len} are over "
+                         f"the grid's limits (65535 sequences, {65535 * block_m} tokens a sequence)")
     _prefill_kernel[grid](
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
