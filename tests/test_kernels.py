@@ -38,8 +38,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: float) -> No
     torch.testing.assert_close(actual.float(), expected.float(), rtol=tol, atol=tol)
 
 
-def randn(*shape, dtype=torch.float32, generator=None) -> torch.Tensor:
-    return torch.randn(*shape, generator=generator).to(dtype=dtype, device=DEVICE)
+def randn(*shape, dtype=torch.float32) -> torch.Tensor:
+    return torch.randn(*shape).to(dtype=dtype, device=DEVICE)
 
 
 # ---- rms_norm / add_rms_norm ------------------------------------------------------------------
