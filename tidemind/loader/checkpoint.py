@@ -133,6 +133,12 @@ def model_class_for(hf_config: dict, path: str) -> type:
     return get_model_class(architectures[0])
 
 
+def model_head_dim(path: str) -> int:
+    """The attention head size of the model in `path`, read from its config.json before loading."""
+    hf_config = read_hf_config(path)
+    return model_class_for(hf_config, path).model_config(hf_config).head_dim
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None
                ) -> Tuple[torch.nn.Module, ModelConfig]:
     """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory.
