@@ -38,7 +38,7 @@ if has setup || [ ! -d /tmp/site ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD
 if has stage; then mkdir -p $GGUF_DIR && cp .gpu_assets/smollm2.part00 $GGUF_DIR/ && echo "kept part00 in $GGUF_DIR"; fi
-has gputests && stage gputests ${GPUTESTS_LIM:-240} python3 -m pytest -q -m gpu -p no:cacheprovider tests/
+has gputests && stage gputests ${GPUTESTS_LIM:-240} python3 -m pytest -q -m gpu -p no:cacheprovider ${GPUTESTS_ARGS:-tests/}
 has kernels && stage kernels ${KERNELS_LIM:-150} python3 benchmarks/gpu_kernels.py
 if has check; then
   if [ -f $GGUF_DIR/smollm2.part00 ] && [ -f .gpu_assets/smollm2.part01 ]; then
