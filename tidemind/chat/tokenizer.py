@@ -19,6 +19,29 @@ from __future__ import annotations
 import os
 from typing import Iterable, List, Optional, Sequence
 
+# Files transformers builds a tokenizer from, in its order of preference: the fast tokenizer's own
+# file; a SentencePiece or tiktoken model (converted, needs `sentencepiece` or `tiktoken`); a BPE
+# vocabulary (with merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(model_dir: str) -> None:
+    """ValueError naming the files to add when `model_dir` holds none of TOKENIZER_FILES."""
+    if os.path.isdir(model_dir) and not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{model_dir!r} has no tokenizer: it needs tokenizer.json (or tokenizer.model, or vocab.json with "
+            f"merges.txt), usually with tokenizer_config.json; copy them from the model's repository into it")
+
+
+def _tokenizer_fix(model_dir: str) -> str:
+    """What to do about tokenizer files that are there but could not be loaded."""
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return "restore the model's original tokenizer.json and tokenizer_config.json"
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+        return ("tokenizer.model needs `sentencepiece` (or `tiktoken`) installed; or save the model's tokenizer.json "
+                "with transformers")
+    return "vocab.json needs merges.txt and tokenizer_config.json next to it"
+
 
 class Tokenizer:
     """Wraps a transformers fast tokenizer (``PreTrainedTokenizerFast`` / ``TokenizersBackend``)."""
@@ -52,6 +75,8 @@ class Tokenizer:
                 "tokenizer.json or tokenizer.model) or a .gguf file")
         if gguf_file is None and os.path.isfile(model_path) and model_path.endswith(".gguf"):
             model_path, gguf_file = os.path.split(os.path.abspath(model_path))
+        if gguf_file is None:
+            check_tokenizer_files(model_path)
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
@@ -59,10 +84,9 @@ class Tokenizer:
             hf_tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
         except (OSError, ValueError) as error:
             source = os.path.join(model_path, gguf_file) if gguf_file else model_path
-            raise ValueError(
-                f"could not load a tokenizer from {source!r}: {error}. The directory needs "
-                "tokenizer.json (or tokenizer.model with tokenizer_config.json); for a GGUF file the "
-                "`gguf` package must be installed.") from error
+            reason = " ".join(str(error).split())  # transformers' messages span several lines
+            fix = "the `gguf` package must be installed" if gguf_file else _tokenizer_fix(model_path)
+            raise ValueError(f"could not load a tokenizer from {source!r}: {reason}; {fix}") from error
         return cls(hf_tokenizer)
 
     def _probe_prefix_ids(self) -> List[int]:
