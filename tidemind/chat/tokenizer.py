@@ -16,6 +16,7 @@ that streamed text and decoded text agree exactly.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, List, Optional, Sequence
 
@@ -137,6 +138,16 @@ class Tokenizer:
         if isinstance(template, dict):  # several named templates: the default one is used
             template = template.get("default")
         return template or None
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """A bound on the characters of text one token stands for: the longest vocabulary entry.
+
+        Byte-level BPE entries have one character per byte of the text's UTF-8, SentencePiece
+        entries one per character (or more: "<0xE2>" stands for one byte), so a text of C
+        characters takes at least C / max_token_chars tokens, unless the tokenizer drops text
+        (a normalizer that collapses whitespace, unknown characters fused into one token)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
 
     @property
     def adds_bos(self) -> bool:
