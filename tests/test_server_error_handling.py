@@ -164,6 +164,28 @@ def test_a_body_within_the_limit_reaches_the_app_once():
     assert status == 200 and json.loads(body) == {"length": 100, "after": "http.disconnect"}
 
 
+# ---------------------------------------------------------------------- the prompt character bound
+def test_no_text_takes_fewer_tokens_than_the_character_bound_allows(request, tmp_path_factory):
+    """prompt_chars = prompt tokens x max_token_chars must never refuse a prompt that fits."""
+    import random
+
+    from tidemind.chat.tokenizer import Tokenizer
+    try:
+        from test_detokenizer import smollm2_tokenizer_dir
+    except ImportError:  # run from the repository root
+        from tests.test_detokenizer import smollm2_tokenizer_dir
+
+    tokenizer = Tokenizer.from_pretrained(smollm2_tokenizer_dir(request, tmp_path_factory))
+    longest = tokenizer.max_token_chars
+    rng = random.Random(0)
+    texts = [" " * 5000, "\n" + " " * 4000, "=" * 3000, "\t" * 999, "汉字" * 500, "\U0001F600" * 300,
+             "".join(chr(rng.randrange(32, 0x2FFF)) for _ in range(3000)),
+             " ".join(rng.choice(["the", "internationalization", "  ", "\n\n", "{}"]) for _ in range(2000))]
+    for text in texts:
+        assert len(text) <= len(tokenizer.encode(text, add_bos=False)) * longest, text[:20]
+    assert longest == max(len(token) for token in tokenizer.hf_tokenizer.get_vocab())
+
+
 # ---------------------------------------------------------------------- request models' 400s
 def refusal(model, body) -> OpenAIError:
     with pytest.raises(ValidationError) as caught:
