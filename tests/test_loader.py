@@ -376,6 +376,15 @@ def test_config_values_of_the_wrong_type_name_file_key_and_fix(tiny_llama, chang
     assert message.startswith(f"{path / 'config.json'}: ") and words in message and "\n" not in message, message
 
 
+def test_config_values_real_checkpoints_use_still_load(tiny_llama):
+    # the checks above must not refuse what published configs hold: old Llama's "pad_token_id": -1,
+    # null for optional values, a list of EOS ids
+    _, path = tiny_llama
+    _edit_config(path, pad_token_id=-1, rope_scaling=None, sliding_window=None, eos_token_id=[2, 3],
+                 max_position_embeddings=None)
+    load_model(str(path), torch.float32, CPU)
+
+
 def test_config_values_are_checked_before_loading(tiny_llama):
     _, path = tiny_llama
     _edit_config(path, num_attention_heads=[4])

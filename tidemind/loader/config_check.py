@@ -14,20 +14,24 @@ from typing import Callable, Dict, Optional, Tuple
 from .errors import CheckpointError
 
 
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _positive_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+    return _int(value) and value > 0
 
 
 def _non_negative_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _int(value) and value >= 0
 
 
 def _number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _token_ids(value) -> bool:
-    return _non_negative_int(value) or (isinstance(value, list) and all(_non_negative_int(v) for v in value))
+def _token_ids(value) -> bool:  # any sign: old Llama configs say "pad_token_id": -1
+    return _int(value) or (isinstance(value, list) and all(_int(v) for v in value))
 
 
 def _strings(value) -> bool:
@@ -88,7 +92,7 @@ def check_config_values(config: dict, path: str, keys: Optional[Dict[str, str]] 
     keys = CONFIG_KEYS if keys is None else keys
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} holds {_describe(config)}, not a JSON object: restore the model's original "
-                               f"file")
+                              f"file")
     for key, kind in keys.items():
         if key not in config:
             continue
@@ -98,6 +102,6 @@ def check_config_values(config: dict, path: str, keys: Optional[Dict[str, str]] 
             continue
         if not test(value):
             raise CheckpointError(f"{path}: '{prefix}{key}' must be {expected}, not {_describe(value)}; "
-                                   f"{_fix(value, expected)}")
+                                  f"{_fix(value, expected)}")
     if isinstance(config.get("text_config"), dict):
         check_config_values(config["text_config"], path, keys, prefix=f"{prefix}text_config.")
