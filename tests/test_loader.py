@@ -107,7 +107,7 @@ def test_gemma3_gguf_matches_transformers():
     config = model.hf_config
     assert (config["head_dim"], config["sliding_window"], config["query_pre_attn_scalar"]) == (256, 512, 256)
     attention = [layer.self_attn.attn for layer in model.model.layers]
-    assert [a.sliding_window for a in attention[:6]] == [512] * 5 + [None]
+    assert [a.spec.sliding_window for a in attention[:6]] == [512] * 5 + [None]
     reference = transformers_gguf_model(GEMMA3.locate())
     assert_same_weights(model, reference)  # covers Q4_K, Q6_K, Q5_0, Q8_0 blocks and the norm - 1
     ours, ref = two_chunk_logits(model, model_config, ids), hf_logits(reference, ids)
