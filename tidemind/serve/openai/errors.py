@@ -223,11 +223,15 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from ...engine.async_engine import EngineDeadError
+
     _document_400_not_422(app)
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError):
-        if exc.status >= 500:  # its message is internal detail: logged, not sent
+        # A 500's message is internal detail: logged, not sent. A 503 says on purpose why the server
+        # cannot answer (e.g. its engine stopped), so its message goes out.
+        if exc.status == 500:
             return internal_error(request_id(request), exc.message).response()
         return exc.response()
 
@@ -246,6 +250,13 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code >= 500:
             return internal_error(request_id(request), message).response()
         return OpenAIError(exc.status_code, message, headers=exc.headers).response()
+
+    @app.exception_handler(EngineDeadError)
+    async def _engine_dead(request: Request, exc: EngineDeadError):
+        # Not an internal detail: the server is going down and a supervisor or proxy should retry
+        # elsewhere. /health already answers 503.
+        return OpenAIError(503, "the engine stopped after a failure; this server is shutting down",
+                           code="engine_dead").response()
 
     # Starlette's ServerErrorMiddleware, outside every other middleware, calls this one: its
     # response does not pass RequestIdMiddleware, so _internal() sets the header itself.

@@ -146,6 +146,15 @@ def _server_class():
             self.model_name, self.pipe, self.proxy_url = model_name, pipe, proxy_url
             self.proxy_api_key = proxy_api_key
             self.url: Optional[str] = None
+            self.engine_failure: Optional[str] = None
+            # An engine that cannot go on stops the server (exit code 1), so that a supervisor or the
+            # proxy notices; until uvicorn has shut down, /health answers 503.
+            pipe.async_engine.on_failure.append(self._engine_failed)
+
+        def _engine_failed(self, reason: str) -> None:  # called in the engine's thread
+            logger.critical("the engine stopped (%s): shutting the server down", reason)
+            self.engine_failure = reason
+            self.should_exit = True
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
@@ -190,6 +199,6 @@ def run(args: argparse.Namespace) -> int:
         # action that would kill the process before the engine is closed.
         signal.signal(signal.SIGTERM, lambda *_: None)
         server.run()
-        return 0 if server.started else 1
+        return 0 if server.started and server.engine_failure is None else 1
     finally:
         pipe.close()

@@ -255,8 +255,12 @@ def encode(state: ServerState, body: EncodeRequest) -> dict:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health", summary="200 when the server answers (no API key needed)")
+    @app.get("/health", summary="200 while the engine runs; 503 once it has stopped after a failure "
+                                "(no API key needed)", responses={503: {"description": "the engine stopped"}})
     async def health() -> dict:
+        if not state.pipe.async_engine.is_alive:
+            raise OpenAIError(503, "the engine stopped after a failure; this server is shutting down",
+                              code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics (no API key needed)", response_class=Response)
