@@ -15,7 +15,7 @@ import logging
 import random
 from typing import Dict, List, Optional, Sequence
 
-from ..chat.detokenizer import IncrementalDetokenizer
+from ..chat.detokenizer import IncrementalDetokenizer, add_tokens
 from ..chat.tokenizer import Tokenizer
 from ..config import EngineConfig, GenerationConfig
 from ..loader import resolve_model
@@ -165,14 +165,35 @@ class Engine:
             for request_id in request_ids:
                 self.fail_request(request_id, STEP_FAILED)
             return outputs + self._take_pending()
-        for request in self.scheduler.update(scheduled, runner_output):
+        received = self.scheduler.update(scheduled, runner_output)
+        for request, text in zip(received, self._new_texts(received)):
             try:
                 FAULTS.check("output")
-                outputs.append(self._token_output(request, runner_output.logprobs.get(request.request_id)))
+                if isinstance(text, Exception):
+                    raise text
+                outputs.append(self._token_output(request, text, runner_output.logprobs.get(request.request_id)))
             except Exception:
                 logger.exception("request %d failed while its output was made", request.request_id)
                 self.fail_request(request.request_id, OUTPUT_FAILED, request)
         return outputs + self._take_pending()
+
+    def _new_texts(self, requests: List[Request]) -> list:
+        """The text of each request's newest token (or the exception detokenizing it raised),
+        decoded for all of them in one batch."""
+        texts: list = [""] * len(requests)
+        fed = []  # indices of the requests whose token goes to the detokenizer
+        for i, request in enumerate(requests):
+            token = request.output_token_ids[-1]
+            ends_on_token = (request.is_finished and request.finish_reason == "stop"
+                             and token in request.sampling.stop_token_ids)
+            # A stop token's text shows only with include_stop_str_in_output (special tokens never do).
+            if not ends_on_token or request.gen_config.include_stop_str_in_output:
+                fed.append(i)
+        decoded = add_tokens([self._detokenizers[requests[i].request_id] for i in fed],
+                             [requests[i].output_token_ids[-1] for i in fed])
+        for i, text in zip(fed, decoded):
+            texts[i] = text
+        return texts
 
     def _take_pending(self) -> List[RequestOutput]:
         pending, self._pending = self._pending, []
@@ -189,17 +210,15 @@ class Engine:
         if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self._pending.append(self._final_output(request, "error", error))
 
-    def _token_output(self, request: Request, logprobs) -> RequestOutput:
-        """Detokenize the request's newest token; a stop word found in the text ends the request."""
+    def _token_output(self, request: Request, text: str, logprobs) -> RequestOutput:
+        """The output of the request's newest token, whose text is ``text``; a stop word found in the
+        text ends the request."""
         token = request.output_token_ids[-1]
         detok = self._detokenizers[request.request_id]
         self.generated_tokens_total += 1
         if len(request.output_token_ids) == 1:
             self.prompt_tokens_total += len(request.prompt_token_ids)
             self.cached_prompt_tokens_total += request.num_cached_tokens
-        ends_on_token = request.is_finished and request.finish_reason == "stop" and token in request.sampling.stop_token_ids
-        # A stop token's text shows only with include_stop_str_in_output (special tokens never do).
-        text = "" if ends_on_token and not request.gen_config.include_stop_str_in_output else detok.add(token)
         if detok.stopped and not request.is_finished:
             self.scheduler.finish_request(request.request_id, "stop")
         if request.is_finished:
