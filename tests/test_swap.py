@@ -51,6 +51,7 @@ def _two_growing_requests(num_host_blocks, prefix_caching=False):
 def test_preempted_request_is_swapped_out_and_back_in(prefix_caching):
     sched, runner, a, b = _two_growing_requests(num_host_blocks=8, prefix_caching=prefix_caching)
     b_blocks = list(b.block_ids)
+    hits_before = sched.num_hit_tokens
     out, _ = step(sched, runner)
     assert out.finished_request_ids == [1] and b.status is RequestStatus.WAITING
     assert [device for device, _ in out.swap_out] == b_blocks and out.swap_in == []
@@ -66,6 +67,7 @@ def test_preempted_request_is_swapped_out_and_back_in(prefix_caching):
     # freed blocks first): only the two blocks after it are copied back.
     assert [host for host, _ in pairs] == ([1, 2] if prefix_caching else [0, 1, 2])
     assert records == [(1, 12, 1, True)]  # its 12 tokens of KV were copied back, not recomputed
+    assert sched.num_hit_tokens - hits_before == (4 if prefix_caching else 0)  # swapped-in KV is no hit
     assert runner.num_swapped_out == 3 and runner.num_swapped_in == len(pairs)
     for r in (a, b):
         assert (r.output_token_ids, r.finish_reason) == run_alone(r)

@@ -42,10 +42,12 @@ class Reuse:
     num_device_blocks: int = 0  # blocks it gets without allocating (pin or cached hits)
     num_evictable: int = 0  # of those, free-cached ones: taking them makes that many fewer free
 
-    @property
-    def num_hit_tokens(self) -> int:
-        """Tokens reused on the device (pin or prefix cache), not copied back from the host."""
-        return 0 if self.swap_in else self.num_tokens
+    def num_hit_tokens(self, block_size: int) -> int:
+        """Tokens whose KV was on the device already (pin or prefix cache), not copied back from
+        the host."""
+        if self.from_session and not self.swap_in:
+            return self.num_tokens  # the session's pin
+        return len(self.cached_blocks) * block_size
 
     def blocks_to_admit(self, bm: BlockManager, num_new_tokens: int) -> int:
         """Free blocks that admitting the request with ``num_new_tokens`` to compute takes."""

@@ -228,7 +228,7 @@ class Scheduler:
             if request.num_preemptions == 0:
                 request.num_cached_tokens = reuse.num_tokens
             self.num_queried_tokens += request.num_tokens
-            self.num_hit_tokens += reuse.num_hit_tokens
+            self.num_hit_tokens += reuse.num_hit_tokens(bm.block_size)
             bm.allocate(request, reuse.num_tokens + num_tokens)
             waiting.popleft()
             request.status = _RUNNING
