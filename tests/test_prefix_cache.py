@@ -171,7 +171,7 @@ def test_second_request_starts_after_the_cached_prefix():
     sched.add_request(b)
     step(sched, runner)
     assert runner.steps[-1] == [(1, 8, len(b.prompt_token_ids) - 8, True)]  # computes from position 8
-    assert b.num_cached_tokens == 8 and sched.num_hit_tokens == 8
+    assert sched.num_hit_tokens == 8 and b.num_cached_tokens == 0  # no session: no conversation reused
     assert sched.num_queried_tokens == len(a.prompt_token_ids) + len(b.prompt_token_ids)
     run_all(sched, runner)
     assert (b.output_token_ids, b.finish_reason) == run_alone(b)
@@ -198,7 +198,7 @@ def test_requests_running_together_share_blocks_by_reference():
     b = _shared(1, prefix, 3)
     sched.add_request(b)
     step(sched, runner)
-    assert b.block_ids[:4] == a.block_ids[:4] and b.num_cached_tokens == 16
+    assert b.block_ids[:4] == a.block_ids[:4] and sched.num_hit_tokens == 16
     run_all(sched, runner)
     for r in (a, b):
         assert (r.output_token_ids, r.finish_reason) == run_alone(r)
@@ -238,7 +238,7 @@ def test_free_cached_hit_blocks_count_against_the_free_blocks():
     out, _ = step(sched, runner)
     assert list(out.num_scheduled_tokens) == [2]  # B waits: 3 hits leave the LRU + 2 new > 4 free
     run_all(sched, runner)
-    assert b.num_cached_tokens == 12
+    assert [rec for records in runner.steps for rec in records if rec[0] == 1][0][1] == 12  # B began at 12
     for r in (b, c):
         assert (r.output_token_ids, r.finish_reason) == run_alone(r)
     flush(sched, runner)

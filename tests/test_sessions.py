@@ -171,6 +171,7 @@ def test_sessions_with_a_common_prefix_pin_the_same_blocks():
             step(sched, runner)
     first, second = sched.sessions.get(1), sched.sessions.get(2)
     assert first.block_ids[:2] == second.block_ids[:2]  # the system prompt, by reference
+    assert sched.sessions.num_cached_blocks == len(set(first.block_ids) | set(second.block_ids))  # no double count
     sched.end_session(1)
     assert sched.block_manager.num_free_blocks == 32 - len(second.block_ids)  # still pinned by 2
     sched.check_invariants()

@@ -19,6 +19,7 @@ class RunStats:
     output_tokens: int
     ttft_s: List[float] = field(default_factory=list)  # per request, from submission
     decode_s: List[float] = field(default_factory=list)  # per request, first to last token
+    token_ids: List[List[int]] = field(default_factory=list)  # per request, what it generated
 
     @property
     def output_tok_s(self) -> float:
@@ -47,6 +48,7 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
     first: Dict[int, float] = {}
     last: Dict[int, float] = {}
     generated: Dict[int, int] = {}
+    tokens: Dict[int, List[int]] = {}
     remaining = [len(prompts)]
     errors: List[str] = []
 
@@ -56,6 +58,7 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
             if out.new_token_ids:
                 first.setdefault(out.request_id, now)
                 last[out.request_id] = now
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
             generated[out.request_id] = out.num_generated_tokens
             if out.finished:
                 if out.error:
@@ -72,4 +75,5 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
         raise RuntimeError(f"{len(errors)} benchmark request(s) failed: {errors[0]}")
     return RunStats(wall_s=wall, prompt_tokens=sum(len(p) for p in prompts),
                     output_tokens=sum(generated[i] for i in ids),
-                    ttft_s=[first[i] - start for i in ids], decode_s=[last[i] - first[i] for i in ids])
+                    ttft_s=[first[i] - start for i in ids], decode_s=[last[i] - first[i] for i in ids],
+                    token_ids=[tokens[i] for i in ids])

@@ -89,8 +89,8 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
         self.session_id = session_id
-        # Prompt tokens whose KV was reused at the first admission (a session's, or the prefix
-        # cache's), not computed.
+        # Of a session's turn: tokens of the conversation so far whose KV was reused at its first
+        # admission (the session's pin or host copy, or the prefix cache), not computed.
         self.num_cached_tokens = 0
         self.key_ids: List[int] = []  # prefix-cache key ids of the leading full blocks
         self.host_block_ids: List[int] = []  # KV swapped out to host memory while WAITING

@@ -224,9 +224,10 @@ class Scheduler:
                 num_tokens = min(request.num_tokens - reuse.num_tokens, budget)
                 if reuse.blocks_to_admit(bm, num_tokens) + reserve > bm.num_free_blocks:
                     return  # the head waits for blocks; later requests wait behind it (no skipping)
+            if request.session_id is not None and request.num_preemptions == 0:
+                # What the turn reuses of its conversation (the interactive API's history_tokens).
+                request.num_cached_tokens = min(reuse.num_tokens, len(self.sessions.history(request.session_id)))
             apply_reuse(request, reuse, bm, self.sessions, self.swap)
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = reuse.num_tokens
             self.num_queried_tokens += request.num_tokens
             self.num_hit_tokens += reuse.num_hit_tokens(bm.block_size)
             bm.allocate(request, reuse.num_tokens + num_tokens)
@@ -306,14 +307,17 @@ class Scheduler:
             request = self._requests.get(request_id)
             if request is None or request.status is not _RUNNING:
                 continue  # ended (abort, stop string) between schedule() and update()
-            request.num_computed_tokens += num_tokens
-            if request.num_computed_tokens > request.num_tokens:
+            computed = request.num_computed_tokens + num_tokens
+            request.num_computed_tokens = computed
+            num_known = len(request.all_token_ids)
+            if computed > num_known:
                 raise RuntimeError(f"update() out of step for request {request_id}: {num_tokens} tokens "
-                                   f"computed past its {request.num_tokens} tokens ({request!r})")
-            if caching and request.num_computed_tokens // bs > len(request.key_ids):  # filled a block
-                bm.cache_full_blocks(request, request.all_token_ids, request.num_computed_tokens,
-                                     request.cache_salt)
-            if request.num_computed_tokens < request.num_tokens:
+                                   f"computed past its {num_known} tokens ({request!r})")
+            # A step that fills a block registers it (and any filled before without a step of their
+            # own: blocks swapped back in at admission).
+            if caching and computed // bs != (computed - num_tokens) // bs:
+                bm.cache_full_blocks(request, request.all_token_ids, computed, request.cache_salt)
+            if computed < num_known:
                 continue  # a prompt chunk that does not reach the end: nothing sampled
             try:
                 token_id = sampled[request_id]

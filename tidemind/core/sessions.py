@@ -220,10 +220,9 @@ class SessionStore:
 
     @property
     def num_cached_blocks(self) -> int:
-        """Device blocks pinned by sessions."""
-        return sum(len(s.block_ids) for s in self._sessions.values())
-
-    @property
-    def num_host_blocks(self) -> int:
-        """Host blocks holding sessions' swapped KV."""
-        return sum(len(s.host_block_ids) for s in self._sessions.values())
+        """Distinct device blocks pinned by sessions (sessions with a common prefix share blocks).
+        Read by metrics from other threads: list() copies the sessions in one step under the GIL."""
+        pinned = set()
+        for session in list(self._sessions.values()):
+            pinned.update(session.block_ids)
+        return len(pinned)

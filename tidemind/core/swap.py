@@ -27,7 +27,7 @@ Invariant (check_invariants): every host block is exactly one of free (once), he
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 CopyPairs = List[Tuple[int, int]]  # (source block id, destination block id)
 
@@ -85,10 +85,6 @@ class SwapSpace:
     def release(self, host_blocks: Iterable[int], read_this_step: bool) -> None:
         """Give host blocks back: at the next step if a swap-in of this step reads them, else now."""
         (self._released if read_this_step else self._free).extend(host_blocks)
-
-    def written_this_step(self) -> Set[int]:
-        """Host blocks this step's swap-outs write: garbage if the step fails before its copies."""
-        return {host for _, host in self._swap_out}
 
     def check_invariants(self, holders: Iterable[Sequence[int]]) -> None:
         """Raise AssertionError unless free, released and held host blocks partition the pool."""

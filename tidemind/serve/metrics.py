@@ -36,8 +36,8 @@ _ENGINE_METRICS: Dict[str, Tuple[str, str, str]] = {
                         "counter"),
     "prompt_tokens_total": ("prompt_tokens", "Prompt tokens of requests that produced a first token.", "counter"),
     "cached_prompt_tokens_total": ("cached_prompt_tokens",
-                                   "Prompt tokens whose KV was reused (a session's, the prefix cache's or a host "
-                                   "copy's) instead of computed.",
+                                   "Prompt tokens of session turns whose conversation KV was reused instead of "
+                                   "computed (prefix-cache hits of all requests: prefix_cache_hits).",
                                    "counter"),
     "generated_tokens_total": ("generation_tokens", "Generated tokens.", "counter"),
     "prefix_cache_queries_total": ("prefix_cache_queries",
