@@ -56,6 +56,9 @@ def test_cache_salt_separates_requests():
     assert bm.find_cached_prefix(tokens)[0] == []
     assert bm.find_cached_prefix(tokens, salt="tenant-b")[0] == []
     assert bm.find_cached_prefix(tokens, salt="tenant-a")[0] == a.block_ids[:2]
+    b = _computed(bm, [1, 2, 3, 4, 5, 6, 7, 8, 9], rid=1)  # unsalted: key ids 2 and 3
+    # a salt equal to a key id is no parent: block [5..8] after salt 2 is not block [5..8] after [1..4]
+    assert bm.find_cached_prefix([5, 6, 7, 8, 0], salt=b.key_ids[0])[0] == []
 
 
 def test_caching_off_registers_and_finds_nothing():

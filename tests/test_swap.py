@@ -243,3 +243,29 @@ def test_a_failed_step_drops_the_host_copies_it_was_to_make():
     runner.drop(out.finished_request_ids)
     run_all(sched, runner)  # B recomputes from scratch: nothing reads the copy that was never made
     assert (b.output_token_ids, b.finish_reason) == run_alone(b)
+
+
+def test_a_failed_step_does_not_give_a_session_kv_it_never_copied_back():
+    sched, runner = make_scheduler(num_blocks=4, block_size=4, num_host_blocks=4)
+    sched.add_request(_turn(0, 1, [], [1, 2, 3, 4, 5, 6], max_new_tokens=3))
+    run_all_turns(sched, runner)
+    sched.add_request(make_request(5, 13, max_new_tokens=2, eos=()))  # the pin goes to the host
+    run_all_turns(sched, runner)
+    history = sched.sessions.history(1)
+    second = _turn(1, 1, history, [9], max_new_tokens=3)
+    sched.add_request(second)
+    out = sched.schedule()
+    assert out.swap_in and second.num_computed_tokens == 8
+    runner.drop(out.finished_request_ids)  # the runner read the step, then failed before its copies
+    runner._apply_deltas(out)
+    sched.step_failed(out)
+    assert second.num_computed_tokens == 0
+    sched.finish_request(1, "error")  # what the engine does next: the turn is forgotten
+    assert sched.sessions.get(1).num_cached == 0  # nothing valid to give back
+    third = _turn(2, 1, history, [9], max_new_tokens=3)
+    sched.add_request(third)
+    run_all_turns(sched, runner)
+    assert (third.output_token_ids, third.finish_reason) == run_alone(
+        make_request(2, history + [9], eos=(), seed=99, max_new_tokens=3))
+    sched.end_session(1)
+    flush(sched, runner)

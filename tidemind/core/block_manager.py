@@ -20,16 +20,17 @@ Prefix cache (``enable_prefix_caching``; off, no block ever carries a key and th
 A full block whose KV is computed is registered under the key
 
     (parent, tokens)    tokens: the block's block_size token ids, as a tuple
-                        parent: the key id of the block before it in its sequence, or, for a first
-                        block, the request's cache salt (None unless the request names one: a LoRA
-                        adapter or a tenant that must not share KV would)
+                        parent: the key id of the block before it in its sequence (an int), or,
+                        for a first block, ("root", the request's cache salt): the salt is None
+                        unless the request names one (a LoRA adapter, or a tenant that must not
+                        share KV, would)
 
 Key ids are handed out once and never reused, so by induction a key names exactly one token
 sequence from position 0: two different prefixes never share a block, whatever their hash values
 (the dict compares keys, so a hash collision costs a probe, never a wrong block). ``_cached`` maps
 key -> block, ``_key_of[block]`` is the reverse. A holder keeps ``key_ids``: the key id of each of
-its leading full, computed blocks, in order; a request registers its next block as it becomes full
-(cache_full_blocks, called by the scheduler when a step completes it). When the key is already
+its leading full, computed blocks, in order; a request registers its blocks as they fill
+(cache_full_blocks, called by the scheduler after a step that fills one). When the key is already
 cached (another request computed the same prefix in the same steps), the request's own block stays
 unregistered, a duplicate, and its chain goes on from the cached block's key id.
 
@@ -51,6 +52,11 @@ BlockKey = Tuple[Hashable, Tuple[int, ...]]  # (parent key id or cache salt, the
 def block_key(parent: Hashable, tokens: Sequence[int]) -> BlockKey:
     """The prefix-cache key of a full block: its tokens and what came before them (see above)."""
     return parent, tuple(tokens)
+
+
+def _root(salt: Hashable) -> Hashable:
+    """The parent of a sequence's first block: never equal to a key id, whatever the salt."""
+    return "root", salt
 
 
 class BlockHolder(Protocol):
@@ -214,7 +220,7 @@ class BlockManager:
         bs = self._block_size
         blocks: List[int] = []
         key_ids: List[int] = []
-        parent = salt
+        parent = _root(salt)
         cached = self._cached
         for start in range(0, len(token_ids) - bs, bs):  # full blocks ending before the last token
             block_id = cached.get(block_key(parent, token_ids[start:start + bs]))
@@ -252,7 +258,7 @@ class BlockManager:
         bs = self._block_size
         key_ids = holder.key_ids
         for index in range(len(key_ids), num_computed_tokens // bs):
-            parent = key_ids[-1] if key_ids else salt
+            parent = key_ids[-1] if key_ids else _root(salt)
             key = block_key(parent, token_ids[index * bs:(index + 1) * bs])
             block_id = holder.block_ids[index]
             existing = self._cached.get(key)

@@ -16,9 +16,10 @@ when its host copy reaches further, swaps in the rest of the copy after the cach
 
 A host copy that is not used is released; so is a session's, so that a session whose turn has been
 admitted holds no KV (the turn gives it back when it ends). The request's own host copy exists
-only after an admission, the session's only before: never both. Whatever the source, num_computed_tokens starts below
-num_tokens: a session pins one token less than its conversation, a preempted request had not
-computed its last token, and a prefix-cache lookup never covers the last token.
+only after an admission, the session's only before: never both. Whatever the source,
+num_computed_tokens starts below num_tokens: a session pins one token less than its conversation,
+a preempted request had not computed its last token, and a prefix-cache lookup never covers the
+last token.
 """
 from __future__ import annotations
 

@@ -282,17 +282,24 @@ class Scheduler:
             request.num_swapped_tokens = request.num_computed_tokens
 
     def step_failed(self, scheduler_output: SchedulerOutput) -> None:
-        """The runner failed on ``scheduler_output``: its swap-outs may not have happened, so the
-        host copies they were to fill are dropped (those requests and sessions recompute)."""
-        doomed = {host for _, host in scheduler_output.swap_out}
-        if not doomed:
+        """The runner failed on ``scheduler_output``; call before failing the step's requests. Its
+        block copies may not have happened: the host copies its swap-outs were to fill are dropped
+        (those requests and sessions recompute), and a request swapped in by it claims only the KV
+        before its first swapped-in block (what an aborted turn gives back to its session)."""
+        if not scheduler_output.swap_out and not scheduler_output.swap_in:
             return
+        doomed = {host for _, host in scheduler_output.swap_out}
         for request in self._waiting:
             if doomed.intersection(request.host_block_ids):
                 self.swap.release(request.host_block_ids, read_this_step=False)
                 request.host_block_ids = []
                 request.num_swapped_tokens = 0
         self.sessions.drop_host_blocks(doomed)
+        not_copied = {device for _, device in scheduler_output.swap_in}
+        for request in self._running:
+            first = next((i for i, b in enumerate(request.block_ids) if b in not_copied), None)
+            if first is not None:
+                request.num_computed_tokens = min(request.num_computed_tokens, first * self.block_manager.block_size)
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> List[Request]:
         """Apply one executed step: advance num_computed_tokens, append sampled tokens, end the
