@@ -76,7 +76,7 @@ class SwapSpace:
 
     def swap_in(self, host_blocks: Sequence[int], device_blocks: Sequence[int]) -> None:
         """Copy ``host_blocks`` back into ``device_blocks``, pairwise. The caller then releases the
-        host blocks (release(..., read=True))."""
+        host blocks (release(..., read_this_step=True))."""
         if len(host_blocks) != len(device_blocks):
             raise RuntimeError(f"swap-in of {len(host_blocks)} host blocks into {len(device_blocks)} device blocks")
         self._swap_in.extend(zip(host_blocks, device_blocks))
