@@ -102,7 +102,7 @@ def test_swap_pool_size_from_blocks_or_gib_with_errors_naming_the_fix(monkeypatc
 def test_flags_follow_lmdeploys_names():
     import argparse
 
-    from tidemind.cli.args import add_config_flags, config_from_args
+    from tidemind.config_flags import add_config_flags, config_from_args
     from tidemind.config import EngineConfig
 
     parser = argparse.ArgumentParser()

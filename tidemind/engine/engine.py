@@ -168,6 +168,8 @@ class Engine:
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
+            if scheduled.finished_request_ids:  # nothing to run, but the runner must forget these
+                self.executor.execute(scheduled)
             return outputs
         try:
             FAULTS.check("execute")

@@ -19,6 +19,8 @@ from tqdm.auto import tqdm
 from ..config import ModelConfig
 from ..layers.context import BuildContext
 from ..models.registry import get_model_class, supported_architectures
+from .config_check import GENERATION_CONFIG_KEYS, check_config_values
+from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -27,14 +29,15 @@ TO_SAFETENSORS_HINT = ("convert it once with: python -c \"from transformers impo
                        "M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be read as a model."""
-
-
 def _read_json(path: str) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                              f"JSON files must be UTF-8: save it as UTF-8, or restore the model's original "
+                              f"file") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download the file") from None
 
@@ -52,8 +55,12 @@ def check_model_dir(path: str) -> None:
 
 
 def read_hf_config(path: str) -> dict:
+    """config.json of a model directory, its value types checked (CheckpointError names the key)."""
     check_model_dir(path)
-    return _read_json(os.path.join(path, "config.json"))
+    config_path = os.path.join(path, "config.json")
+    config = _read_json(config_path)
+    check_config_values(config, config_path)
+    return config
 
 
 def safetensors_files(path: str) -> List[str]:
@@ -116,6 +123,7 @@ def _with_generation_config(path: str, config: ModelConfig) -> ModelConfig:
     if not os.path.isfile(gen_path):
         return config
     gen = _read_json(gen_path)
+    check_config_values(gen, gen_path, GENERATION_CONFIG_KEYS)
     changes = {}
     if gen.get("eos_token_id") is not None:
         changes["eos_token_ids"] = _ids(gen["eos_token_id"])
@@ -133,6 +141,27 @@ def model_class_for(hf_config: dict, path: str) -> type:
     return get_model_class(architectures[0])
 
 
+def model_head_dim(path: str) -> int:
+    """The attention head size of the model in `path`, read from its config.json before loading."""
+    hf_config = read_hf_config(path)
+    return model_class_for(hf_config, path).model_config(hf_config).head_dim
+
+
+def _build_on_meta(model_cls: type, hf_config: dict, config_path: str, ctx: Optional[BuildContext]) -> torch.nn.Module:
+    """The model, its parameters on the meta device. Building reads config.json's values only, so
+    whatever fails in it is about that file, and the error says so (check_config_values caught the
+    common cases with a more precise message already)."""
+    try:
+        with torch.device("meta"):
+            return model_cls(hf_config, ctx)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    except (TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{config_path}: cannot build {model_cls.__name__} from it ({type(exc).__name__}: "
+                              f"{exc}); a value there is missing or of the wrong form: compare it with the model's "
+                              f"original config.json") from exc
+
+
 def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None
                ) -> Tuple[torch.nn.Module, ModelConfig]:
     """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory.
@@ -141,8 +170,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optiona
     hf_config = read_hf_config(path)
     model_cls = model_class_for(hf_config, path)
     files = safetensors_files(path)
-    with torch.device("meta"):
-        model = model_cls(hf_config, ctx)
+    model = _build_on_meta(model_cls, hf_config, os.path.join(path, "config.json"), ctx)
     model = model.to(dtype=dtype)
     model.to_empty(device=device)
     model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))

@@ -14,6 +14,7 @@ from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
 from ..layers.context import BuildContext
 from ..loader import load_model
+from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .input_batch import InputBatch
@@ -35,7 +36,7 @@ class ModelRunner:
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto"):
         self.device = device
         self.dtype = dtype
-        backend_name = resolve_attention_backend(attention_backend, device)
+        backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path))
         # The layer kernels follow the attention backend: Triton for both, or the torch reference.
         self.build_context = BuildContext(kernels=kernel_set(backend_name),
                                           attention_backend=create_attention_backend(backend_name))
