@@ -18,8 +18,8 @@ warm-up of 8 short requests that share nothing with the workload (the engine cou
 include them). Each run appends a record to $OUT/results.jsonl (format of benchmarks/gpu_bench.py,
 plus the sizes below and the engine's prefix-cache and swap counters); a table closes. MODEL: a
 model directory (llama8b-shape: .peers/mkmodel.py, see benchmarks/gpu_run.sh) or a bundled name.
-With the default sizes all three workloads take about 6-7 minutes on an H100-class GPU (estimated
-from T1 there); pass one or two workloads per call if the call's time is shorter.
+With the default sizes all three workloads should take about 5-6 minutes on an H200 (estimated:
+six start-ups of ~25 s, T1 there in 17 s); pass one or two workloads per call if a call is shorter.
 
 CPU dry run of the script itself (about two minutes on 2 cores):
     T1P_N=6 T1P_NEW=8 PREFIX_LEN=96 CHAT_N=3 CHAT_TURNS=2 CHAT_FIRST=64 CHAT_USER=16 CHAT_NEW=16 \\
@@ -45,7 +45,7 @@ def _env(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
-T1P_N, T1P_NEW, PREFIX_LEN = _env("T1P_N", 256), _env("T1P_NEW", 256), _env("PREFIX_LEN", 1024)
+T1P_N, T1P_NEW, PREFIX_LEN = _env("T1P_N", 512), _env("T1P_NEW", 256), _env("PREFIX_LEN", 1024)
 CHAT_N, CHAT_TURNS = _env("CHAT_N", 64), _env("CHAT_TURNS", 4)
 CHAT_FIRST, CHAT_USER, CHAT_NEW = _env("CHAT_FIRST", 512), _env("CHAT_USER", 128), _env("CHAT_NEW", 128)
 SWAP_N, SWAP_PROMPT, SWAP_NEW, SWAP_FIT = _env("SWAP_N", 64), _env("SWAP_PROMPT", 1024), _env("SWAP_NEW", 512), \
