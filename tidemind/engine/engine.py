@@ -58,8 +58,12 @@ class Engine:
                            "tokens (raise --cache-max-entry-count or --num-gpu-blocks)",
                            spec.num_tokens, self.session_len, self.max_total_tokens)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.block_manager = BlockManager(spec.num_blocks, spec.block_size)
-        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.config.max_prefill_token_num)
+        self.block_manager = BlockManager(spec.num_blocks, spec.block_size,
+                                          enable_prefix_caching=self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.config.max_prefill_token_num,
+                                   num_host_blocks=spec.num_host_blocks)
+        logger.info("prefix caching %s; KV swap to host %s", "on" if self.config.enable_prefix_caching else "off",
+                    f"on ({spec.num_host_blocks} blocks)" if spec.num_host_blocks else "off")
         self._detokenizers: Dict[int, IncrementalDetokenizer] = {}
         self._pending: List[RequestOutput] = []  # outputs of aborts, emitted by the next step()
         # Counters for metrics: prompt tokens of requests that got a first token, how many of
@@ -130,14 +134,26 @@ class Engine:
 
     def stats(self) -> Dict[str, float]:
         """A snapshot for metrics (read from any thread; values may be one step apart)."""
-        bm = self.block_manager
-        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+        bm, scheduler = self.block_manager, self.scheduler
+        swap = scheduler.swap
+        return {"num_running": scheduler.num_running, "num_waiting": scheduler.num_waiting,
                 "kv_blocks_total": bm.num_total_blocks, "kv_blocks_free": bm.num_free_blocks,
-                "kv_usage": bm.usage, "kv_blocks_in_idle_sessions": self.scheduler.sessions.num_cached_blocks,
-                "num_sessions": len(self.scheduler.sessions), "num_preemptions": self.scheduler.num_preemptions,
+                "kv_usage": bm.usage, "kv_blocks_in_idle_sessions": scheduler.sessions.num_cached_blocks,
+                "num_sessions": len(scheduler.sessions), "num_preemptions": scheduler.num_preemptions,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
-                "generated_tokens_total": self.generated_tokens_total}
+                "generated_tokens_total": self.generated_tokens_total,
+                # prefix cache: admitted tokens looked up and found (a session's pin counts as found)
+                "prefix_cache_queries_total": scheduler.num_queried_tokens,
+                "prefix_cache_hits_total": scheduler.num_hit_tokens,
+                "prefix_cache_hit_rate": scheduler.num_hit_tokens / max(1, scheduler.num_queried_tokens),
+                "kv_blocks_cached": bm.num_cached_blocks, "kv_blocks_evictable": bm.num_evictable_blocks,
+                "kv_blocks_evicted_total": bm.num_evictions,
+                # host swap pool (zeros without one)
+                "cpu_blocks_total": swap.num_total_blocks if swap else 0,
+                "cpu_blocks_free": swap.num_free_blocks if swap else 0,
+                "swap_out_blocks_total": swap.num_blocks_swapped_out if swap else 0,
+                "swap_in_blocks_total": swap.num_blocks_swapped_in if swap else 0}
 
     def abort_all(self, error: str) -> None:
         """End every unfinished request with finish_reason "error" (the engine is closing)."""
@@ -161,6 +177,7 @@ class Engine:
         except Exception:
             request_ids = list(scheduled.num_scheduled_tokens)
             logger.exception("engine step failed; failing its requests %s", request_ids)
+            self.scheduler.step_failed(scheduled)  # host copies this step was to make are not trusted
             FAULTS.check("recovery")
             for request_id in request_ids:
                 self.fail_request(request_id, STEP_FAILED)
