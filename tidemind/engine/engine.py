@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Dict, List, Optional, Sequence
 
 from ..chat.detokenizer import IncrementalDetokenizer, add_tokens
@@ -40,15 +41,19 @@ class Engine:
         logger.info("model %s: %s", self.resolved.name, self.resolved.path)
         self.executor = create_executor(self.resolved.path, self.config)
         self.model_config = self.executor.model_config
+        start = time.perf_counter()
         self.tokenizer = Tokenizer.from_pretrained(self.resolved.path)
+        logger.info("tokenizer loaded in %.1f s", time.perf_counter() - start)
         self.session_len = self.config.session_len or self.model_config.max_position_embeddings
         if self.session_len > self.model_config.max_position_embeddings:
             logger.warning("session_len=%d is longer than the model was trained for (%d positions)",
                            self.session_len, self.model_config.max_position_embeddings)
         self.max_batch_size = self.config.max_batch_size or (256 if self.executor.device_type == "cuda" else 64)
+        start = time.perf_counter()
         self.kv_spec = spec = self.executor.init_kv_cache(self.config, self.session_len, self.max_batch_size)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)", spec.num_blocks,
-                    spec.block_size, spec.num_tokens, spec.num_bytes / 2**30, spec.budget_source)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s), allocated in %.1f s", spec.num_blocks,
+                    spec.block_size, spec.num_tokens, spec.num_bytes / 2**30, spec.budget_source,
+                    time.perf_counter() - start)
         if not self.config.eager_mode:
             self.executor.capture_graphs(self.max_batch_size)
         # A lone sequence must always fit in the cache, or preemption could never make room for it.

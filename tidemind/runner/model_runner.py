@@ -99,7 +99,7 @@ class ModelRunner:
         batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
         if not step.sampled_request_ids:
             return RunnerOutput(sampled_token_ids={})
-        if len(step.sampled_request_ids) < step.layout.num_tokens:
+        if len(step.sampled_request_ids) < step.num_tokens:
             hidden = hidden.index_select(0, step.logits_indices)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32
         token_ids, logprobs = self._sample(logits, step)
@@ -109,8 +109,8 @@ class ModelRunner:
                             logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None})
 
     def _forward(self, step: PreparedStep) -> torch.Tensor:
-        if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.layout.num_seqs):
-            return self.graphs.run(step.layout.num_seqs)
+        if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.num_seqs):
+            return self.graphs.run(step.num_seqs)
         metadata = self.attention.build_metadata(step.layout)
         return self.model(step.input_ids, step.positions, self.kv_caches, metadata)
 
