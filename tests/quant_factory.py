@@ -142,3 +142,33 @@ def write_w8a8(hf_model, path: str) -> Dict[str, Tuple[torch.Tensor, torch.Tenso
         state[f"{module}.weight"].copy_(q.float() * scale)
     _write(path, hf_model, dense, {"quant_method": "smooth_quant"})
     return stored
+
+
+def unpack_columns(words: torch.Tensor, bits: int, order) -> torch.Tensor:
+    """The inverse of pack_columns, word by word: int32 [rows, n] -> [rows, n * 32 / bits]."""
+    per_word = 32 // bits
+    out = []
+    for row in words.tolist():
+        values = [0] * (len(row) * per_word)
+        for j, word in enumerate(row):
+            word &= 0xFFFFFFFF
+            for i in range(per_word):
+                values[j * per_word + order[i]] = (word >> (bits * i)) & ((1 << bits) - 1)
+        out.append(values)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def dense_state_from_awq(tensors: Dict[str, torch.Tensor], group: int) -> Dict[str, torch.Tensor]:
+    """What an independent AWQ reader makes of a checkpoint: every (qweight, qzeros, scales) triple
+    turned back into a float32 weight [out, in]; other tensors as float32."""
+    dense = {}
+    for name, tensor in tensors.items():
+        module, _, leaf = name.rpartition(".")
+        if leaf == "qweight":
+            q = unpack_columns(tensor, 4, AWQ_NIBBLE_COLUMN)  # [in, out]
+            z = unpack_columns(tensors[f"{module}.qzeros"], 4, AWQ_NIBBLE_COLUMN).repeat_interleave(group, 0)
+            s = tensors[f"{module}.scales"].float().repeat_interleave(group, 0)
+            dense[f"{module}.weight"] = ((q - z).float() * s).t().contiguous()
+        elif leaf not in ("qzeros", "scales"):
+            dense[name] = tensor.float()
+    return dense

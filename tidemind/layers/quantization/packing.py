@@ -46,10 +46,10 @@ def unpack(packed: torch.Tensor, bits: int, dim: int, order: Optional[Sequence[i
     per_word = 32 // bits
     dim = dim % packed.dim()
     moved = packed.movedim(dim, -1).to(torch.int32)
-    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
-    values = (moved.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [.., m, per_word], nibble order
-    if order is not None:
-        values = values[..., _inverse(order)]
+    # value i of a run sits in the nibble the packing order gave it
+    nibbles = _inverse(order) if order is not None else range(per_word)
+    shifts = torch.tensor([bits * n for n in nibbles], dtype=torch.int32, device=packed.device)
+    values = (moved.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # [.., m, per_word]
     return values.reshape(*moved.shape[:-1], -1).movedim(-1, dim).contiguous()
 
 
