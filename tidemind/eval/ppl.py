@@ -136,9 +136,18 @@ class ModelSpec:
 
 @dataclass
 class _Tally:
-    nll: List[torch.Tensor] = dataclasses.field(default_factory=list)  # per chunk [rows] float64
+    nll: List[torch.Tensor] = dataclasses.field(default_factory=list)  # per chunk [rows] float64, on the CPU
     kl: List[torch.Tensor] = dataclasses.field(default_factory=list)
     agree: int = 0
+
+    def add_nll(self, log_probs: torch.Tensor, targets: torch.Tensor) -> None:
+        # log_probs [rows, vocab] of the positions before targets [rows]
+        picked = log_probs.gather(1, targets.to(log_probs.device)[:, None]).squeeze(1)
+        self.nll.append(-picked.double().cpu())
+
+    def add_comparison(self, log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> None:
+        self.kl.append((ref_log_probs.exp() * (ref_log_probs - log_probs)).sum(-1).double().cpu())
+        self.agree += int((log_probs.argmax(-1) == ref_log_probs.argmax(-1)).sum())
 
 
 def evaluate(models: Sequence[ModelSpec], windows: torch.Tensor, reference: Optional[ModelSpec] = None
@@ -152,20 +161,17 @@ def evaluate(models: Sequence[ModelSpec], windows: torch.Tensor, reference: Opti
     tallies, ref_tally = [_Tally() for _ in models], _Tally()
     try:
         for window in tqdm(windows, desc="Perplexity windows", unit="window"):
-            targets = window[1:, None]
             hiddens = [scorer.hidden(window) for scorer in scorers]
             ref_hidden = ref_scorer.hidden(window) if ref_scorer is not None else None
             for start, stop in _chunks(seq_len):
-                rows = targets[start:stop]
-                ref_lp = ref_scorer.log_probs(ref_hidden, start, stop).cpu() if ref_scorer is not None else None
+                ref_lp = ref_scorer.log_probs(ref_hidden, start, stop) if ref_scorer is not None else None
                 if ref_lp is not None:
-                    ref_tally.nll.append(-ref_lp.gather(1, rows).squeeze(1).double())
+                    ref_tally.add_nll(ref_lp, window[start + 1:stop + 1])
                 for scorer, hidden, tally in zip(scorers, hiddens, tallies):
-                    lp = scorer.log_probs(hidden, start, stop).cpu()  # [rows, vocab] float32
-                    tally.nll.append(-lp.gather(1, rows).squeeze(1).double())
+                    lp = scorer.log_probs(hidden, start, stop)  # [rows, vocab] float32, on the model's device
+                    tally.add_nll(lp, window[start + 1:stop + 1])
                     if ref_lp is not None:
-                        tally.kl.append((ref_lp.exp() * (ref_lp - lp)).sum(-1).double())
-                        tally.agree += int((lp.argmax(-1) == ref_lp.argmax(-1)).sum())
+                        tally.add_comparison(lp, ref_lp.to(lp.device))
     finally:
         for scorer in scorers + ([ref_scorer] if ref_scorer is not None else []):
             scorer.close()
