@@ -78,10 +78,10 @@ DENSE_WEIGHT = ParamLayout(output_dim=0, input_dim=1)
 BIAS = ParamLayout(output_dim=0)
 
 
-def add_param(layer: nn.Module, name: str, shape: Sequence[int], layout: ParamLayout,
-              dtype: Optional[torch.dtype] = None) -> None:
-    """Register an empty, frozen parameter with its layout (dtype: layout.dtype, else the default)."""
-    dtype = layout.dtype or dtype or torch.get_default_dtype()
+def add_param(layer: nn.Module, name: str, shape: Sequence[int], layout: ParamLayout) -> None:
+    """Register an empty, frozen parameter with its layout (dtype: layout.dtype, else the default
+    dtype, which model.to(dtype) later turns into the model's)."""
+    dtype = layout.dtype or torch.get_default_dtype()
     layer.register_parameter(name, nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False))
     if "param_layouts" not in layer.__dict__:
         layer.param_layouts = {}
