@@ -1,12 +1,14 @@
-"""tidemind on the GPU machine: greedy equality with transformers, and the D1 / T1 workloads.
+"""tidemind on the GPU machine: greedy equality with transformers, and the D1 / L1 / T1 / S1 workloads.
 
-    python benchmarks/gpu_bench.py check GGUF        # SmolLM2 float32: 32 prompts, 64 new tokens,
-                                                     # one at a time and batched, vs transformers
-    python benchmarks/gpu_bench.py d1t1 MODEL_DIR    # D1 and T1 (benchmarks/WORKLOADS.md) in bfloat16
+    python benchmarks/gpu_bench.py check GGUF        # SmolLM2 float32: 32 prompts, 64 new tokens, vs
+                                                     # transformers: one at a time and batched, CUDA
+                                                     # graphs and eager, and a batch limit of 4
+    python benchmarks/gpu_bench.py perf MODEL_DIR    # start-up, KV tokens, D1, L1, T1 (WORKLOADS.md), bf16
+    python benchmarks/gpu_bench.py serve MODEL_DIR   # S1 at rate inf through tidemind's own api_server
 
 Every figure is appended to $OUT/results.jsonl in the same format as the peer scripts
 (../shared/bench/gpu), so one summary table holds tidemind and its peers from the same machine.
-For a CPU dry run of the script itself: D1_NEW=8 T1_N=4 T1_NEW=4 python ... d1t1 SMALL_MODEL_DIR.
+For a CPU dry run of the script itself: D1_NEW=8 L1_LEN=64 T1_N=4 T1_NEW=4 python ... perf SMALL_MODEL_DIR.
 """
 from __future__ import annotations
 
@@ -23,8 +25,10 @@ from tidemind.bench.offline import run_requests
 from tidemind.bench.workloads import chat_prompts, random_prompt, t1_prompts
 
 D1_NEW = int(os.environ.get("D1_NEW", 512))
+L1_LEN = int(os.environ.get("L1_LEN", 8000))
 T1_NEW = int(os.environ.get("T1_NEW", 256))
 T1_N = int(os.environ.get("T1_N", 512))
+DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
 CMD = "python benchmarks/gpu_bench.py " + " ".join(sys.argv[1:])
 
 
@@ -90,9 +94,17 @@ def check(gguf: str, device: str = "cuda") -> None:
                dtype="float32", mismatched_prompts=floor, cmd=CMD)
         print(f"transformers sdpa vs eager: {len(prompts) - len(floor)}/{len(prompts)} prompts identical", flush=True)
     greedy = GenerationConfig(max_new_tokens=64, logprobs=2)
-    with pipeline(gguf, backend_config=EngineConfig(dtype="float32", device=device), log_level="INFO") as pipe:
-        runs = {"one at a time": [pipe(p, greedy) for p in prompts], "batched": pipe(prompts, greedy)}
-        stop_ids = pipe.engine.eos_token_ids
+    runs = {}
+    # (label, engine settings): CUDA graphs (the default) one at a time and batched, eager batched,
+    # and batched under a batch limit of 4 (other batch compositions and graph sizes).
+    modes = (("graphs, one at a time", {}), ("graphs, batched", {}), ("eager, batched", {"eager_mode": True}),
+             ("graphs, max_batch_size=4", {"max_batch_size": 4}))
+    for label, settings in modes:
+        config = EngineConfig(dtype="float32", device=device, **settings)
+        with pipeline(gguf, backend_config=config, log_level="INFO") as pipe:
+            one_by_one = label.endswith("one at a time")
+            runs[label] = [pipe(p, greedy) for p in prompts] if one_by_one else pipe(prompts, greedy)
+            stop_ids = pipe.engine.eos_token_ids
     # transformers versions disagree on a GGUF tokenizer's EOS (5.17 takes <|endoftext|>, 5.24
     # <|im_end|>), so transformers generates with its own and its output is cut after the first
     # token of the model's EOS set (generation_config + tokenizer, what our engine stops on).
@@ -103,7 +115,7 @@ def check(gguf: str, device: str = "cuda") -> None:
     for impl, (expected, hf_logprobs) in references.items():
         # Noise level: our log-probs of the first answer token's top two against transformers' own.
         first_diff = max(abs(r.logprobs[0][tok] - hf_logprobs[i][0][tok].item())
-                         for i, r in enumerate(runs["one at a time"]) for tok in r.logprobs[0])
+                         for i, r in enumerate(runs["graphs, one at a time"]) for tok in r.logprobs[0])
         for mode, got in runs.items():
             mismatched = {i: _divergence(r.token_ids, expected[i], hf_logprobs[i], r.logprobs)
                           for i, r in enumerate(got) if r.token_ids != expected[i]}
@@ -112,6 +124,12 @@ def check(gguf: str, device: str = "cuda") -> None:
                    max_first_token_logprob_diff=first_diff, cmd=CMD)
             print(f"{mode} vs transformers-{impl}: {len(prompts) - len(mismatched)}/{len(prompts)} identical; "
                   f"first-token log-prob difference up to {first_diff:.2e}; divergences {mismatched}", flush=True)
+    base = [r.token_ids for r in runs["graphs, one at a time"]]
+    for mode, got in runs.items():
+        differ = [i for i, r in enumerate(got) if r.token_ids != base[i]]
+        record(system="tidemind", workload="greedy-mode-invariance", mode=mode, prompts=len(prompts),
+               differing_from_graphs_one_at_a_time=differ, cmd=CMD)
+        print(f"{mode}: {len(prompts) - len(differ)}/{len(prompts)} identical to graphs one at a time", flush=True)
 
 
 def d1(pipe) -> None:
@@ -127,6 +145,17 @@ def d1(pipe) -> None:
     record(system="tidemind", workload="D1", runs=runs, cmd=CMD, **med)
 
 
+def l1(pipe) -> None:
+    """Time to first token of one L1_LEN-token prompt (64 new tokens), median of 3 after a warm-up."""
+    engine = pipe.async_engine
+    prompt = [random_prompt(pipe.engine.model_config.vocab_size, L1_LEN)]
+    gen = GenerationConfig(max_new_tokens=64, ignore_eos=True)
+    run_requests(engine, prompt, gen)
+    ttfts = [run_requests(engine, prompt, gen).ttft_s[0] for _ in range(3)]
+    print("L1 TTFT", ttfts, flush=True)
+    record(system="tidemind", workload="L1", prompt_tokens=L1_LEN, ttft_s=statistics.median(ttfts), runs=ttfts, cmd=CMD)
+
+
 def t1(pipe) -> None:
     engine = pipe.async_engine
     vocab = pipe.engine.model_config.vocab_size
@@ -135,21 +164,99 @@ def t1(pipe) -> None:
     run_requests(engine, warm, GenerationConfig(max_new_tokens=16, ignore_eos=True))
     print(f"T1 warm-up (64 requests x 16 tokens) {time.perf_counter() - start:.1f}s", flush=True)
     prompts = t1_prompts(vocab, T1_N)
-    stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
-    print("T1", stats.summary(), flush=True)
-    record(system="tidemind", workload="T1", requests=len(prompts), preemptions=pipe.engine.scheduler.num_preemptions,
-           cmd=CMD, **stats.summary())
+    for rep in range(int(os.environ.get("T1_REP", 2))):
+        before = pipe.engine.scheduler.num_preemptions
+        stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
+        print(f"T1 rep {rep}", stats.summary(), flush=True)
+        record(system="tidemind", workload="T1", rep=rep, requests=len(prompts),
+               preemptions=pipe.engine.scheduler.num_preemptions - before, cmd=CMD, **stats.summary())
+
+
+def perf(model_dir: str) -> None:
+    """Start-up, KV tokens, D1, L1, T1 with the default engine; should it fail to start (a first run
+    on new hardware), the traceback is recorded and the run goes on in eager mode."""
+    import traceback
+
+    config = EngineConfig(session_len=int(os.environ.get("SESSION_LEN", 8192)), max_batch_size=256,
+                          cache_max_entry_count=0.8, device=DEVICE)
+    try:
+        _perf_with(model_dir, config)
+    except Exception:
+        record(system="tidemind", workload="perf-failed", traceback=traceback.format_exc(), cmd=CMD)
+        traceback.print_exc()
+        if config.eager_mode:
+            raise
+        import torch
+
+        torch.cuda.empty_cache()
+        _perf_with(model_dir, EngineConfig(**{**config.__dict__, "eager_mode": True}))
+
+
+def _perf_with(model_dir: str, config: EngineConfig) -> None:
+    from tidemind.bench.device_ceilings import decode_roofline, measure_copy_bandwidth
+
+    start = time.perf_counter()
+    with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
+        startup = time.perf_counter() - start
+        runner = pipe.engine.executor.runner
+        roofline = decode_roofline(runner.model, measure_copy_bandwidth(runner.device))
+        record(system="tidemind", workload="startup", startup_s=startup, engine=pipe.engine.executor.description,
+               kv_cache_tokens=pipe.engine.kv_spec.num_tokens, kv_cache_blocks=pipe.engine.kv_spec.num_blocks,
+               block_size=pipe.engine.kv_spec.block_size, roofline=roofline, cmd=CMD)
+        print(f"ready in {startup:.1f}s; KV cache {pipe.engine.kv_spec.num_tokens} tokens; roofline {roofline}", flush=True)
+        d1(pipe)
+        l1(pipe)
+        t1(pipe)
+
+
+def _wait_healthy(url: str, server, timeout: float) -> None:
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the api_server exited with {server.returncode} before it was healthy")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"the api_server was not healthy within {timeout:.0f}s")
+
+
+def serve(model_dir: str) -> None:
+    """S1 at rate inf: the T1 requests over HTTP to `tidemind serve api_server`, streamed."""
+    import subprocess
+
+    port = int(os.environ.get("S1_PORT", 23400))
+    out = os.path.join(os.environ.get("OUT", "/tmp"), "s1")
+    server = subprocess.Popen([sys.executable, "-m", "tidemind.cli.main", "serve", "api_server", model_dir,
+                               "--server-port", str(port), "--session-len", "8192", "--max-batch-size", "256",
+                               "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    try:
+        cmd = [sys.executable, "-m", "tidemind.cli.main", "bench", "serve", "--url", f"http://127.0.0.1:{port}",
+               "--workload", "S1", "--request-rate", "inf", "--num-prompts", str(T1_N), "--max-tokens", str(T1_NEW),
+               "--vocab-size", os.environ.get("S1_VOCAB", "49152"), "--out", out, "--no-progress"]
+        _wait_healthy(f"http://127.0.0.1:{port}/health", server, timeout=300)
+        subprocess.run(cmd, check=True)
+        with open(out + ".json") as f:
+            summary = json.load(f)["runs"][0]["summary"]
+        record(system="tidemind", workload="S1", request_rate="inf", cmd=" ".join(cmd[1:]), **summary)
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
 
 
 def main() -> None:
     verb, path = sys.argv[1], sys.argv[2]
     if verb == "check":
         check(path, os.environ.get("CHECK_DEVICE", "cuda"))
-    elif verb == "d1t1":
-        config = EngineConfig(session_len=2048, max_batch_size=256, cache_max_entry_count=0.8)
-        with pipeline(path, backend_config=config, log_level="INFO") as pipe:
-            d1(pipe)
-            t1(pipe)
+    elif verb == "perf":
+        perf(path)
+    elif verb == "serve":
+        serve(path)
     else:
         raise SystemExit(__doc__)
 

@@ -262,3 +262,16 @@ def llama_cpp_rope_freqs(head_dim: int, base: float, factor: float, low: float =
             smooth = (old_context / wavelen - low) / (high - low)
             factors.append(1 / ((1 - smooth) / factor + smooth))
     return factors
+
+
+def save_tiny_tokenizer(path: str, vocab_size: int = VOCAB) -> None:
+    """A word-level tokenizer whose ids are "t0" .. "t{vocab_size-1}" (t2 is EOS), saved next to a
+    tiny model so that the engine can load the directory; tests feed token ids directly."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="t0", bos_token="t1", eos_token="t2",
+                            pad_token="t0").save_pretrained(path)

@@ -57,14 +57,14 @@ def wait_until_healthy(url: str, process: Optional[subprocess.Popen] = None, tim
 
 @contextlib.contextmanager
 def running(command: List[str], port: int, log_path: Optional[str] = None,
-            timeout: float = 120.0) -> Iterator[str]:
+            timeout: float = 120.0, env: Optional[dict] = None) -> Iterator[str]:
     """Run `tidemind <command...>` (which must listen on `port`) until the block ends; yields its URL.
 
     The process's output goes to `log_path` (or is discarded); on failure to start, the log tail is
     part of the error."""
     url = f"http://127.0.0.1:{port}"
     log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     process = subprocess.Popen([sys.executable, "-m", "tidemind.cli.main", *command], stdout=log,
                                stderr=subprocess.STDOUT, env=env)
     try:
@@ -73,6 +73,7 @@ def running(command: List[str], port: int, log_path: Optional[str] = None,
         except (RuntimeError, TimeoutError) as exc:
             tail = open(log_path).read()[-3000:] if log_path else ""
             raise RuntimeError(f"{exc}\n{tail}") from None
+        running.process = process  # for tests that watch the process itself (exit codes)
         yield url
     finally:
         stop(process)
@@ -82,10 +83,11 @@ def running(command: List[str], port: int, log_path: Optional[str] = None,
 
 @contextlib.contextmanager
 def api_server(*extra_args: str, model: Optional[str] = None, log_path: Optional[str] = None,
-               timeout: float = 120.0) -> Iterator[str]:
-    """A `tidemind serve api_server` on a free loopback port, float32 on the CPU."""
+               timeout: float = 120.0, env: Optional[dict] = None) -> Iterator[str]:
+    """A `tidemind serve api_server` on a free loopback port, float32 on the CPU; `env` adds
+    environment variables (e.g. TIDEMIND_INJECT_FAULTS)."""
     port = free_port()
     command = ["serve", "api_server", *([model] if model else []), "--server-name", "127.0.0.1",
                "--server-port", str(port), "--device", "cpu", "--dtype", "float32", *extra_args]
-    with running(command, port, log_path, timeout) as url:
+    with running(command, port, log_path, timeout, env) as url:
         yield url

@@ -104,3 +104,17 @@ def test_an_engine_that_cannot_go_on_fails_every_caller_at_once():
         assert not engine.is_alive and engine.failure and reasons == [engine.failure]
         with pytest.raises(EngineDeadError, match="restart"):
             engine.submit(PROMPTS[0], GREEDY, lambda out: None)
+
+
+def test_requests_that_leave_an_empty_engine_give_their_runner_rows_back(solo):
+    # Each lone request is aborted, so the step after it schedules nothing: the runner must still
+    # be told it left, or its batch rows (max_batch_size of them) run out.
+    with _pipe(max_batch_size=2) as pipe:
+        engine = pipe.async_engine
+        for _ in range(5):
+            outputs = engine.stream(PROMPTS[0], GREEDY.replace(max_new_tokens=200))
+            next(outputs)
+            outputs.close()  # aborts the request, still running: it has 199 tokens to go
+            assert _blocks_all_free(pipe)  # the abort was applied before the next request arrives
+        assert _collect(engine, PROMPTS[:1])[0] == (solo[0], "length", None)
+        assert len(pipe.engine.executor.runner.batch) <= 1

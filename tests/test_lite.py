@@ -241,9 +241,11 @@ def test_bad_lite_input_fails_before_any_work(tiny_dir, tmp_path, capsys, argv, 
     assert not os.path.exists(work)
 
 
-def test_lite_refuses_unsupported_and_quantized_models(tmp_path, capsys):
-    llama = make_hf_model("llama", str(tmp_path / "llama"), seed=7, head_dim=None, mlp_bias=False)
+def test_lite_refuses_unsupported_and_quantized_models(tmp_path, smollm2_path, capsys):
+    llama = tiny_model("llama", str(tmp_path / "llama"), smollm2_path, seed=7, head_dim=None, mlp_bias=False)
     write_internlm2_from_llama(llama, str(tmp_path / "internlm2"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(smollm2_path, name), tmp_path / "internlm2")
     code, _, err = run_cli(capsys, "lite", "auto_awq", str(tmp_path / "internlm2"), "--rtn",
                            "--work-dir", str(tmp_path / "w"))
     assert code == 2 and "tidemind lite quantizes LlamaForCausalLM" in err and "InternLM2ForCausalLM" in err

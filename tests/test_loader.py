@@ -107,7 +107,7 @@ def test_gemma3_gguf_matches_transformers():
     config = model.hf_config
     assert (config["head_dim"], config["sliding_window"], config["query_pre_attn_scalar"]) == (256, 512, 256)
     attention = [layer.self_attn.attn for layer in model.model.layers]
-    assert [a.sliding_window for a in attention[:6]] == [512] * 5 + [None]
+    assert [a.spec.sliding_window for a in attention[:6]] == [512] * 5 + [None]
     reference = transformers_gguf_model(GEMMA3.locate())
     assert_same_weights(model, reference)  # covers Q4_K, Q6_K, Q5_0, Q8_0 blocks and the norm - 1
     ours, ref = two_chunk_logits(model, model_config, ids), hf_logits(reference, ids)
@@ -343,3 +343,97 @@ def test_unsupported_rope_type_lists_supported(tiny_llama):
     with pytest.raises(ValueError, match="rope type 'longrope' is not supported; supported rope types: default, "
                                          "linear, dynamic, llama3, yarn"):
         load_model(str(path), torch.float32, CPU)
+
+
+# ---- config.json values, encoding, tokenizer files, truncated GGUF: one line naming the file and the fix
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"hidden_size": "64"}, "'hidden_size' must be a positive integer, not \"64\"; write it without quotes: 64"),
+    ({"num_hidden_layers": None}, "'num_hidden_layers' must be a positive integer, not null; set it to a positive "
+                                  "integer (the model's original config file has the right value)"),
+    ({"num_attention_heads": [4]}, "'num_attention_heads' must be a positive integer, not [4]"),
+    ({"num_key_value_heads": 0}, "'num_key_value_heads' must be a positive integer, not 0"),
+    ({"rms_norm_eps": "1e-5"}, "'rms_norm_eps' must be a number, not \"1e-5\"; write it without quotes: 1e-5"),
+    ({"tie_word_embeddings": "false"}, "'tie_word_embeddings' must be true or false, not \"false\"; write it "
+                                       "without quotes: false"),
+    ({"eos_token_id": [2, "3"]}, "'eos_token_id' must be a token id or a list of token ids"),
+    ({"text_config": {"hidden_size": 64.5}}, "'text_config.hidden_size' must be a positive integer, not 64.5"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "x"}},  # no listed key: the backstop
+     "cannot build LlamaForCausalLM from it (TypeError: "),
+])
+def test_config_values_of_the_wrong_type_name_file_key_and_fix(tiny_llama, changes, words):
+    _, path = tiny_llama
+    _edit_config(path, **changes)
+    with pytest.raises(CheckpointError) as caught:
+        load_model(str(path), torch.float32, CPU)
+    message = str(caught.value)
+    assert message.startswith(f"{path / 'config.json'}: ") and words in message and "\n" not in message, message
+
+
+def test_config_values_real_checkpoints_use_still_load(tiny_llama):
+    # the checks above must not refuse what published configs hold: old Llama's "pad_token_id": -1,
+    # null for optional values, a list of EOS ids
+    _, path = tiny_llama
+    _edit_config(path, pad_token_id=-1, rope_scaling=None, sliding_window=None, eos_token_id=[2, 3],
+                 max_position_embeddings=None)
+    load_model(str(path), torch.float32, CPU)
+
+
+def test_config_values_are_checked_before_loading(tiny_llama):
+    _, path = tiny_llama
+    _edit_config(path, num_attention_heads=[4])
+    (path / "tokenizer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="'num_attention_heads' must be"):
+        resolve_model(str(path))
+
+
+def test_generation_config_values_are_checked(tiny_llama):
+    _, path = tiny_llama
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": "2"}))
+    with pytest.raises(CheckpointError, match=f"^{path / 'generation_config.json'}: 'eos_token_id' must be a token "
+                                              f"id or a list of token ids, not \"2\"; write it without quotes: 2$"):
+        load_model(str(path), torch.float32, CPU)
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "utf-16"])
+def test_a_config_that_is_not_utf8_names_the_file(tiny_llama, encoding):
+    _, path = tiny_llama
+    text = (path / "config.json").read_text().replace('"llama"', '"llamé"')
+    (path / "config.json").write_bytes(text.encode(encoding))
+    for load in (lambda: resolve_model(str(path)), lambda: load_model(str(path), torch.float32, CPU)):
+        with pytest.raises(CheckpointError, match=f"^{path / 'config.json'} is not UTF-8 text \\(byte 0x.. at "
+                                                  f"offset \\d+\\); JSON files must be UTF-8: save it as UTF-8"):
+            load()
+
+
+def test_a_directory_without_tokenizer_files_says_which_it_needs(tiny_llama):
+    _, path = tiny_llama
+    with pytest.raises(ValueError) as caught:
+        resolve_model(str(path))
+    message = str(caught.value)
+    assert f"{str(path)!r} has no tokenizer: it needs tokenizer.json (or tokenizer.model, or vocab.json" in message
+    assert "sentencepiece" not in message and "\n" not in message
+    (path / "tokenizer.json").write_text("{}")
+    assert resolve_model(str(path)).source == "hf"
+
+
+@pytest.mark.parametrize("keep, words", [(0.5, "truncated or corrupt; download or copy it again"),
+                                         (0.001, "truncated or corrupt; download or copy it again"),
+                                         (None, "is not a GGUF file (it does not start with 'GGUF')")])
+def test_a_truncated_or_foreign_gguf_file_names_the_file(tmp_path, keep, words):
+    hf = make_hf_model("llama", str(tmp_path / "hf"), seed=12, head_dim=None)
+    gguf_path = tmp_path / "broken.gguf"
+    write_synthetic_gguf(hf, str(gguf_path), "llama", {"": "F32"})
+    data = gguf_path.read_bytes()
+    gguf_path.write_bytes(data[: int(len(data) * keep)] if keep else b"PK\x03\x04" + data[4:])
+    with pytest.raises(ValueError) as caught:
+        resolve_model(str(gguf_path))
+    message = str(caught.value)
+    assert message.startswith(("cannot read " if keep else "") + str(gguf_path)) and words in message, message
+    assert "\n" not in message

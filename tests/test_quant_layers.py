@@ -156,8 +156,10 @@ def edit_config(path: str, **quantization_config) -> None:
     (dict(group_size=48), "group size 48 does not divide the layer's 64 input features"),
 ])
 def test_unrunnable_quantization_config_is_refused(awq_dir, change, message):
+    # QuantizationConfigError, or the loader's CheckpointError naming config.json around it where
+    # the model's construction (a layer's create_weights) found the problem
     edit_config(awq_dir, **change)
-    with pytest.raises(QuantizationConfigError) as err:
+    with pytest.raises((QuantizationConfigError, CheckpointError)) as err:
         load_model(awq_dir, torch.float32, CPU)
     assert message in str(err.value)
 

@@ -1,6 +1,8 @@
 """Bad requests to `tidemind serve api_server` get the right status and OpenAI's error body, and
-nothing else is lost: API keys, the in-flight limit, the session length, and a schemathesis run
-over the server's own OpenAPI schema that must find no 5xx."""
+nothing else is lost: API keys, the in-flight limit, the session length, the request limits (body
+size, prompt characters, max_tokens; listed by /v1/models), invalid Unicode and wrong types, and a
+schemathesis run over the server's own OpenAPI schema that must find no 5xx and no invalid request
+accepted."""
 from __future__ import annotations
 
 import time
@@ -14,6 +16,7 @@ from serve_fixtures import api_server, free_port, metrics
 pytestmark = pytest.mark.slow
 
 SESSION_LEN = 256
+MAX_REQUEST_BYTES = 8 * 2**20
 KEYS = ("sk-first", "sk-second")
 AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 CHAT = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 4, "temperature": 0}
@@ -32,7 +35,7 @@ def server(server_log):
     down_proxy = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with api_server("--session-len", str(SESSION_LEN), "--api-keys", *KEYS, "--max-concurrent-requests", "1",
                     "--model-name", "tiny", "--allow-origins", ORIGIN, "--proxy-url", down_proxy,
-                    log_path=server_log) as url:
+                    "--max-request-bytes", str(MAX_REQUEST_BYTES), log_path=server_log) as url:
         yield url
 
 
@@ -121,6 +124,110 @@ def test_default_max_tokens_runs_up_to_the_session_length(server, client):
     assert answer.usage.completion_tokens == 20 and answer.usage.total_tokens == SESSION_LEN
 
 
+def post_raw(url: str, path: str, content: bytes) -> httpx.Response:
+    return httpx.post(f"{url}{path}", content=content, headers={**AUTH, "Content-Type": "application/json"},
+                      timeout=60)
+
+
+_SURROGATE_BODIES = {  # "\\ud800" is valid JSON, but not a Unicode character
+    "/v1/chat/completions": (b'{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 2}', "messages"),
+    "/v1/completions": (b'{"prompt": "\\ud800", "max_tokens": 2}', "prompt"),
+    "/v1/encode": (b'{"input": ["ok", "\\udfff"]}', "input"),
+    "/v1/chat/interactive": (b'{"prompt": "\\ud800", "request_output_len": 2}', "prompt"),
+}
+
+
+@pytest.mark.parametrize("path", list(_SURROGATE_BODIES))
+def test_a_lone_surrogate_is_a_400_on_every_endpoint(server, client, path):
+    content, param = _SURROGATE_BODIES[path]
+    response = post_raw(server, path, content)
+    assert "lone UTF-16 surrogate" in assert_openai_error(response, 400, param=param)
+    assert response.headers["x-request-id"]
+    still_serving(client)
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {**CHAT, "stream": "yes"}, "stream"),
+    ("/v1/chat/completions", {**CHAT, "max_tokens": "4"}, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "n": "2"}, "n"),
+    ("/v1/chat/interactive", {"prompt": "hi", "request_output_len": 2, "stream": "yes"}, "stream"),
+    ("/v1/encode", {"input": "hi", "do_preprocess": "true"}, "do_preprocess"),
+])
+def test_a_known_field_of_the_wrong_type_is_a_400(server, path, body, param):
+    response = httpx.post(f"{server}{path}", json=body, headers=AUTH)
+    assert "Input should be a valid" in assert_openai_error(response, 400, param=param)
+
+
+def test_a_wrong_method_is_a_405_naming_the_allowed_one(server):
+    for method, path, allowed in [("GET", "/v1/chat/completions", "POST"), ("DELETE", "/v1/models", "GET")]:
+        response = httpx.request(method, f"{server}{path}", headers=AUTH)
+        assert f"use {allowed}" in assert_openai_error(response, 405)
+        assert response.headers["allow"] == allowed
+
+
+def test_models_lists_the_limits(server, client):
+    card = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]
+    limits = card["tidemind"]["limits"]
+    assert limits == {**limits, "max_tokens": SESSION_LEN - 1, "prompt_tokens": SESSION_LEN - 1, "n": 16,
+                      "logprobs": 20, "top_logprobs": 20, "stop_sequences": 32, "stop_sequence_chars": 256,
+                      "request_bytes": MAX_REQUEST_BYTES}
+    # the longest SmolLM2 token is a newline and 80 spaces
+    assert card["max_model_len"] == SESSION_LEN and limits["prompt_chars"] == (SESSION_LEN - 1) * 81
+    assert client.models.list().data[0].model_extra["tidemind"]["limits"] == limits
+
+
+def test_a_body_over_the_size_limit_is_413_before_it_is_parsed(server, client):
+    started = time.time()
+    prefix, suffix = b'{"messages": [{"role": "user", "content": "', b'"}]}'
+    whole = post_raw(server, "/v1/chat/completions", prefix + b"a" * 50_000_000 + suffix)
+    assert "--max-request-bytes" in assert_openai_error(whole, 413, code="request_too_large")
+
+    def chunked():  # no Content-Length: counted as it arrives
+        yield prefix
+        for _ in range(50):
+            yield b"a" * 1_000_000
+        yield suffix
+
+    streamed = httpx.post(f"{server}/v1/completions", content=chunked(), timeout=60,
+                          headers={**AUTH, "Content-Type": "application/json"})
+    assert_openai_error(streamed, 413, code="request_too_large")
+    assert time.time() - started < 10
+    still_serving(client)
+
+
+@pytest.mark.parametrize("path, field, make", [
+    ("/v1/chat/completions", "messages", lambda text: {"messages": [{"role": "user", "content": text}]}),
+    ("/v1/completions", "prompt", lambda text: {"prompt": ["hi", text]}),
+    ("/v1/encode", "input", lambda text: {"input": text}),
+    ("/v1/chat/interactive", "prompt", lambda text: {"prompt": text, "session_id": 7, "interactive_mode": True}),
+])
+def test_a_prompt_over_the_character_bound_is_refused_before_tokenizing(server, client, path, field, make):
+    limit = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]["tidemind"]["limits"]["prompt_chars"]
+    at_the_bound = httpx.post(f"{server}{path}", json={**make("a" * limit), "max_tokens": 2} if
+                              path != "/v1/encode" else make("a" * limit), headers=AUTH)
+    assert "characters" not in at_the_bound.text  # not refused for its characters (maybe for its tokens)
+    started = time.time()
+    # 7 MB: tokenizing it would take seconds
+    response = httpx.post(f"{server}{path}", json=make("word " * 1_400_000), headers=AUTH, timeout=60)
+    message = assert_openai_error(response, 400, param=field)
+    assert f"at most {SESSION_LEN - 1} tokens" in message and f"({limit} characters" in message
+    assert time.time() - started < 3
+    still_serving(client)
+
+
+def test_max_tokens_over_the_limit_is_a_400_naming_it(server, client):
+    for body, param in [({**CHAT, "max_tokens": SESSION_LEN}, "max_tokens"),
+                        ({**CHAT, "max_completion_tokens": 10**6}, "max_completion_tokens")]:
+        response = httpx.post(f"{server}/v1/chat/completions", json=body, headers=AUTH)
+        assert f"at most {SESSION_LEN - 1}" in assert_openai_error(response, 400, param=param)
+    with pytest.raises(openai.BadRequestError, match="GET /v1/models"):
+        client.completions.create(model="tiny", prompt="hi", max_tokens=SESSION_LEN)
+    with pytest.raises(openai.BadRequestError, match="at most 16 choices"):
+        client.chat.completions.create(model="tiny", n=17, **CHAT)
+    with pytest.raises(openai.BadRequestError, match="at most 256 characters"):
+        client.chat.completions.create(model="tiny", stop=["x" * 257], **CHAT)
+
+
 # ---------------------------------------------------------------------- keys and limits
 def test_api_keys(server, client):
     body = {"model": "tiny", **CHAT}
@@ -145,6 +252,7 @@ def test_over_the_concurrency_limit_is_429_at_once(server, client):
     with pytest.raises(openai.RateLimitError) as caught:
         client.completions.create(model="tiny", prompt="hi", max_tokens=2)
     assert time.time() - started < 2.0 and caught.value.body["code"] == "rate_limit_exceeded"
+    assert caught.value.response.headers["retry-after"] == "1"
     busy = httpx.post(f"{server}/v1/chat/interactive", json={"prompt": "hi", "session_id": 3,
                                                              "interactive_mode": True}, headers=AUTH)
     assert_openai_error(busy, 429)
@@ -174,28 +282,33 @@ _LENGTH_FIELDS = {"/v1/chat/completions": ("max_tokens", "max_completion_tokens"
                   "/v1/completions": ("max_tokens",), "/v1/chat/interactive": ("request_output_len", "max_tokens")}
 
 
-def _keep_short(path: str, body) -> None:
+def _keep_short(path: str, body, negative: bool) -> None:
     """Generated requests answer with at most 2 tokens, 2 choices: the check is about status codes,
-    and an absent max_tokens would mean up to the session length."""
+    and an absent max_tokens would mean up to the session length. Invalid (negative) requests are
+    only given a max_tokens when they have none: capping their values could make them valid."""
     if not isinstance(body, dict) or path not in _LENGTH_FIELDS:
         return
     numeric = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
     for key, cap in [(k, 2) for k in _LENGTH_FIELDS[path]] + [("n", 2), ("min_new_tokens", 2)]:
-        if numeric(body.get(key)) and body[key] > cap:
+        if not negative and numeric(body.get(key)) and body[key] > cap:
             body[key] = cap
     if not any(key in body for key in _LENGTH_FIELDS[path]):
         body[_LENGTH_FIELDS[path][0]] = 2
 
 
-def test_schemathesis_finds_no_server_error(server, client):
+def test_schemathesis_finds_no_server_error_and_no_invalid_request_accepted(server, client):
     import schemathesis
     from hypothesis import HealthCheck, Phase, given, settings
-    from schemathesis.checks import not_a_server_error
+    from schemathesis.checks import (content_type_conformance, negative_data_rejection, not_a_server_error,
+                                     response_schema_conformance, status_code_conformance)
 
     schema = schemathesis.openapi.from_url(f"{server}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/chat/interactive",
                                              "/v1/encode", "/v1/models", "/health", "/metrics"}
+    assert "422" not in str(httpx.get(f"{server}/openapi.json").json()["paths"])  # invalid bodies are 400s
+    checks = [not_a_server_error, negative_data_rejection, status_code_conformance, content_type_conformance,
+              response_schema_conformance]
     deadline = time.time() + 150
     modes = (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE)
     # GET operations take no input: nothing to make invalid
@@ -206,9 +319,9 @@ def test_schemathesis_finds_no_server_error(server, client):
                   phases=[Phase.explicit, Phase.generate],
                   suppress_health_check=list(HealthCheck))
         def check(case):
-            _keep_short(operation.path, case.body)
+            _keep_short(operation.path, case.body, mode == modes[1])
             response = case.call(headers=AUTH, timeout=60)
-            case.validate_response(response, checks=[not_a_server_error])
+            case.validate_response(response, checks=checks)
 
         check()
         assert time.time() < deadline, "the schemathesis run is too slow: lower max_examples"

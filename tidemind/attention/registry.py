@@ -6,6 +6,7 @@ installed. FlashAttention / FlashInfer backends may be added here; none is ever 
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Tuple
 
 import torch
@@ -28,17 +29,29 @@ def triton_available() -> bool:
     return True
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def triton_supports_head_dim(head_dim: int) -> bool:
+    """The Triton attention kernels tile head_dim exactly: a power of two from 16 to 256."""
+    return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
+
+
+def resolve_attention_backend(name: str, device: torch.device, head_dim: int) -> str:
     """The backend a name stands for on `device`: "auto" is triton on a CUDA device with Triton
-    installed, else reference. Raises ValueError naming the fix for an unknown or unusable name."""
+    installed when the model's head_dim suits its kernels, else reference. Raises ValueError naming
+    the fix for an unknown or unusable name."""
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(_BACKENDS)}")
     gpu_triton = device.type == "cuda" and triton_available()
-    if name == "triton" and not gpu_triton:
+    # Under TRITON_INTERPRET=1 the kernels run on the CPU through Triton's interpreter: slow, but it
+    # lets tests run the whole engine on the Triton path where there is no GPU.
+    interpreted = device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1" and triton_available()
+    if name == "triton" and not (gpu_triton or interpreted):
         raise ValueError("the triton attention backend needs a CUDA device and the triton package "
                          "(pip install triton); use --attention-backend reference")
+    if name == "triton" and not triton_supports_head_dim(head_dim):
+        raise ValueError(f"the triton attention kernels need a power-of-two head_dim in [16, 256], this model's "
+                         f"is {head_dim}; use --attention-backend reference")
     if name == "auto":
-        return "triton" if gpu_triton else "reference"
+        return "triton" if gpu_triton and triton_supports_head_dim(head_dim) else "reference"
     return name
 
 

@@ -60,3 +60,23 @@ def step_weight_count(model) -> int:
         elif isinstance(module, LMHead):
             count += module.vocab_size * module.hidden_size
     return count
+
+
+def step_weight_bytes(model) -> int:
+    """Bytes of weights one decode step streams, as stored (dense, repacked or quantized): every
+    Linear's parameters and packed copies, the LM head's weight, the norms; not the input embedding
+    (a lookup reads only the batch's rows) unless the LM head shares it."""
+    from ..layers.embedding import LMHead, VocabEmbedding
+
+    def stored(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, VocabEmbedding):
+            continue
+        own = list(module.parameters(recurse=False)) + [getattr(module, "packed_weight", None)]
+        if isinstance(module, LMHead):
+            own = [module.packed_weight if module.packed_weight is not None else module.effective_weight]
+        total += stored(own)
+    return total

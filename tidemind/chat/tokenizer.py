@@ -16,8 +16,32 @@ that streamed text and decoded text agree exactly.
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Iterable, List, Optional, Sequence
+
+# Files transformers builds a tokenizer from, in its order of preference: the fast tokenizer's own
+# file; a SentencePiece or tiktoken model (converted, needs `sentencepiece` or `tiktoken`); a BPE
+# vocabulary (with merges.txt).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_files(model_dir: str) -> None:
+    """ValueError naming the files to add when `model_dir` holds none of TOKENIZER_FILES."""
+    if os.path.isdir(model_dir) and not any(os.path.isfile(os.path.join(model_dir, f)) for f in TOKENIZER_FILES):
+        raise ValueError(
+            f"{model_dir!r} has no tokenizer: it needs tokenizer.json (or tokenizer.model, or vocab.json with "
+            f"merges.txt), usually with tokenizer_config.json; copy them from the model's repository into it")
+
+
+def _tokenizer_fix(model_dir: str) -> str:
+    """What to do about tokenizer files that are there but could not be loaded."""
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return "restore the model's original tokenizer.json and tokenizer_config.json"
+    if os.path.isfile(os.path.join(model_dir, "tokenizer.model")):
+        return ("tokenizer.model needs `sentencepiece` (or `tiktoken`) installed; or save the model's tokenizer.json "
+                "with transformers")
+    return "vocab.json needs merges.txt and tokenizer_config.json next to it"
 
 
 class Tokenizer:
@@ -52,6 +76,8 @@ class Tokenizer:
                 "tokenizer.json or tokenizer.model) or a .gguf file")
         if gguf_file is None and os.path.isfile(model_path) and model_path.endswith(".gguf"):
             model_path, gguf_file = os.path.split(os.path.abspath(model_path))
+        if gguf_file is None:
+            check_tokenizer_files(model_path)
         kwargs = {"local_files_only": True, "trust_remote_code": trust_remote_code}
         if gguf_file is not None:
             kwargs["gguf_file"] = gguf_file
@@ -59,10 +85,9 @@ class Tokenizer:
             hf_tokenizer = AutoTokenizer.from_pretrained(model_path, **kwargs)
         except (OSError, ValueError) as error:
             source = os.path.join(model_path, gguf_file) if gguf_file else model_path
-            raise ValueError(
-                f"could not load a tokenizer from {source!r}: {error}. The directory needs "
-                "tokenizer.json (or tokenizer.model with tokenizer_config.json); for a GGUF file the "
-                "`gguf` package must be installed.") from error
+            reason = " ".join(str(error).split())  # transformers' messages span several lines
+            fix = "the `gguf` package must be installed" if gguf_file else _tokenizer_fix(model_path)
+            raise ValueError(f"could not load a tokenizer from {source!r}: {reason}; {fix}") from error
         return cls(hf_tokenizer)
 
     def _probe_prefix_ids(self) -> List[int]:
@@ -114,6 +139,16 @@ class Tokenizer:
             template = template.get("default")
         return template or None
 
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """A bound on the characters of text one token stands for: the longest vocabulary entry.
+
+        Byte-level BPE entries have one character per byte of the text's UTF-8, SentencePiece
+        entries one per character (or more: "<0xE2>" stands for one byte), so a text of C
+        characters takes at least C / max_token_chars tokens, unless the tokenizer drops text
+        (a normalizer that collapses whitespace, unknown characters fused into one token)."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)), default=1)
+
     @property
     def adds_bos(self) -> bool:
         """Whether ``encode(text, add_bos=True)`` puts tokens in front of the text."""
@@ -129,6 +164,10 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, sequences: Sequence[List[int]], skip_special_tokens: bool = True) -> List[str]:
+        """decode() of many id lists (of Python ints) in one call into the tokenizers library."""
+        return self._backend.decode_batch(list(sequences), skip_special_tokens=skip_special_tokens)
 
     def convert_ids_to_tokens(self, ids):
         return self.hf_tokenizer.convert_ids_to_tokens(ids)

@@ -6,7 +6,7 @@ import sys
 
 from ..config import EngineConfig, GenerationConfig
 from ..serve.chat_loop import CHAT_GEN_FIELDS, END_WORD, EXIT_WORD
-from .args import add_config_flags, config_from_args
+from ..config_flags import add_config_flags, config_from_args
 
 
 def add_commands(commands) -> None:

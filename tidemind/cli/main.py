@@ -29,7 +29,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return (args.handler(args, extra_args) if takes_extra_args else args.handler(args)) or 0
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         # Errors the user can cause carry a message naming the fix: show it without a traceback.
         if logging.getLogger("tidemind").isEnabledFor(logging.DEBUG):
             raise

@@ -130,3 +130,73 @@ def visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional[
     if sliding_window is not None:
         visible &= key_pos > query_pos.unsqueeze(-1) - sliding_window
     return visible
+
+
+def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                           block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+                           sliding_window: Optional[int] = None, max_seq_len: Optional[int] = None,
+                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Attention of each sequence's last token over its cached keys.
+
+    query: [B, H, D], the token at position seq_lens[b] - 1 (its K/V already cached);
+    key_cache, value_cache: [num_blocks, block_size, KVH, D]; block_tables: [B, W] (every entry a
+    valid block id, padding included); seq_lens: [B] (0 for a padding row, whose output is zeros);
+    max_seq_len: host upper bound of seq_lens (None: W * block_size), the length gathered here.
+    Query head h reads kv head h // (H // KVH). A window w keeps keys j > seq_len - 1 - w.
+    Returns out [B, H, D] in query's dtype (written into `out` when given).
+    """
+    block_size = key_cache.shape[1]
+    length = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    length = max(1, min(length, block_tables.shape[1] * block_size))
+    k = gather_kv(key_cache, block_tables, length).to(query.dtype)  # [B, KVH, length, D]
+    v = gather_kv(value_cache, block_tables, length).to(query.dtype)
+    last = seq_lens.long() - 1  # [B] position of the query
+    visible = visible_keys(last, length, sliding_window)  # [B, length]
+    mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
+    attn = F.scaled_dot_product_attention(query.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                          enable_gqa=True).squeeze(2)  # [B, H, D]
+    # a padding row (seq_len 0) sees no key: its softmax is NaN, its output zeros
+    attn = torch.where((seq_lens > 0)[:, None, None], attn, torch.zeros((), dtype=attn.dtype, device=attn.device))
+    if out is None:
+        return attn
+    out.copy_(attn)
+    return out
+
+
+def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                            block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                            max_query_len: int, scale: float, sliding_window: Optional[int] = None,
+                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal attention of S sequences' new tokens over their whole cached context (chunked prefill).
+
+    query: [T, H, D], rows query_start_loc[s] .. query_start_loc[s + 1] belong to sequence s, which
+    has seq_lens[s] cached tokens including its q_len new ones (their K/V written already):
+
+        positions  0 ...................... seq_len - q_len ........ seq_len - 1
+                   [ earlier context (cache) | the q_len new query rows         ]
+
+    query row j of s sits at position seq_len - q_len + j and sees keys i <= its position (and,
+    with a window w, i > position - w). block_tables: [S, W]; query_start_loc: [S + 1];
+    max_query_len: unused here (the kernel's grid size). Rows of `out` past query_start_loc[S] are
+    left as they are. Returns out [T, H, D] in query's dtype.
+    """
+    if out is None:
+        out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for s, length in enumerate(lengths):
+        start, end = starts[s], starts[s + 1]
+        if end == start:
+            continue
+        q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
+        k = gather_kv(key_cache, block_tables[s:s + 1], length).to(q.dtype)  # [1, KVH, length, D]
+        v = gather_kv(value_cache, block_tables[s:s + 1], length).to(q.dtype)
+        if length == end - start and (sliding_window is None or length <= sliding_window):
+            attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            query_pos = torch.arange(length - (end - start), length, device=query.device)
+            visible = visible_keys(query_pos, length, sliding_window)  # [q_len, length]
+            attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None], scale=scale,
+                                                  enable_gqa=True)
+        out[start:end] = attn.squeeze(0).transpose(0, 1)
+    return out

@@ -21,6 +21,8 @@ from ..layers.context import BuildContext
 from ..layers.linear import restore_fixed_dtypes
 from ..layers.quantization import QuantizationConfig, quantization_from_hf_config
 from ..models.registry import get_model_class, supported_architectures
+from .config_check import GENERATION_CONFIG_KEYS, check_config_values
+from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +31,15 @@ TO_SAFETENSORS_HINT = ("convert it once with: python -c \"from transformers impo
                        "M.from_pretrained('{path}').save_pretrained('{path}-safetensors')\" and load that directory")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint directory or file that cannot be read as a model."""
-
-
 def _read_json(path: str) -> dict:
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise CheckpointError(f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                              f"JSON files must be UTF-8: save it as UTF-8, or restore the model's original "
+                              f"file") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path} is not valid JSON ({exc}); fix or re-download the file") from None
 
@@ -54,8 +57,12 @@ def check_model_dir(path: str) -> None:
 
 
 def read_hf_config(path: str) -> dict:
+    """config.json of a model directory, its value types checked (CheckpointError names the key)."""
     check_model_dir(path)
-    return _read_json(os.path.join(path, "config.json"))
+    config_path = os.path.join(path, "config.json")
+    config = _read_json(config_path)
+    check_config_values(config, config_path)
+    return config
 
 
 def safetensors_files(path: str) -> List[str]:
@@ -118,6 +125,7 @@ def _with_generation_config(path: str, config: ModelConfig) -> ModelConfig:
     if not os.path.isfile(gen_path):
         return config
     gen = _read_json(gen_path)
+    check_config_values(gen, gen_path, GENERATION_CONFIG_KEYS)
     changes = {}
     if gen.get("eos_token_id") is not None:
         changes["eos_token_ids"] = _ids(gen["eos_token_id"])
@@ -133,6 +141,27 @@ def model_class_for(hf_config: dict, path: str) -> type:
                               f"\"architectures\": [\"LlamaForCausalLM\"] (supported: "
                               f"{', '.join(supported_architectures())})")
     return get_model_class(architectures[0])
+
+
+def model_head_dim(path: str) -> int:
+    """The attention head size of the model in `path`, read from its config.json before loading."""
+    hf_config = read_hf_config(path)
+    return model_class_for(hf_config, path).model_config(hf_config).head_dim
+
+
+def _build_on_meta(model_cls: type, hf_config: dict, config_path: str, ctx: Optional[BuildContext]) -> torch.nn.Module:
+    """The model, its parameters on the meta device. Building reads config.json's values only, so
+    whatever fails in it is about that file, and the error says so (check_config_values caught the
+    common cases with a more precise message already)."""
+    try:
+        with torch.device("meta"):
+            return model_cls(hf_config, ctx)
+    except ValueError as exc:
+        raise CheckpointError(f"{config_path}: {exc}") from exc
+    except (TypeError, KeyError, IndexError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{config_path}: cannot build {model_cls.__name__} from it ({type(exc).__name__}: "
+                              f"{exc}); a value there is missing or of the wrong form: compare it with the model's "
+                              f"original config.json") from exc
 
 
 def quantization_of(hf_config: dict, path: str, model_format: Optional[str] = None) -> Optional[QuantizationConfig]:
@@ -181,8 +210,7 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optiona
     model_cls = model_class_for(hf_config, path)
     ctx = _context_for(ctx, quantization_of(hf_config, path, model_format), path)
     files = safetensors_files(path)
-    with torch.device("meta"):
-        model = model_cls(hf_config, ctx)
+    model = _build_on_meta(model_cls, hf_config, os.path.join(path, "config.json"), ctx)
     model = model.to(dtype=dtype)
     restore_fixed_dtypes(model)  # packed ints and fp16 scales keep their dtype
     model.to_empty(device=device)

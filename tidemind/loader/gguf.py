@@ -230,17 +230,27 @@ def save_tokenizer(gguf_path: str, meta: GGUFMetadata, out_dir: str) -> None:
     logger.info("converted the GGUF tokenizer in %.1f s", time.perf_counter() - start)
 
 
+def _open_gguf(gguf_path: str):
+    from gguf import GGUFReader
+
+    with open(gguf_path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ValueError(f"{gguf_path} is not a GGUF file (it does not start with 'GGUF'): pass a .gguf model file")
+    try:
+        return GGUFReader(gguf_path)
+    except Exception as exc:  # gguf-py fails in numpy (reshape, index errors) on a short file
+        size = os.path.getsize(gguf_path)
+        raise ValueError(f"cannot read {gguf_path} ({size} bytes) as GGUF ({exc}): the file is truncated or corrupt; "
+                         f"download or copy it again") from None
+
+
 def convert_gguf(gguf_path: str, out_dir: str) -> None:
     """Write the Hugging Face-format model of `gguf_path` into the (existing, empty) `out_dir`."""
-    from gguf import GGUFReader
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    try:
-        reader = GGUFReader(gguf_path)
-    except Exception as exc:
-        raise ValueError(f"cannot read {gguf_path} as a GGUF file ({exc}); the file is corrupt or not GGUF") \
-            from None
+    reader = _open_gguf(gguf_path)
     meta = GGUFMetadata(reader)
     if meta.arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {meta.arch!r} of {gguf_path} is not supported; supported GGUF "

@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+from ..chat.tokenizer import check_tokenizer_files
 from . import gguf as gguf_convert
 from .bundled import DEFAULT_MODEL, bundled_names, find_bundled
-from .checkpoint import check_model_dir
+from .checkpoint import model_class_for, read_hf_config
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +88,15 @@ def _resolve_path(model: str) -> ResolvedModel:
         if ggufs:
             raise FileNotFoundError(f"{model!r} has no config.json but holds {', '.join(ggufs[:3])}; pass the "
                                     f".gguf file itself, e.g. {os.path.join(model, ggufs[0])}")
-    check_model_dir(path)
+    check_hf_dir(path)
     return ResolvedModel(path=path, name=os.path.basename(path.rstrip(os.sep)), source="hf")
+
+
+def check_hf_dir(path: str) -> None:
+    """What can be checked of a model directory in milliseconds, before anything is loaded from it:
+    config.json (UTF-8, JSON, value types, a supported architecture) and the tokenizer's files."""
+    model_class_for(read_hf_config(path), path)
+    check_tokenizer_files(path)
 
 
 def resolve_model(model: Optional[str]) -> ResolvedModel:

@@ -64,6 +64,7 @@ class DecodeGraphs:
     def _pad_inputs(self, batch_size: int) -> None:
         """Make every row of the static buffers a harmless padding row (for capture)."""
         b = self.buffers
+        b.wait_until_writable()
         b.host("input_ids", batch_size)[:] = 0
         b.host("positions", batch_size)[:] = 0
         b.host("slot_mapping", batch_size)[:] = -1

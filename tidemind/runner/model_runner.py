@@ -14,12 +14,14 @@ from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
 from ..layers.context import BuildContext
 from ..loader import load_model, read_quantization
+from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .input_batch import InputBatch
 from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
 from .sampler import Sampler
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
+from .swap import HostKVPool
 
 logger = logging.getLogger("tidemind")
 
@@ -35,7 +37,7 @@ class ModelRunner:
                  model_format: Optional[str] = None):
         self.device = device
         self.dtype = dtype
-        backend_name = resolve_attention_backend(attention_backend, device)
+        backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path))
         # The layer kernels follow the attention backend: Triton for both, or the torch reference;
         # the quantization method is the one the checkpoint's config.json records.
         self.build_context = BuildContext(kernels=kernel_set(backend_name),
@@ -50,6 +52,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_spec: Optional[KVCacheSpec] = None
         self.kv_caches: List[torch.Tensor] = []
+        self.host_kv: Optional[HostKVPool] = None  # the KV swap pool, if any
         self.batch: Optional[InputBatch] = None
         self.buffers: Optional[StepBuffers] = None
         self.graphs: Optional[DecodeGraphs] = None
@@ -60,6 +63,7 @@ class ModelRunner:
         self.kv_spec = spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
                                             session_len, max_batch_size)
         self.kv_caches = allocate_kv_cache(spec, self.model_config, self.dtype, self.device)
+        self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
         self.batch = InputBatch(max_batch_size, max_model_len, max_blocks)
@@ -88,7 +92,9 @@ class ModelRunner:
             batch.add(new)
         for cached in scheduled.cached_requests:
             batch.update(cached)
-        if scheduled.is_empty:
+        if scheduled.swap_out or scheduled.swap_in:
+            self.host_kv.apply(scheduled.swap_out, scheduled.swap_in)
+        if not scheduled.num_scheduled_tokens:
             return RunnerOutput(sampled_token_ids={})
         padding = self.graphs.padded_size if self.graphs is not None else None
         step = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding)
@@ -123,6 +129,7 @@ class ModelRunner:
     def close(self) -> None:
         self.graphs = None
         self.kv_caches = []
+        self.host_kv = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

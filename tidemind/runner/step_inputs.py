@@ -8,8 +8,9 @@ the CPU the staging buffer is the device buffer) with every per-step field at a 
 
 Fixed offsets make the device views the static inputs that CUDA graphs replay; block tables come
 last, row by row, so a step's used region is always a prefix of the buffer and one copy of that
-prefix sends it all. The host must not rewrite the staging buffer while a copy from it may still be
-in flight: the runner synchronizes once per step (for the sampled ids) before preparing the next.
+prefix sends it all. The host must not rewrite the staging buffer while the copy from it may still
+be in flight: prepare_step() waits for the previous step's copy (an event recorded after it) before
+it writes; usually long done, since a step that samples synchronizes for its token ids anyway.
 
 Step order: sequences with one new token first (the decode group), then prompt chunks, each group in
 schedule order.
@@ -49,6 +50,12 @@ class StepBuffers:
         self._host = torch.zeros(total, dtype=torch.int32, pin_memory=on_gpu)
         self._host_np = self._host.numpy()
         self._device = torch.zeros(total, dtype=torch.int32, device=device) if on_gpu else self._host
+        self._copied = torch.cuda.Event() if on_gpu else None  # recorded after each upload
+
+    def wait_until_writable(self) -> None:
+        """Block until the last upload has read the staging buffer (no-op on the CPU)."""
+        if self._copied is not None:
+            self._copied.synchronize()
 
     def host(self, name: str, length: int) -> np.ndarray:
         start = self._offsets[name]
@@ -70,6 +77,7 @@ class StepBuffers:
             return
         end = self._offsets["block_tables"] + num_seqs * self.max_blocks_per_seq
         self._device[:end].copy_(self._host[:end], non_blocking=True)
+        self._copied.record()
 
 
 @dataclass
@@ -107,6 +115,7 @@ def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuf
         raise RuntimeError(f"a step of {num_tokens} tokens / {num_seqs} sequences exceeds the runner's "
                            f"buffers ({buffers.max_tokens} / {buffers.max_seqs})")
 
+    buffers.wait_until_writable()
     starts = batch.num_computed_tokens[rows]  # [S] tokens already in the cache
     seq_lens = starts + counts
     query_start_loc = np.zeros(num_seqs + 1, dtype=np.int64)

@@ -231,7 +231,7 @@ class RemoteConversation:
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli.args import add_config_flags
+    from ..config_flags import add_config_flags
 
     parser.description = (f"Chat with a running `tidemind serve api_server`; the server keeps the "
                           f"conversation. Type '{END_WORD}' to start a new conversation, '{EXIT_WORD}' to quit, "
@@ -251,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli.args import config_from_args
+    from ..config_flags import config_from_args
 
     interactive = sys.stdin.isatty()
     if args.log_level != "DEBUG":

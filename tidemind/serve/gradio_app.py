@@ -213,7 +213,7 @@ def serve(demo, server_name: str, server_port: int) -> None:
 
 # ---------------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..cli.args import add_config_flags
+    from ..config_flags import add_config_flags
 
     parser.add_argument("model_or_url", metavar="MODEL_OR_URL", nargs="?", default=None,
                         help="a model directory, a .gguf file or a bundled model name to run in this process "
@@ -230,7 +230,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_flags_given(args: argparse.Namespace) -> List[str]:
-    from ..cli.args import flag_name
+    from ..config_flags import flag_name
 
     return [flag_name(f) for f in EngineConfig.__dataclass_fields__ if getattr(args, f, None) is not None]
 
@@ -260,7 +260,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         if args.api_key:
             raise ValueError("--api-key is for a server URL; with a MODEL the page runs its own engine: drop it")
-        from ..cli.args import config_from_args
+        from ..config_flags import config_from_args
 
         print(f"loading {args.model_or_url or 'the bundled SmolLM2-135M-Instruct'} ...", file=sys.stderr, flush=True)
         backend = local_backend(args.model_or_url, config_from_args(EngineConfig, args), args.chat_template,

@@ -22,8 +22,9 @@ from typing import Dict, List, Optional, Set
 from fastapi import FastAPI, Request
 from starlette.responses import JSONResponse, Response
 
-from .errors import OpenAIError
+from .errors import OpenAIError, internal_error, request_id
 from .generation import RequestGroup, Sample, generation_config, respond
+from .limits import check_prompt_chars
 from .protocol import InteractiveRequest, InteractiveResponse
 
 NDJSON_MEDIA_TYPE = "application/x-ndjson"
@@ -147,11 +148,13 @@ async def interactive(state, table: SessionTable, body: InteractiveRequest, requ
     control = _control(table, body)
     if control is not None:
         return control
+    messages = _turn_messages(body.prompt)
+    check_prompt_chars(state.limits, sum(len(m["content"]) for m in messages), "prompt")
     sid = body.session_id
     session = table.open(sid) if body.interactive_mode else None
     _check_idle(table, sid, session)
     first_turn = session is None or not session.started
-    prompt_ids = await asyncio.to_thread(state.encode_messages, _turn_messages(body.prompt), first_turn)
+    prompt_ids = await asyncio.to_thread(state.encode_messages, messages, first_turn)
     _check_idle(table, sid, session)  # nothing may have changed during the await: checked again
     history = session.num_tokens if session is not None else 0
     config = state.pipe.with_template_stops(generation_config(
@@ -184,7 +187,7 @@ async def interactive(state, table: SessionTable, body: InteractiveRequest, requ
             if out.new_text or out.finished:
                 line = _reply(turn.sample, out.new_text, out.finish_reason if out.finished else None)
                 if out.finish_reason == "error":  # the non-stream answer would be a 500 with this body
-                    line.update(OpenAIError(500, f"generation failed: {out.error}").body())
+                    line.update(internal_error(request_id(request), f"generation failed: {out.error}").body())
                 yield json.dumps(line, ensure_ascii=False) + "\n"
 
     return await respond(request, state.limit, turn.group, body.stream, lines, NDJSON_MEDIA_TYPE, whole_turn,

@@ -12,13 +12,14 @@ import socket
 from typing import Optional
 from urllib.parse import urlsplit
 
-from ...cli.args import add_config_flags, config_from_args
+from ...config_flags import add_config_flags, config_from_args
 from ...config import EngineConfig
 from ..proxy import REGISTRATION_KEY_ENV
 
 logger = logging.getLogger("tidemind")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20  # a 128k-token prompt sent as token ids is about 1 MiB of JSON
 _PROXY_TIMEOUT_S = 5.0
 
 
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(/health and /metrics stay open)")
     server.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
                         help="answer at most N generation requests at once; more get 429 at once (default: no limit)")
+    server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
+                        help=f"largest request body; a larger one gets 413 before it is parsed (default: "
+                             f"{DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB; 0: no limit)")
     server.add_argument("--allow-origins", nargs="+", default=None, metavar="ORIGIN",
                         help="enable CORS for these origins ('*' for any)")
     server.add_argument("--allow-credentials", action="store_true", help="CORS: allow credentials")
@@ -65,6 +69,8 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.max_concurrent_requests is not None and args.max_concurrent_requests < 1:
         raise SystemExit(f"--max-concurrent-requests {args.max_concurrent_requests} must be >= 1 "
                          "(leave it out for no limit)")
+    if args.max_request_bytes < 0:
+        raise SystemExit(f"--max-request-bytes {args.max_request_bytes} must be >= 0 (0: no limit)")
     if args.api_keys is not None and not all(key.strip() for key in args.api_keys):
         raise SystemExit("--api-keys got an empty key: give non-empty keys")
     if args.proxy_url is not None and urlsplit(args.proxy_url).scheme not in ("http", "https"):
@@ -140,6 +146,15 @@ def _server_class():
             self.model_name, self.pipe, self.proxy_url = model_name, pipe, proxy_url
             self.proxy_api_key = proxy_api_key
             self.url: Optional[str] = None
+            self.engine_failure: Optional[str] = None
+            # An engine that cannot go on stops the server (exit code 1), so that a supervisor or the
+            # proxy notices; until uvicorn has shut down, /health answers 503.
+            pipe.async_engine.on_failure.append(self._engine_failed)
+
+        def _engine_failed(self, reason: str) -> None:  # called in the engine's thread
+            logger.critical("the engine stopped (%s): shutting the server down", reason)
+            self.engine_failure = reason
+            self.should_exit = True
 
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
@@ -175,7 +190,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model_name = args.model_name or pipe.engine.resolved.name
         app = create_app(pipe, model_name, api_keys=args.api_keys,
-                         max_concurrent_requests=args.max_concurrent_requests, cors=_cors(args))
+                         max_concurrent_requests=args.max_concurrent_requests, cors=_cors(args),
+                         max_request_bytes=args.max_request_bytes or None)
         config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level.lower(),
                                 timeout_graceful_shutdown=5, lifespan="off")
         server = _server_class()(config, model_name, pipe, args.proxy_url, args.proxy_api_key)
@@ -183,6 +199,6 @@ def run(args: argparse.Namespace) -> int:
         # action that would kill the process before the engine is closed.
         signal.signal(signal.SIGTERM, lambda *_: None)
         server.run()
-        return 0 if server.started else 1
+        return 0 if server.started and server.engine_failure is None else 1
     finally:
         pipe.close()

@@ -1,26 +1,74 @@
 """Request and response bodies of the HTTP server (pydantic models; they also make /openapi.json).
 
 Requests refuse unknown fields (HTTP 400 naming the field), so that a setting the server does not
-support is never silently ignored. Bounds match GenerationConfig's, named with the OpenAI /
-LMDeploy field names the client sent.
+support is never silently ignored. Types are strict: a value of the wrong JSON type (`"stream":
+"yes"`, `"max_tokens": "5"` or `5.0`, `"temperature": true`) is a 400, never converted; integers are
+accepted where numbers go. Bounds match GenerationConfig's, named with the OpenAI / LMDeploy field
+names the client sent; the bounds that are server limits are listed by GET /v1/models.
 """
 from __future__ import annotations
 
-from typing import Annotated, Dict, List, Literal, Optional, Union
+import re
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per prompt; each is one engine request
 MAX_TOP_LOGPROBS = 20  # GenerationConfig.logprobs' bound
+MAX_STOP_SEQUENCES = 32
+MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back up to this much text
 
 Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
-StopWord = Annotated[str, Field(min_length=1)]
-Stop = Union[StopWord, Annotated[List[StopWord], Field(max_length=32)]]
+StopWord = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Stop = Union[StopWord, Annotated[List[StopWord], Field(max_length=MAX_STOP_SEQUENCES)]]
 TokenId = Annotated[int, Field(ge=0)]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+FIELD_NAME = "(a field name)"  # the last step of a path that ends at an object key
+
+
+def lone_surrogate_path(value: Any) -> Optional[tuple]:
+    """The path (keys and indices) to the first string or object key of a parsed JSON value that
+    holds a UTF-16 surrogate, or None; a path to a key ends with FIELD_NAME. JSON's "\\ud800"
+    escapes decode to such code points, which are not Unicode characters: no tokenizer or UTF-8
+    encoder takes them."""
+    stack = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if _SURROGATE.search(item):
+                return path
+            continue
+        if not isinstance(item, (dict, list)):
+            continue
+        children = item.items() if isinstance(item, dict) else enumerate(item)
+        for key, child in children:
+            if isinstance(key, str) and _SURROGATE.search(key):
+                return path + (FIELD_NAME,)
+            if isinstance(child, (str, dict, list)):  # token ids and other numbers hold no text
+                stack.append((child, path + (key,)))
+    return None
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class _Body(_Request):
+    """A whole request body: refused at once when some text in it is not valid Unicode."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data):
+        path = lone_surrogate_path(data)
+        if path is not None:
+            raise PydanticCustomError(
+                "invalid_unicode", "{where}: the text holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape "
+                "without its pair), which is not valid Unicode: send valid UTF-8 text",
+                {"where": ".".join(map(str, path)) or "the body",
+                 "param": str(path[0]) if path and path[0] != FIELD_NAME else None})
+        return data
 
 
 class TextPart(_Request):
@@ -43,7 +91,7 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class SamplingFields(_Request):
+class SamplingFields(_Body):
     """Fields shared by chat and completions: OpenAI's, then the extra ones (vLLM / LMDeploy names)."""
 
     model: Optional[str] = Field(None, description="the served model name (GET /v1/models); "
@@ -103,7 +151,7 @@ class CompletionRequest(SamplingFields):
                                     description="log-probabilities of the chosen and this many top tokens")
 
 
-class InteractiveRequest(_Request):
+class InteractiveRequest(_Body):
     """LMDeploy's /v1/chat/interactive request (its defaults sample: temperature 0.8, top_p 0.8, top_k 40)."""
 
     prompt: Union[str, List[ChatMessage]] = Field(
@@ -136,7 +184,7 @@ class InteractiveRequest(_Request):
         return self
 
 
-class EncodeRequest(_Request):
+class EncodeRequest(_Body):
     input: Union[str, Annotated[List[str], Field(min_length=1)]]
     do_preprocess: bool = Field(False, description="apply the chat template (input is a user message)")
     add_bos: bool = Field(True, description="put the tokenizer's BOS in front (when it uses one)")
@@ -241,12 +289,33 @@ class CompletionResponse(BaseModel):
     usage: Optional[Usage] = None
 
 
+class ServerLimits(BaseModel):
+    """The largest value each request field takes on this server (GET /v1/models: tidemind.limits)."""
+
+    max_tokens: int = Field(description="max_tokens / max_completion_tokens of chat and completions: the "
+                                        "session length minus one prompt token")
+    prompt_tokens: int = Field(description="tokens of a prompt (the session length minus one)")
+    prompt_chars: int = Field(description="characters of a prompt, refused before tokenizing: prompt_tokens x "
+                                          "the characters of the tokenizer's longest token")
+    n: int
+    logprobs: int = Field(description="completions' logprobs (top alternatives per token)")
+    top_logprobs: int = Field(description="chat's top_logprobs")
+    stop_sequences: int = Field(description="entries of stop")
+    stop_sequence_chars: int = Field(description="characters of one stop sequence")
+    request_bytes: Optional[int] = Field(description="bytes of a request body (--max-request-bytes); null: none")
+
+
+class ModelCardExtension(BaseModel):
+    limits: ServerLimits
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tidemind"
     max_model_len: int
+    tidemind: ModelCardExtension
 
 
 class ModelList(BaseModel):

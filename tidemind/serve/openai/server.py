@@ -18,26 +18,31 @@ from starlette.responses import JSONResponse, Response
 
 from ...config import GenerationConfig
 from ..metrics import ServerMetrics
-from .errors import ApiKeyMiddleware, ConcurrencyLimit, OpenAIError, install_error_handlers
+from .errors import (ApiKeyMiddleware, ConcurrencyLimit, OpenAIError, RequestIdMiddleware, install_error_handlers,
+                     internal_error, request_id)
 from .generation import (RequestGroup, Sample, collect_samples, generation_config, respond, safe_logprob,
                          submit_all, token_text, top_entries)
+from .launch import DEFAULT_MAX_REQUEST_BYTES
+from .limits import BodySizeLimit, check_max_tokens, check_prompt_chars, server_limits
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        EncodeRequest, EncodeResponse, ErrorResponse, ModelCard, ModelList, SamplingFields)
 
-ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 429, 500)}
+ERROR_RESPONSES = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 429, 500)}
 SSE_MEDIA_TYPE = "text/event-stream"
 
 
 class ServerState:
     """What the routes share: the pipeline (engine, tokenizer, chat template) and the server's settings."""
 
-    def __init__(self, pipe, model_name: str, max_concurrent_requests: Optional[int]):
+    def __init__(self, pipe, model_name: str, max_concurrent_requests: Optional[int],
+                 max_request_bytes: Optional[int]):
         self.pipe = pipe
         self.model_name = model_name
         self.created = int(time.time())
         self.limit = ConcurrencyLimit(max_concurrent_requests, on_reject=lambda: self.metrics.rejected.inc())
         self.metrics = ServerMetrics(pipe.engine.stats, lambda: self.limit.in_flight)
         self.token_texts: Dict[int, str] = {}  # token id -> its text, for logprobs
+        self.limits = server_limits(self.max_total_tokens, pipe.tokenizer.max_token_chars, max_request_bytes)
 
     @property
     def max_total_tokens(self) -> int:
@@ -108,7 +113,7 @@ def _sse(data: dict) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
-async def _output_events(group, num_top: Optional[int], chunk_of: Callable[[int, Any], dict],
+async def _output_events(rid: str, group, num_top: Optional[int], chunk_of: Callable[[int, Any], dict],
                          usage_chunk: Callable[[dict], dict], prompt_tokens: Optional[int]) -> AsyncIterator[str]:
     """The SSE events of a streamed group: `chunk_of(index, output)` for every output that carries
     text, log-probs or the finish; with `prompt_tokens` (stream_options.include_usage) a last
@@ -116,7 +121,7 @@ async def _output_events(group, num_top: Optional[int], chunk_of: Callable[[int,
     generated = [0] * len(group)
     async for index, out in group.outputs():
         if out.finish_reason == "error":
-            yield _sse_error(out.error)
+            yield _sse_error(rid, out.error)
             break
         generated[index] = out.num_generated_tokens
         if out.new_text or out.finished or (num_top is not None and out.new_logprobs):
@@ -127,17 +132,21 @@ async def _output_events(group, num_top: Optional[int], chunk_of: Callable[[int,
     yield "data: [DONE]\n\n"
 
 
-def _sse_error(sample_error: Optional[str]) -> str:
-    return _sse(OpenAIError(500, f"generation failed: {sample_error}").body())
+def _sse_error(rid: str, sample_error: Optional[str]) -> str:
+    return _sse(internal_error(rid, f"generation failed: {sample_error}").body())
 
 
 # ---------------------------------------------------------------------- chat
 async def chat_completions(state: ServerState, body: ChatCompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
+    max_tokens, max_tokens_field = ((body.max_completion_tokens, "max_completion_tokens")
+                                    if body.max_completion_tokens else (body.max_tokens, "max_tokens"))
+    check_max_tokens(state.limits, max_tokens, max_tokens_field)
     messages = [m.as_template_message() for m in body.messages]
+    check_prompt_chars(state.limits, sum(len(m["content"]) for m in messages), "messages")
     prompt_ids = await asyncio.to_thread(state.encode_messages, messages)
     num_top = (body.top_logprobs or 0) if body.logprobs else None
-    config = state.sampling_config(body, len(prompt_ids), body.max_completion_tokens or body.max_tokens, num_top)
+    config = state.sampling_config(body, len(prompt_ids), max_tokens, num_top)
     n, group = body.n or 1, state.new_group()
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": state.model_name}
 
@@ -164,7 +173,7 @@ async def chat_completions(state: ServerState, body: ChatCompletionRequest, requ
             return {**chunk, "choices": [{"index": index, "delta": {"content": out.new_text}, "logprobs": logprobs,
                                           "finish_reason": out.finish_reason if out.finished else None}], **extra}
 
-        async for event in _output_events(group, num_top, delta_chunk,
+        async for event in _output_events(request_id(request), group, num_top, delta_chunk,
                                           lambda usage: {**chunk, "choices": [], "usage": usage},
                                           len(prompt_ids) if include_usage else None):
             yield event
@@ -183,8 +192,16 @@ def _completion_prompts(state: ServerState, prompt) -> List[List[int]]:
     return [state.pipe.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
 
+def _check_text_chars(state: ServerState, texts, param: str) -> None:
+    for text in [texts] if isinstance(texts, str) else texts:
+        if isinstance(text, str):
+            check_prompt_chars(state.limits, len(text), param)
+
+
 async def completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
+    check_max_tokens(state.limits, body.max_tokens, "max_tokens")
+    _check_text_chars(state, body.prompt, "prompt")
     prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)
     num_top = body.logprobs
     configs = [state.sampling_config(body, len(ids), body.max_tokens, num_top) for ids in prompts]
@@ -215,7 +232,8 @@ async def completions(state: ServerState, body: CompletionRequest, request: Requ
             return {**head, "choices": [{"index": index, "text": out.new_text, "logprobs": logprobs,
                                          "finish_reason": out.finish_reason if out.finished else None}], **extra}
 
-        async for event in _output_events(group, num_top, text_chunk, lambda usage: {**head, "choices": [], "usage": usage},
+        async for event in _output_events(request_id(request), group, num_top, text_chunk,
+                                          lambda usage: {**head, "choices": [], "usage": usage},
                                           prompt_tokens if include_usage else None):
             yield event
 
@@ -237,8 +255,12 @@ def encode(state: ServerState, body: EncodeRequest) -> dict:
 
 
 def _add_routes(app: FastAPI, state: ServerState) -> None:
-    @app.get("/health", summary="200 when the server answers (no API key needed)")
+    @app.get("/health", summary="200 while the engine runs; 503 once it has stopped after a failure "
+                                "(no API key needed)", responses={503: {"description": "the engine stopped"}})
     async def health() -> dict:
+        if not state.pipe.async_engine.is_alive:
+            raise OpenAIError(503, "the engine stopped after a failure; this server is shutting down",
+                              code="engine_dead")
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics (no API key needed)", response_class=Response)
@@ -248,8 +270,9 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES)
     async def models():
-        return {"object": "list", "data": [ModelCard(id=state.model_name, created=state.created,
-                                                     max_model_len=state.max_total_tokens).model_dump()]}
+        card = ModelCard(id=state.model_name, created=state.created, max_model_len=state.max_total_tokens,
+                         tidemind={"limits": state.limits})
+        return {"object": "list", "data": [card.model_dump()]}
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=ERROR_RESPONSES,
               summary="OpenAI chat completions; with stream=true, SSE chunks ending with data: [DONE]")
@@ -264,24 +287,33 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v1/encode", response_model=EncodeResponse, responses=ERROR_RESPONSES,
               summary="token ids of a text (or texts), optionally through the chat template")
     async def encode_route(body: EncodeRequest):
+        _check_text_chars(state, body.input, "input")
         return await asyncio.to_thread(encode, state, body)
 
 
 def create_app(pipe, model_name: str, api_keys: Optional[Sequence[str]] = None,
-               max_concurrent_requests: Optional[int] = None, cors: Optional[dict] = None) -> FastAPI:
-    """The server's app around a Pipeline. `cors`: CORSMiddleware keyword arguments (None: no CORS)."""
+               max_concurrent_requests: Optional[int] = None, cors: Optional[dict] = None,
+               max_request_bytes: Optional[int] = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+    """The server's app around a Pipeline. `cors`: CORSMiddleware keyword arguments (None: no CORS);
+    `max_request_bytes`: None for no limit on request bodies."""
     from .interactive import add_interactive_route
 
     if max_concurrent_requests is not None and max_concurrent_requests < 1:
         raise ValueError(f"max_concurrent_requests={max_concurrent_requests} must be >= 1 (or unset for no limit)")
+    if max_request_bytes is not None and max_request_bytes < 1:
+        raise ValueError(f"max_request_bytes={max_request_bytes} must be >= 1 (or None for no limit)")
     app = FastAPI(title="tidemind", description="OpenAI-compatible server (plus LMDeploy's /v1/chat/interactive)")
-    state = app.state.tidemind = ServerState(pipe, model_name, max_concurrent_requests)
+    state = app.state.tidemind = ServerState(pipe, model_name, max_concurrent_requests, max_request_bytes)
     install_error_handlers(app)
     _add_routes(app, state)
     add_interactive_route(app, state)
+    # Added first = innermost. A request meets, in turn: its id, CORS, the key check, the body size.
+    if max_request_bytes is not None:
+        app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
     if api_keys:
         app.add_middleware(ApiKeyMiddleware, api_keys=list(api_keys))
-    if cors is not None:  # added last = outermost: preflights and error answers get CORS headers too
+    if cors is not None:  # outside the checks: preflights and error answers get CORS headers too
         from fastapi.middleware.cors import CORSMiddleware
         app.add_middleware(CORSMiddleware, **cors)
+    app.add_middleware(RequestIdMiddleware)
     return app

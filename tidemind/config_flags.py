@@ -1,4 +1,5 @@
-"""Command-line flags generated from the config dataclasses' declarations."""
+"""Command-line flags generated from the config dataclasses' declarations (next to config.py: the
+CLI verbs, the server and the web page all build their flags with it)."""
 from __future__ import annotations
 
 import argparse
