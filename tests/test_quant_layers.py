@@ -189,3 +189,29 @@ def test_quantize_config_json_alone_is_not_guessed(awq_dir):
         json.dump(config, f)
     with pytest.raises(CheckpointError, match="quantize_config.json but .* has no quantization_config"):
         load_model(awq_dir, torch.float32, CPU)
+
+
+# ---- on the GPU --------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_awq_and_w8a8_layers_on_cuda_match_the_cpu(tmp_path):
+    # the same checkpoints loaded on the GPU in float16 (AWQ: the Triton W4A16 kernels; W8A8:
+    # torch._int_mm, rows padded past 16) and on the CPU in float32 (the reference paths)
+    hf = make_hf_model("llama", str(tmp_path / "float"), seed=10)
+    write_awq(hf, str(tmp_path / "awq"), 32)
+    hf = make_hf_model("llama", str(tmp_path / "float"), seed=10)
+    write_w8a8(hf, str(tmp_path / "w8a8"))
+    for name in ("awq", "w8a8"):
+        gpu, _ = load_model(str(tmp_path / name), torch.float16, torch.device("cuda"))
+        cpu, _ = load_model(str(tmp_path / name), torch.float32, CPU)
+        if name == "awq":
+            assert gpu.model.layers[0].self_attn.qkv_proj.use_triton
+        for rows in (1, 3, 40):
+            x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
+            for layer in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
+                expected = cpu.model.layers[1].get_submodule(layer)(x)
+                actual = gpu.model.layers[1].get_submodule(layer)(x.cuda().half()).float().cpu()
+                # float16 rounding of inputs, weights and outputs: ~1e-3 of outputs of order 1
+                torch.testing.assert_close(actual, expected, rtol=1e-2, atol=1e-2)

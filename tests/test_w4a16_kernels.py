@@ -78,3 +78,38 @@ def test_bad_arguments_are_refused():
         w4a16_gemm(x, qweight, qzeros, scales, 40)
     with pytest.raises(ValueError, match="qweight must be a contiguous int32 \\[80"):
         w4a16_gemv(torch.randn(2, 80, device=DEVICE), qweight, qzeros, scales, 32)
+
+
+# ---- real sizes and CUDA graphs, GPU only -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 4, 5, 100, 1024])
+def test_dispatch_at_llama8b_sizes(m, k, n):
+    # what the AWQ method runs: the GEMV up to GEMV_MAX_ROWS rows, the GEMM above
+    from tidemind.layers.quantization.awq import w4a16_matmul
+
+    qweight, qzeros, scales = awq_tensors(k, n, 128)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 128, torch.float32)
+    actual = w4a16_matmul(x, qweight, qzeros, scales, 128, use_triton=True)
+    assert (actual.float() - expected).abs().max() <= TOL[torch.bfloat16] * expected.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel,m", [(w4a16_gemv, 1), (w4a16_gemm, 32)])
+def test_launchers_replay_in_cuda_graphs(kernel, m):
+    # the GEMV here splits K (few columns): its partial sums and their reduction are captured too
+    qweight, qzeros, scales = awq_tensors(1024, 256, 128)
+    x = torch.randn(m, 1024, device=DEVICE, dtype=torch.float16)
+    kernel(x, qweight, qzeros, scales, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(x, qweight, qzeros, scales, 128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 128, torch.float32)
+    assert (out.float() - expected).abs().max() <= TOL[torch.float16] * expected.abs().max()
