@@ -21,6 +21,7 @@ from ..layers.context import BuildContext
 from ..models.registry import get_model_class, supported_architectures
 from .config_check import GENERATION_CONFIG_KEYS, check_config_values
 from .errors import CheckpointError
+from .prefused import check_version, is_prefused, load_prefused
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +174,12 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optiona
     model = _build_on_meta(model_cls, hf_config, os.path.join(path, "config.json"), ctx)
     model = model.to(dtype=dtype)
     model.to_empty(device=device)
-    model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))
+    weights = iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}")
+    if is_prefused(hf_config):  # written by `tidemind convert`: tensors are the parameters already
+        check_version(hf_config, path)
+        load_prefused(model, weights, path)
+    else:
+        model.load_weights(weights)
     model.eval()
     model_config = _with_generation_config(path, model.config)
     logger.info("loaded %s (%s) from %s in %.1f s: %s on %s", model_config.architecture,
