@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Union
 
+from .chat.grammar import check_response_format
 from .chat.templates import ChatTemplateConfig, get_chat_template
 from .config import EngineConfig, GenerationConfig
 from .config_compat import engine_config_from_kwargs
@@ -99,6 +100,7 @@ class Pipeline:
         configs = [self.with_template_stops(c) for c in self._gen_configs(gen_config, len(prompts))]
         for ids, config in zip(prompt_ids, configs):  # validate everything before submitting anything
             self.engine.validate_request(ids, config)
+            check_response_format(config.response_format)
         request_ids = []
         for index, (ids, config) in enumerate(zip(prompt_ids, configs)):
             base_seed = config.random_seed if config.random_seed is not None else random.getrandbits(31)
@@ -171,6 +173,7 @@ class Pipeline:
         config = self.with_template_stops(self._gen_configs(gen_config, 1)[0])
         if config.n != 1:
             raise ValueError("chat() keeps one conversation: use gen_config.n == 1")
+        check_response_format(config.response_format)
         turn = _turn_messages(prompt)
         first_turn = not session.history
         # Later turns render only the new messages: the conversation so far is in the engine's session.
@@ -235,7 +238,8 @@ def _delta(out: RequestOutput, index: int, session_id: int = 0) -> Response:
         logger.error("request failed: %s", out.error)
     return Response(text=out.new_text, generate_token_len=out.num_generated_tokens,
                     input_token_len=out.num_prompt_tokens, session_id=session_id, finish_reason=out.finish_reason,
-                    token_ids=list(out.new_token_ids), logprobs=out.new_logprobs, index=index)
+                    token_ids=list(out.new_token_ids), logprobs=out.new_logprobs, index=index,
+                    prompt_logprobs=out.prompt_logprobs)
 
 
 def _accumulate(full: Response, delta: Response) -> None:
@@ -246,6 +250,8 @@ def _accumulate(full: Response, delta: Response) -> None:
     full.finish_reason = delta.finish_reason
     if delta.logprobs:
         full.logprobs = (full.logprobs or []) + list(delta.logprobs)
+    if delta.prompt_logprobs is not None:
+        full.prompt_logprobs = delta.prompt_logprobs
 
 
 def _progress_bar(total: int):

@@ -175,6 +175,9 @@ class GenerationConfig:
         "LMDeploy's flag for slow tokenizers; tidemind's fast tokenizers decode the same either way."))
     logprobs: Optional[int] = field(default=None, metadata=_help(
         "Return the log-probabilities of the chosen token and this many top alternatives (0-20)."))
+    prompt_logprobs: Optional[int] = field(default=None, metadata=_help(
+        "Return the log-probability of every prompt token after the first, with this many top "
+        "alternatives (0-20); Response.prompt_logprobs holds them."))
     response_format: Optional[dict] = field(default=None, metadata=_help(
         "Structured output, enforced while decoding: {'type': 'json_object'}, {'type': 'json_schema', "
         "'json_schema': {'schema': {...}}}, {'type': 'regex_schema', 'regex_schema': '...'} (LMDeploy's), "
@@ -200,8 +203,10 @@ class GenerationConfig:
                f"random_seed={self.random_seed!r} must be an integer or None")
         _check(self.min_new_tokens is None or (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0),
                f"min_new_tokens={self.min_new_tokens!r} must be an integer >= 0")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               f"logprobs={self.logprobs!r} must be an integer in [0, 20] or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20),
+                   f"{name}={value!r} must be an integer in [0, 20] or None")
         for name, item_type in (("stop_words", str), ("bad_words", str),
                                 ("stop_token_ids", int), ("bad_token_ids", int)):
             items = _as_tuple(getattr(self, name), name, item_type)
