@@ -58,8 +58,11 @@ class Sample:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list] = None  # with the first output, when GenerationConfig.prompt_logprobs is set
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.new_text
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.new_logprobs or ())
