@@ -146,6 +146,25 @@ def test_langchain_itself_binds_tools_and_gets_structured_output(server):
     assert isinstance(json.loads(raw.content), dict)
 
 
+def test_the_openai_sdk_parses_structured_output_retrieves_the_model_and_gets_tool_calls(server):
+    import openai
+    from pydantic import BaseModel, Field
+
+    class Trip(BaseModel):
+        city: str = Field(max_length=30)
+        days: int = Field(ge=1, le=30)
+
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0)
+    parsed = client.chat.completions.parse(model=MODEL, messages=[{"role": "user", "content": "Plan a trip."}],
+                                           response_format=Trip, max_tokens=100, temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Trip)
+    called = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Add 2 and 3."}],
+                                            tools=TOOLS, tool_choice="required", max_tokens=250, temperature=0)
+    assert called.choices[0].finish_reason == "tool_calls"
+    assert {c.function.name for c in called.choices[0].message.tool_calls} <= {"add", "get_weather"}
+    assert client.models.retrieve(MODEL).id == MODEL
+
+
 # ---------------------------------------------------------------------------------------- structured output
 SCHEMAS = [
     {"type": "object", "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer",
