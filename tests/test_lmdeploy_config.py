@@ -48,6 +48,8 @@ def test_lmdeploy_names_map_to_tidemind_settings():
                                  cache_max_entry_count=0.5, num_gpu_blocks=10, eager_mode=True)
     assert (config.cache_block_seq_len, config.device, config.session_len, config.max_batch_size) == (32, "cpu", 1024, 8)
     assert (config.cache_max_entry_count, config.num_gpu_blocks, config.eager_mode) == (0.5, 10, True)
+    both = PytorchEngineConfig(enable_prefix_caching=False, num_cpu_blocks=8, eviction_type="copy")
+    assert (both.enable_prefix_caching, both.num_cpu_blocks) == (False, 8)
     turbo = TurbomindEngineConfig(cache_block_seq_len=16, model_format="hf", quant_policy=0, tp=1)
     assert (turbo.cache_block_seq_len, turbo.model_format) == (16, "hf")
 

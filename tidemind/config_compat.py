@@ -8,9 +8,9 @@ Each LMDeploy-only argument has one rule (``_RULES``):
   any other value is a ValueError naming what is missing and what to do instead;
 - ``Note``: no effect in tidemind (``download_dir``: nothing is ever downloaded); a value other than
   LMDeploy's default is logged once per name, saying why it changes nothing.
-Arguments both projects have (``tp``, ``session_len``, ``quant_policy``, ...) are EngineConfig fields,
-checked there. A setting that tidemind gains later (``enable_prefix_caching``, ``num_cpu_blocks``)
-is passed on as soon as EngineConfig has the field; until then it is a Note.
+Arguments both projects have (``tp``, ``session_len``, ``quant_policy``, ``enable_prefix_caching``,
+``num_cpu_blocks``, ...) are EngineConfig fields, checked there; a name listed below that EngineConfig
+gains later becomes its field (and its rule goes unused).
 """
 from __future__ import annotations
 
@@ -75,8 +75,8 @@ _RULES: Dict[str, Any] = {
     "thread_safe": Note(False, "pipelines are always safe to call from several threads"),
     "prefill_interval": Note(16, "prefill and decode share every step (chunked prefill under "
                                  "max_prefill_token_num)"),
-    "eviction_type": Note("recompute", "tidemind recomputes preempted requests (the same outputs as swapping "
-                                       "their KV to host memory)"),
+    "eviction_type": Note("recompute", "tidemind swaps preempted requests' KV to host memory when num_cpu_blocks "
+                                       "(or swap_space) gives it a pool, and recomputes it otherwise"),
     "num_tokens_per_iter": Note(0, "the step's token budget is max_prefill_token_num"),
     "max_prefill_iters": Note(1, "the step's token budget is max_prefill_token_num"),
     "cache_chunk_size": Note(-1, "the KV cache is allocated once at start-up"),
@@ -128,9 +128,6 @@ _RULES: Dict[str, Any] = {
     "dllm_block_length": Only((None,), "diffusion language models are not supported"),
     "role": Only(_DEFAULT_ROLE, "prefill / decode disaggregation is not implemented in tidemind"),
     "kv_transfer_config": Only((None,), "there is no KV transfer between engines"),
-    # ---- settings tidemind gains with other work: passed on once EngineConfig has the field
-    "enable_prefix_caching": Note(False, "prefix caching is not in this build"),
-    "num_cpu_blocks": Note(0, "a host KV swap pool is not in this build; preemption recomputes"),
 }
 
 PYTORCH_ARGS = (
@@ -164,8 +161,6 @@ def _apply(name: str, value, changes: Dict[str, Any]) -> None:
     value = _plain(value)
     if isinstance(rule, Alias):
         changes[rule.field] = rule.convert(value) if rule.convert else value
-    elif name in {f.name for f in dataclasses.fields(EngineConfig)}:
-        changes[name] = value  # a setting tidemind has gained since this table was written
     elif isinstance(rule, Only):
         if value not in rule.allowed and str(value) not in map(str, rule.allowed):
             raise ValueError(f"{name}={value!r}: {rule.missing}")
@@ -189,7 +184,10 @@ def _compat_post_init(self, *values) -> None:
 
 def _lmdeploy_config(class_name: str, args: Tuple[str, ...], doc: str) -> type:
     """A frozen dataclass subclass of EngineConfig whose LMDeploy-only arguments are InitVars: they
-    are read once by __post_init__ and not stored, so dataclasses.replace() works as on EngineConfig."""
+    are read once by __post_init__ and not stored, so dataclasses.replace() works as on EngineConfig.
+    Arguments EngineConfig has itself (enable_prefix_caching, num_cpu_blocks, ...) stay its fields."""
+    own = {f.name for f in dataclasses.fields(EngineConfig)}
+    args = tuple(name for name in args if name not in own)
     namespace = {"__annotations__": {name: InitVar[Any] for name in args}, "__doc__": doc,
                  "__post_init__": _compat_post_init, "LMDEPLOY_ARGS": args,
                  **{name: _UNSET for name in args}}
