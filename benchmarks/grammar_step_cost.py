@@ -8,7 +8,8 @@ ModelRunner._sample does): rows without a grammar (the argmax fast path), the sa
 sampler (the grammar hook's emptiness check included), and rows held to a JSON schema (llguidance's
 masks for all rows, computed in parallel, unpacked and applied, then argmax, then every matcher
 advanced). Finished rows are replaced by fresh requests, so matchers are at all depths of the answer.
-Reported: median and p90 milliseconds per step, and what the grammar adds per step.
+Reported: median and p90 milliseconds per step, what the grammar adds per step, and, for the
+grammar rows, llguidance's masks alone and the whole hook (masks, unpacking, applying) timed apart.
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from tidemind.core.sampling_params import SamplingParams
 from tidemind.loader import resolve_model
 from tidemind.runner.input_batch import InputBatch
 from tidemind.runner.sampler import Sampler
-from tidemind.runner.structured_output import GrammarCompiler
+from tidemind.runner.structured_output import GrammarCompiler, _executor, apply_grammar_masks
 
 SCHEMA = {"type": "object", "required": ["name", "age", "tags"], "additionalProperties": False,
           "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
@@ -65,13 +66,41 @@ class Rows:
         return elapsed
 
 
-def measure(rows: Rows, steps: int, fast_path: bool, vocab: int, seed: int) -> dict:
-    generator, sampler, times = torch.Generator().manual_seed(seed), Sampler(), []
-    for _ in range(steps):
-        logits = torch.randn(len(rows.ids), vocab, generator=generator) * 3
-        times.append(rows.step(logits, fast_path, sampler) * 1000)
+def _summary(times) -> dict:
     times = times[10:]  # warm-up
     return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
+def _mask_parts(rows: Rows, logits: torch.Tensor) -> tuple:
+    """(ms of llguidance's masks for all rows, ms of the whole hook: masks, unpacking, applying), timed
+    on a copy: masks change no matcher."""
+    import llguidance.torch as llg_torch
+
+    batch = rows.batch
+    inputs = [batch.sampling_inputs(batch.row(rid)) for rid in rows.ids]
+    live = [(inp.grammar.matcher, i) for i, inp in enumerate(inputs) if not inp.grammar.done]
+    words = llg_torch.allocate_token_bitmask(len(inputs), logits.shape[1])
+    start = time.perf_counter()
+    llg_torch.fill_next_token_bitmask_par(_executor(), live, words)
+    masks = time.perf_counter() - start
+    start = time.perf_counter()
+    apply_grammar_masks(logits.clone(), inputs)
+    return masks * 1000, (time.perf_counter() - start) * 1000
+
+
+def measure(rows: Rows, steps: int, fast_path: bool, vocab: int, seed: int, parts: bool = False) -> dict:
+    generator, sampler, times, masks, hook = torch.Generator().manual_seed(seed), Sampler(), [], [], []
+    for _ in range(steps):
+        logits = torch.randn(len(rows.ids), vocab, generator=generator) * 3
+        if parts:
+            mask_ms, hook_ms = _mask_parts(rows, logits)
+            masks.append(mask_ms)
+            hook.append(hook_ms)
+        times.append(rows.step(logits, fast_path, sampler) * 1000)
+    result = _summary(times)
+    if parts:
+        result.update(llguidance_masks=_summary(masks), whole_hook=_summary(hook))
+    return result
 
 
 def main() -> None:
@@ -90,7 +119,8 @@ def main() -> None:
     result = {"batch": args.batch, "steps": args.steps, "threads": args.threads, "vocab": vocab,
               "no_grammar_fast_path": measure(make(None), args.steps, True, vocab, 1),
               "no_grammar_full_sampler": measure(make(None), args.steps, False, vocab, 1),
-              "json_schema": measure(make(form), args.steps, True, vocab, 1)}
+              "json_schema": measure(make(form), args.steps, True, vocab, 1, parts=True),
+              "load_average_1min": os.getloadavg()[0]}
     result["grammar_adds_ms"] = round(result["json_schema"]["median_ms"] - result["no_grammar_full_sampler"]["median_ms"], 3)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
