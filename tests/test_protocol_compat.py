@@ -172,3 +172,33 @@ def test_hermes_messages_offer_the_tools_and_replay_calls_and_results():
     assert json.dumps(TOOLS[0]) in out[0]["content"]
     assert out[2] == {"role": "assistant", "content": format_call("get_weather", {"city": "Oslo"})}
     assert out[3] == {"role": "user", "content": "<tool_response>\nsunny\n</tool_response>"}
+
+
+HERMES_TEMPLATE = ("{%- if tools %}<tools>{% for t in tools %}{{ t | tojson }}{% endfor %}</tools>{% endif %}"
+                   "{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+                   "<tool_call>{{ c.function | tojson }}</tool_call>{% endfor %}{% endfor %}"
+                   "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def test_a_template_that_writes_hermes_calls_renders_tools_itself(tmp_path):
+    """Qwen 2.5's kind of template: tools= goes to it, and earlier calls' arguments as objects."""
+    from transformers import AutoTokenizer
+
+    from model_factory import save_tiny_tokenizer
+    from tidemind.chat.templates import HFChatTemplate
+    from tidemind.chat.tokenizer import Tokenizer
+    from tidemind.chat.tools import prompt_with_tools
+
+    save_tiny_tokenizer(str(tmp_path))
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    hf.chat_template = HERMES_TEMPLATE
+    template = HFChatTemplate(Tokenizer(hf))
+    assert template.writes_hermes_tool_calls
+    messages = [{"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    prompt = prompt_with_tools(template, messages, TOOLS)
+    assert prompt.startswith("<tools>") and '"name": "get_weather"' in prompt
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}</tool_call>' in prompt
+    assert prompt.endswith("<|tool|>sunny<|assistant|>")
