@@ -64,6 +64,16 @@ def test_unknown_fields_are_logged_once_per_name_or_refused_when_strict(caplog):
         {"messages": "hi", "kwargs": {}, "logit_bias": None, "top_logprobs": 0}))  # empty values: accepted
 
 
+def test_the_names_remembered_for_logging_are_bounded(caplog):
+    from tidemind.serve.openai.extensions import MAX_LOGGED_NAMES
+
+    policy = UnknownFieldPolicy(strict=False)
+    with caplog.at_level(logging.WARNING, logger="tidemind"):
+        for i in range(MAX_LOGGED_NAMES + 50):
+            policy.check(ChatCompletionRequest.model_validate({"messages": "hi", f"field_{i}": 1}))
+    assert len(caplog.records) == MAX_LOGGED_NAMES + 1 and "not logged" in caplog.records[-1].getMessage()
+
+
 @pytest.mark.parametrize("fields, expected", [
     ({"response_format": {"type": "json_object"}}, {"type": "json_object"}),
     ({"response_format": {"type": "text"}}, None),

@@ -21,6 +21,7 @@ logger = logging.getLogger("tidemind")
 # apply_chat_template's own arguments: a request's chat_template_kwargs may not set them
 _RENDER_ARGUMENTS = {"conversation", "tools", "documents", "tokenize", "add_generation_prompt",
                      "continue_final_message", "return_dict", "return_tensors", "chat_template", "tokenizer_kwargs"}
+MAX_LOGGED_NAMES = 256  # unknown field names remembered (and logged) per server
 STRICT_HINT = "this server runs with --strict-fields, which refuses fields it does not know"
 
 
@@ -59,10 +60,15 @@ class UnknownFieldPolicy:
             raise OpenAIError(400, f"unknown field(s) {names}: remove them ({STRICT_HINT}; GET /openapi.json "
                                    f"lists the accepted fields)", param=given[0][0].split(".")[0])
         for path, _ in given:
-            if path not in self._logged:
-                self._logged.add(path)
-                logger.warning("request field '%s' is not known to tidemind: ignored (logged once per field name; "
-                               "--strict-fields refuses such requests)", path)
+            if path in self._logged or len(self._logged) > MAX_LOGGED_NAMES:
+                continue
+            self._logged.add(path)
+            if len(self._logged) > MAX_LOGGED_NAMES:  # names come from clients: the set stays bounded
+                logger.warning("more than %d unknown request field names seen: further ones are not logged",
+                               MAX_LOGGED_NAMES)
+                continue
+            logger.warning("request field %r is not known to tidemind: ignored (logged once per field name; "
+                           "--strict-fields refuses such requests)", path)
 
 
 def _refuse(field: str, message: str) -> OpenAIError:
