@@ -7,7 +7,6 @@ Validation happens in ``__post_init__`` and raises ``ValueError`` naming the fie
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple
@@ -131,10 +130,6 @@ def _check_engine_capabilities(config: EngineConfig) -> None:
            f"rope_scaling_factor={config.rope_scaling_factor!r}: dynamic NTK RoPE scaling is not implemented in "
            f"tidemind (positions keep the frequencies config.json gives); to run past the trained context, use a "
            f"model whose config.json sets rope_scaling (linear, llama3 or yarn), which tidemind applies")
-    if config.model_format in MODEL_FORMATS[1:] and importlib.util.find_spec("tidemind.layers.quantization") is None:
-        raise ValueError(f"model_format={config.model_format!r}: this build of tidemind loads dense checkpoints "
-                         f"only (quantized {config.model_format} weights come with the quantization work); use "
-                         f"model_format='hf' or leave it out")
 
 
 def _as_tuple(value, name: str, item_type) -> Optional[tuple]:
