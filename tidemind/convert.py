@@ -106,6 +106,10 @@ def convert(model: Optional[str], dst_path: str, dtype: str = "auto") -> Convert
     hf_config = read_hf_config(resolved.path)
     if is_prefused(hf_config):
         raise ValueError(f"{model!r} is pre-fused already (written by `tidemind convert`): load it as it is")
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method:  # their layers repack weights once loaded: the loaded state is no checkpoint
+        raise ValueError(f"{model!r} is quantized ({method}): `tidemind convert` writes dense checkpoints; load the "
+                         f"quantized one as it is")
     dst_path = _check_destination(dst_path, resolved.path)
     stored = _stored_dtype(dtype, hf_config)
     loaded, _ = load_model(resolved.path, _DTYPES[stored], torch.device("cpu"))

@@ -81,6 +81,9 @@ class _Plan:
             raise OpenAIError(400, "best_of > n cannot be streamed (the best are known at the end): remove stream",
                               param="best_of")
         self.echo = bool(body.echo)
+        if max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 generates nothing; ask for at least 1 token, or set echo "
+                                   "(with logprobs) to score the prompt", param="max_tokens")
         self.num_top = body.logprobs
         self.prompt_logprobs = self.num_top if self.echo and self.num_top is not None else None
         # echo with max_tokens=0: one token is generated (its prefill computes the prompt's

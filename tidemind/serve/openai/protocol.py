@@ -156,8 +156,9 @@ class SamplingFields(_Body):
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=MAX_N, description="choices per prompt")
-    max_tokens: Optional[int] = Field(None, ge=0, description="chat: default up to the session length; "
-                                                              f"completions: default {COMPLETIONS_DEFAULT_MAX_TOKENS}")
+    max_tokens: Optional[int] = Field(None, ge=0, description="chat: >= 1, default up to the session length; "
+                                                              f"completions: default {COMPLETIONS_DEFAULT_MAX_TOKENS}, "
+                                                              f"0 only with echo")
     stop: Optional[Stop] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -223,6 +224,7 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: up to the session length")
     messages: Union[Annotated[str, Field(min_length=1)], Annotated[List[ChatMessage], Field(min_length=1)]] = Field(
         description="the conversation; a string is one user message (LMDeploy's form)")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="preferred over max_tokens")
