@@ -23,7 +23,7 @@ from .errors import (ApiKeyMiddleware, ConcurrencyLimit, OpenAIError, RequestIdM
 from .generation import (RequestGroup, Sample, collect_samples, generation_config, respond, safe_logprob,
                          submit_all, token_text, top_entries)
 from .launch import DEFAULT_MAX_REQUEST_BYTES
-from .limits import BodySizeLimit, check_max_tokens, check_prompt_chars, server_limits
+from .limits import BodySizeLimit, check_choices, check_max_tokens, check_prompt_chars, server_limits
 from .protocol import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest, CompletionResponse,
                        EncodeRequest, EncodeResponse, ErrorResponse, ModelCard, ModelList, SamplingFields)
 
@@ -201,6 +201,8 @@ def _check_text_chars(state: ServerState, texts, param: str) -> None:
 async def completions(state: ServerState, body: CompletionRequest, request: Request) -> Response:
     state.check_model(body.model)
     check_max_tokens(state.limits, body.max_tokens, "max_tokens")
+    single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    check_choices(state.limits, 1 if single else len(body.prompt), body.n or 1)
     _check_text_chars(state, body.prompt, "prompt")
     prompts = await asyncio.to_thread(_completion_prompts, state, body.prompt)
     num_top = body.logprobs
