@@ -184,7 +184,7 @@ def test_soak_rss_is_flat_after_the_warm_up(soak):
 
 @pytest.mark.slow
 def test_the_soak_catches_a_server_that_gets_texts_wrong_fails_requests_and_leaks_kv(tmp_path):
-    settings = replace(reliability_soak.SCALES["ci"], requests=40, concurrency=8, prompts=4, idle_timeout_s=3)
+    settings = replace(reliability_soak.SCALES["ci"], requests=32, concurrency=8, prompts=4, idle_timeout_s=3)
     sabotage = {"PYTHONPATH": SABOTAGE_DIR, "TIDEMIND_SABOTAGE": "wrong-text,server-error,kv-leak"}
     result = run_scenario("soak", "ci", tmp_path, env=sabotage, settings=settings)
     assert result.error is None, result.error

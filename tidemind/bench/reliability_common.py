@@ -228,7 +228,7 @@ def finished_counts(m: Mapping[str, float]) -> Dict[str, int]:
 def answers_normally(url: str, headers: Optional[Dict[str, str]] = None, timeout: float = 60.0) -> Tuple[bool, str]:
     """A short greedy chat request answers 200 with text; (ok, what came back)."""
     try:
-        response = httpx.post(f"{url}{CHAT_PATH}", json=greedy_body(CHAT_PATH, "Say hello.", 2, stream=False),
+        response = httpx.post(f"{url}{CHAT_PATH}", json=greedy_body(CHAT_PATH, "Say hello.", 1, stream=False),
                               headers=headers, timeout=timeout, trust_env=False)
     except httpx.HTTPError as exc:
         return False, f"{type(exc).__name__}: {exc}"

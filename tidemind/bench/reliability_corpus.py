@@ -27,7 +27,7 @@ MUTANT_STATUSES = {200, 400, 401, 404, 405, 413}
 
 @dataclass(frozen=True)
 class CorpusSettings:
-    mutants: int = 60
+    mutants: int = 40
     seed: int = 0
 
 

@@ -6,8 +6,8 @@ concurrent greedy streams, one server per fault:
 2. one step: a step fails (`execute=K`, at most 2 requests per step): the requests of that step fail,
    the others, waiting meanwhile, finish with their solo texts; the server stays healthy;
 3. the engine cannot go on (`execute=K,recovery=1`: the clean-up of the failed step fails too): every
-   open stream ends at once with an error event, /health answers 503 until the process exits with
-   code 1, within `exit_bound_s`.
+   open stream ends at once with an error event (a request that comes after gets 503), /health
+   answers 503 until the process exits with code 1, within `exit_bound_s`.
 
 Error events and 5xx bodies must not show the internal exception (InjectedFault). The solo texts
 come from the first server, once its one-shot fault has fired.
@@ -15,6 +15,7 @@ come from the first server, once its one-shot fault has fired.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,19 +23,9 @@ from typing import Dict, List, Optional, Tuple
 
 import httpx
 
-from .local_servers import LocalServer, local_api_server
-from .reliability_common import (
-    CHAT_PATH,
-    ScenarioResult,
-    StreamRecord,
-    answers_normally,
-    greedy_body,
-    http_client,
-    kv_figures,
-    solo_records,
-    stream,
-    wait_idle,
-)
+from .local_servers import LocalServer, api_server_command, free_port, started
+from .reliability_common import (CHAT_PATH, ScenarioResult, StreamRecord, answers_normally, greedy_body, http_client,
+                                 kv_figures, solo_records, stream, wait_idle)
 from .workloads import chat_prompts
 
 FAULTS_ENV = "TIDEMIND_INJECT_FAULTS"
@@ -48,7 +39,7 @@ class FaultSettings:
     exit_bound_s: float = 30.0  # from the fault to the process's exit
 
 
-SCALES = {"ci": FaultSettings(), "full": FaultSettings(streams=12, max_tokens=48)}
+SCALES = {"ci": FaultSettings(max_tokens=16), "full": FaultSettings(streams=12, max_tokens=48)}
 
 
 def _bodies(settings: FaultSettings) -> Dict[int, Tuple[str, dict]]:
@@ -61,9 +52,13 @@ async def _concurrent(url: str, bodies: Dict[int, Tuple[str, dict]]) -> List[Str
         return list(await asyncio.gather(*(stream(client, url, path, body) for path, body in bodies.values())))
 
 
-def _server(settings: FaultSettings, workdir: Path, name: str, faults: str, env: Optional[dict], *extra: str):
-    return local_api_server("--session-len", "512", *extra, log_path=workdir / f"faults-{name}-server.log",
-                            env={**(env or {}), FAULTS_ENV: faults})
+def _start(stack: contextlib.ExitStack, workdir: Path, name: str, faults: str, env: Optional[dict],
+           *extra: str) -> LocalServer:
+    """An api_server with a fault plan, started (not yet ready) and stopped when `stack` closes."""
+    port = free_port()
+    command = api_server_command(port, "--session-len", "512", *extra)
+    return stack.enter_context(started(command, port, workdir / f"faults-{name}-server.log",
+                                       {**(env or {}), FAULTS_ENV: faults}))
 
 
 def _leaks(records: List[StreamRecord]) -> List[str]:
@@ -95,23 +90,21 @@ def _judge_still_serving(result: ScenarioResult, label: str, server: LocalServer
     return {"kv_free_after": m["tidemind_kv_cache_blocks_free"]}
 
 
-def _one_request(settings, workdir, env, result) -> Tuple[Dict[int, StreamRecord], dict]:
+def _one_request(settings: FaultSettings, server: LocalServer,
+                 result: ScenarioResult) -> Tuple[Dict[int, StreamRecord], dict]:
     bodies = _bodies(settings)
-    fault_at = settings.streams * settings.max_tokens // 2  # outputs: one per token per request
-    with _server(settings, workdir, "output", f"output={fault_at}", env) as server:
-        records = asyncio.run(_concurrent(server.url, bodies))
-        solo = asyncio.run(solo_records(server.url, bodies))  # the one-shot fault has fired
-        figures = _judge_contained(result, "one request", records, solo, most_failed=1)
-        figures.update(_judge_still_serving(result, "one request", server))
+    records = asyncio.run(_concurrent(server.url, bodies))
+    solo = asyncio.run(solo_records(server.url, bodies))  # the one-shot fault has fired
+    figures = _judge_contained(result, "one request", records, solo, most_failed=1)
+    figures.update(_judge_still_serving(result, "one request", server))
     return solo, figures
 
 
-def _one_step(settings, workdir, env, result, solo) -> dict:
-    fault_at = settings.max_tokens // 2  # steps: 2 requests at a time
-    with _server(settings, workdir, "step", f"execute={fault_at}", env, "--max-batch-size", "2") as server:
-        records = asyncio.run(_concurrent(server.url, _bodies(settings)))
-        figures = _judge_contained(result, "one step", records, solo, most_failed=2)
-        figures.update(_judge_still_serving(result, "one step", server))
+def _one_step(settings: FaultSettings, server: LocalServer, result: ScenarioResult,
+              solo: Dict[int, StreamRecord]) -> dict:
+    records = asyncio.run(_concurrent(server.url, _bodies(settings)))
+    figures = _judge_contained(result, "one step", records, solo, most_failed=2)
+    figures.update(_judge_still_serving(result, "one step", server))
     return figures
 
 
@@ -129,21 +122,21 @@ def _health_until_exit(server: LocalServer, deadline: float) -> List[str]:
     return seen
 
 
-def _engine_death(settings, workdir, env, result) -> dict:
-    fault_at = settings.max_tokens // 2
-    with _server(settings, workdir, "dead", f"execute={fault_at},recovery=1", env) as server:
-        records = asyncio.run(_concurrent(server.url, _bodies(settings)))
-        first_error = min((r.ended_s for r in records if not r.completed), default=None)
-        health = _health_until_exit(server, time.monotonic() + settings.exit_bound_s)
-        exited_s = time.monotonic()
-        code = server.process.poll()
+def _engine_death(settings: FaultSettings, server: LocalServer, result: ScenarioResult) -> dict:
+    records = asyncio.run(_concurrent(server.url, _bodies(settings)))
+    first_error = min((r.ended_s for r in records if not r.completed), default=None)
+    health = _health_until_exit(server, time.monotonic() + settings.exit_bound_s)
+    exited_s = time.monotonic()
+    code = server.process.poll()
     open_streams = [r for r in records if not r.completed]
     spread = max(r.ended_s for r in open_streams) - first_error if open_streams else float("nan")
-    result.check("engine death: every open stream ends with an error event at once",
-                 len(open_streams) == len(records) and all(r.error_event is not None for r in open_streams)
-                 and spread <= settings.error_bound_s,
-                 f"{sum(r.error_event is not None for r in open_streams)}/{len(records)} error events within "
-                 f"{spread:.2f} s (bound {settings.error_bound_s:g} s); first: {records[0].summary()}")
+    # A request that arrives after the engine died is refused with 503 engine_dead instead.
+    ended_cleanly = [r for r in records if r.error_event is not None or (r.status, r.error_code) == (503, "engine_dead")]
+    result.check("engine death: every stream ends at once with an error event (or a 503 if it came late)",
+                 len(ended_cleanly) == len(records) and spread <= settings.error_bound_s,
+                 f"{sum(r.error_event is not None for r in records)} error events, "
+                 f"{len(ended_cleanly) - sum(r.error_event is not None for r in records)} 503s of {len(records)}, "
+                 f"within {spread:.2f} s (bound {settings.error_bound_s:g} s); first: {records[0].summary()}")
     result.check("engine death: no internal text in what clients saw", not _leaks(records),
                  "; ".join(_leaks(records)) or "the error events carry a request id only")
     result.check("engine death: /health 503 until the process exits", set(health) <= {"503", "refused"},
@@ -152,7 +145,7 @@ def _engine_death(settings, workdir, env, result) -> dict:
     result.check("engine death: the process exits with code 1 in time",
                  code == 1 and exit_s <= settings.exit_bound_s,
                  f"exit code {code} {exit_s:.1f} s after the fault (bound {settings.exit_bound_s:g} s)")
-    log = (workdir / "faults-dead-server.log").read_text(errors="replace")
+    log = server.log_tail(chars=10**6)
     result.check("engine death: the log says why", "the engine stopped" in log and "InjectedFault" in log,
                  "the log names the engine's stop and the exception")
     return {"streams": len(records), "error_events": sum(r.error_event is not None for r in records),
@@ -162,8 +155,13 @@ def _engine_death(settings, workdir, env, result) -> dict:
 
 def run(settings: FaultSettings, workdir: Path, progress: bool = False, env: Optional[dict] = None) -> ScenarioResult:
     result = ScenarioResult("faults", asdict(settings))
-    solo, one_request = _one_request(settings, workdir, env, result)
-    one_step = _one_step(settings, workdir, env, result, solo)
-    death = _engine_death(settings, workdir, env, result)
+    mid_load = settings.max_tokens // 2  # outputs: one per token per request; steps: one per token
+    with contextlib.ExitStack() as stack:  # the three servers load side by side
+        per_request = _start(stack, workdir, "output", f"output={settings.streams * mid_load}", env)
+        per_step = _start(stack, workdir, "step", f"execute={mid_load}", env, "--max-batch-size", "2")
+        fatal = _start(stack, workdir, "dead", f"execute={mid_load},recovery=1", env)
+        solo, one_request = _one_request(settings, per_request.wait_healthy(), result)
+        one_step = _one_step(settings, per_step.wait_healthy(), result, solo)
+        death = _engine_death(settings, fatal.wait_healthy(), result)
     result.figures = {"one_request": one_request, "one_step": one_step, "engine_death": death}
     return result

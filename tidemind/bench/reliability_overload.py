@@ -23,17 +23,8 @@ from typing import List, Optional, Tuple
 import httpx
 
 from .local_servers import local_api_server, metrics
-from .reliability_common import (
-    CHAT_PATH,
-    ScenarioResult,
-    StreamRecord,
-    answers_normally,
-    greedy_body,
-    http_client,
-    kv_figures,
-    stream,
-    wait_idle,
-)
+from .reliability_common import (CHAT_PATH, ScenarioResult, StreamRecord, answers_normally, greedy_body, http_client,
+                                 kv_figures, stream, wait_idle)
 
 
 @dataclass(frozen=True)
@@ -41,7 +32,7 @@ class OverloadSettings:
     requests: int = 200
     limit: int = 16
     rounds: int = 1
-    max_tokens: int = 64
+    max_tokens: int = 48
     probes: int = 10  # single requests over the limit, sent one by one while the limit's requests run
     rejection_bound_s: float = 1.0
     idle_timeout_s: float = 10.0  # for every KV block to be free again once the last response ended

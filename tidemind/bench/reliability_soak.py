@@ -23,20 +23,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from .local_servers import LocalServer, local_api_server, metrics
-from .reliability_common import (
-    CHAT_PATH,
-    COMPLETIONS_PATH,
-    ScenarioResult,
-    StreamRecord,
-    finished_counts,
-    greedy_body,
-    http_client,
-    kv_figures,
-    progress_bar,
-    solo_records,
-    stream,
-    wait_idle,
-)
+from .reliability_common import (CHAT_PATH, COMPLETIONS_PATH, ScenarioResult, StreamRecord, finished_counts,
+                                 greedy_body, http_client, kv_figures, progress_bar, solo_records, stream, wait_idle)
 from .workloads import chat_prompts
 
 MIB = 2**20
@@ -48,10 +36,10 @@ class SoakSettings:
     concurrency: int = 16
     hang_up_share: float = 0.2
     prompts: int = 8  # distinct prompts, each sent to both endpoints: 2x this many distinct requests
-    max_tokens: Tuple[int, ...] = (8, 16, 24, 32)
+    max_tokens: Tuple[int, ...] = (8, 12, 16, 24)
     warmup_share: float = 0.2  # of the requests, and at least 2x the concurrency
     rss_bound_mib: float = 32.0
-    kv_blocks: int = 40
+    kv_blocks: int = 28
     block_tokens: int = 16
     session_len: int = 512
     seed: int = 0
