@@ -60,9 +60,9 @@ def greedy_body(path: str, prompt: str, max_tokens: int, stream: bool = True, **
     return {**what, "max_tokens": max_tokens, "temperature": 0, "stream": stream, **extra}
 
 
-def http_client(timeout: float = 120.0, headers: Optional[Dict[str, str]] = None) -> httpx.AsyncClient:
+def http_client(timeout: float = 120.0) -> httpx.AsyncClient:
     # trust_env=False: loopback servers are reached directly, never through the shell's HTTP proxy.
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False, headers=headers,
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout, connect=10.0), trust_env=False,
                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=256))
 
 
@@ -140,6 +140,8 @@ async def stream(client: httpx.AsyncClient, url: str, path: str, body: dict,
         record.transport_error = f"timed out ({type(exc).__name__})"
     except httpx.HTTPError as exc:
         record.transport_error = f"{type(exc).__name__}: {exc or 'connection lost'}"
+    except (ValueError, AttributeError) as exc:  # an event that is not an OpenAI chunk
+        record.transport_error = f"unreadable stream event ({type(exc).__name__}: {exc})"
     finally:
         record.ended_s = time.monotonic()
     return record
