@@ -2,13 +2,23 @@
 
 FakeRunner holds what a real runner holds, built only from the step contract's deltas: per request
 its tokens (sent once, then the tokens it sampled itself), its block table (sent once, then the new
-blocks) and num_computed_tokens. It keeps a simulated paged KV cache, one token id per (block,
-slot): each step it writes the scheduled tokens through the block table, and for every request that
-samples it reads the whole sequence back through the block table and checks it against its own
-tokens, so a wrong block table, a block shared by two live requests, a chunk at the wrong position
-or a delta that lost blocks fails the test. step() also checks that the runner's tokens equal the
-scheduler's. The "sampled" token is a hash of the sequence and the request's seed: deterministic,
-and independent of batching, chunking and preemption, exactly like greedy decoding of a real model.
+blocks) and num_computed_tokens. It keeps a simulated paged KV cache with one value per (block,
+slot) that, like real KV, depends on the whole prefix: the value at position p is
+kv_value(value at p - 1, token p), and writing it reads the value at p - 1 back through the block
+table (as attention reads the cache). For every request that samples it reads the whole sequence
+back through the block table and checks it against the values its own tokens give, so a wrong
+block table, a block shared by two live requests, a chunk at the wrong position, a delta that lost
+blocks, a prefix-cache hit on a block of another prefix (even one with the same tokens), or a block
+that was not swapped back in fails the test.
+
+The host swap pool is simulated the same way: before computing, the runner applies the step's
+swap-outs (device block -> host block), then its swap-ins (host -> device), exactly in the real
+runner's order; a swap-in must read a host block that a swap-out filled and nothing read since
+(each host copy is read once, then released).
+
+step() also checks that the runner's tokens equal the scheduler's. The "sampled" token is a hash of
+the sequence and the request's seed: deterministic, and independent of batching, chunking,
+preemption, prefix caching and swapping, exactly like greedy decoding of a real model.
 """
 from __future__ import annotations
 
@@ -24,6 +34,23 @@ VOCAB_SIZE = 50
 EOS = 7
 
 StepRecord = List[Tuple[int, int, int, bool]]  # (request_id, start_pos, num_tokens, sample) per request
+
+
+_KV_START = 12_345
+_MOD = 2**61 - 1
+
+
+def kv_value(previous: int, token: int) -> int:
+    """The simulated KV of a token: a function of the token and of the KV before it."""
+    return (previous * 1_000_003 + token + 1) % _MOD
+
+
+def kv_values(tokens: Sequence[int]) -> List[int]:
+    values, value = [], _KV_START
+    for token in tokens:
+        value = kv_value(value, token)
+        values.append(value)
+    return values
 
 
 def reference_token(seed: int, tokens: Sequence[int], vocab_size: int = VOCAB_SIZE) -> int:
@@ -46,12 +73,14 @@ class _HeldRequest:
 
 class FakeRunner:
     def __init__(self, num_blocks: int, block_size: int, vocab_size: int = VOCAB_SIZE,
-                 script: Optional[Dict[int, List[int]]] = None):
+                 script: Optional[Dict[int, List[int]]] = None, num_host_blocks: int = 0):
         """``script``: request_id -> the tokens to return for it, by output index, bypassing the
         hash and the min_new_tokens masking (to feed the scheduler tokens a sampler would not)."""
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.kv: List[List[Optional[int]]] = [[None] * block_size for _ in range(num_blocks)]
+        self.host_kv: List[Optional[List[Optional[int]]]] = [None] * num_host_blocks  # None: nothing to read
+        self.num_swapped_out = self.num_swapped_in = 0
         self.script = dict(script or {})
         self.steps: List[StepRecord] = []
         self.left_ids: List[List[int]] = []  # SchedulerOutput.finished_request_ids, per step
@@ -81,10 +110,27 @@ class FakeRunner:
         sent = [d.request_id for d in out.new_requests] + [d.request_id for d in out.cached_requests]
         assert sorted(sent) == sorted(out.num_scheduled_tokens), "scheduled requests and deltas differ"
 
+    def _swap(self, out: SchedulerOutput) -> None:
+        """The step's block copies, swap-outs first (the real runner's order)."""
+        for device, host in out.swap_out:
+            assert self.kv[device][0] is not None, f"swap-out of device block {device}, which holds no KV"
+            self.host_kv[host] = list(self.kv[device])
+        for host, device in out.swap_in:
+            assert self.host_kv[host] is not None, f"swap-in of host block {host}: no copy to read"
+            self.kv[device], self.host_kv[host] = self.host_kv[host], None
+        self.num_swapped_out += len(out.swap_out)
+        self.num_swapped_in += len(out.swap_in)
+
+    def _read(self, table: List[int], pos: int) -> int:
+        value = self.kv[table[pos // self.block_size]][pos % self.block_size]
+        assert value is not None, f"position {pos} read through {table} holds no KV"
+        return value
+
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         self.drop(out.finished_request_ids)
         assert not set(out.num_scheduled_tokens) & set(out.finished_request_ids), \
             "a request leaves and runs in one step"
+        self._swap(out)
         self._apply_deltas(out)
         bs = self.block_size
         record: StepRecord = []
@@ -94,15 +140,18 @@ class FakeRunner:
             start, end, table = held.num_computed, held.num_computed + num_tokens, held.block_table
             assert end <= len(held.tokens), f"request {rid}: {end} tokens scheduled, {len(held.tokens)} held"
             assert len(table) * bs >= end, f"block table of {rid} too short for {end} tokens"
+            value = self._read(table, start - 1) if start else _KV_START
             for pos in range(start, end):
-                self.kv[table[pos // bs]][pos % bs] = held.tokens[pos]
+                value = kv_value(value, held.tokens[pos])
+                self.kv[table[pos // bs]][pos % bs] = value
             held.num_computed = end
             sample = end == len(held.tokens)
             record.append((rid, start, num_tokens, sample))
             if sample:
-                seen = [self.kv[table[p // bs]][p % bs] for p in range(end)]
-                assert seen == held.tokens, f"request {rid}: KV cache holds {seen}, expected {held.tokens}"
-                token = self._sample(rid, held, seen)
+                seen = [self._read(table, p) for p in range(end)]
+                assert seen == kv_values(held.tokens), \
+                    f"request {rid}: the KV read through {table} is not that of its tokens {held.tokens}"
+                token = self._sample(rid, held, held.tokens)
                 held.tokens.append(token)
                 held.num_outputs += 1
                 sampled[rid] = token
@@ -137,10 +186,12 @@ def make_request(request_id: int, prompt: Iterable[int] | int, *, max_total_toke
 
 def make_scheduler(num_blocks: int, block_size: int, max_batch_size: int = 8,
                    max_num_batched_tokens: int = 64, watermark_blocks: int = 0,
-                   script: Optional[Dict[int, List[int]]] = None) -> Tuple[Scheduler, FakeRunner]:
-    bm = BlockManager(num_blocks, block_size)
-    scheduler = Scheduler(bm, max_batch_size, max_num_batched_tokens, watermark_blocks=watermark_blocks)
-    return scheduler, FakeRunner(num_blocks, block_size, script=script)
+                   script: Optional[Dict[int, List[int]]] = None, prefix_caching: bool = False,
+                   num_host_blocks: int = 0) -> Tuple[Scheduler, FakeRunner]:
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    scheduler = Scheduler(bm, max_batch_size, max_num_batched_tokens, watermark_blocks=watermark_blocks,
+                          num_host_blocks=num_host_blocks)
+    return scheduler, FakeRunner(num_blocks, block_size, script=script, num_host_blocks=num_host_blocks)
 
 
 def step(scheduler: Scheduler, runner: FakeRunner) -> Tuple[SchedulerOutput, List[Request]]:
@@ -202,6 +253,9 @@ def assert_all_blocks_free(scheduler: Scheduler) -> None:
     assert bm.usage == 0.0
     bm.check_invariants([])
     scheduler.check_invariants()
+    swap = scheduler.swap
+    assert swap is None or swap.num_free_blocks == swap.num_total_blocks, \
+        f"{swap.num_free_blocks}/{swap.num_total_blocks} host blocks free"
 
 
 def run_alone(request: Request, block_size: int = 4) -> Tuple[List[int], str]:

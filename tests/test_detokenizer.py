@@ -209,6 +209,10 @@ def test_each_add_decodes_a_short_window_on_a_4k_token_output(smol):
             self.window_sizes.append(len(ids))
             return self.inner.decode(ids, skip_special_tokens)
 
+        def decode_batch(self, sequences, skip_special_tokens=True):
+            self.window_sizes += [len(ids) for ids in sequences]
+            return self.inner.decode_batch(sequences, skip_special_tokens)
+
     ids = smol.encode((SAMPLE_TEXT + " The quick brown fox jumps over the lazy dog. ") * 60, add_bos=False)[:4096]
     assert len(ids) == 4096
     counting = CountingTokenizer(smol)
@@ -313,3 +317,31 @@ def test_detokenizer_argument_errors(smol):
     detok.finish()
     with pytest.raises(RuntimeError, match="finish"):
         detok.add(0)
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_add_tokens_on_many_sequences_equals_each_alone(smol, tiny):
+    # Sequences of different lengths, stop words and skip settings advance together, one token each
+    # per round, as the engine feeds them; each must produce exactly what it produces alone.
+    from tidemind.chat.detokenizer import add_tokens
+
+    texts = [SAMPLE_TEXT, "Hello <|im_end|> world", "naïve café — 你好 🌊 end", "stop here STOP there", "a"]
+    cases = []
+    for tokenizer in (smol, tiny):
+        for n, text in enumerate(texts):
+            ids = tokenizer.encode(text, add_bos=False)
+            kwargs = dict(skip_special_tokens=n % 2 == 0, stop_words=["STOP"] if n == 3 else ["<|im_end|>"])
+            cases.append((tokenizer, ids, kwargs))
+    for tokenizer in (smol, tiny):
+        mine = [(ids, kwargs) for t, ids, kwargs in cases if t is tokenizer]
+        alone = [stream(tokenizer, ids, **kwargs) for ids, kwargs in mine]
+        together = [IncrementalDetokenizer(tokenizer, **kwargs) for _, kwargs in mine]
+        pieces = [[] for _ in mine]
+        for step in range(max(len(ids) for ids, _ in mine)):
+            live = [i for i, (ids, _) in enumerate(mine) if step < len(ids)]
+            for i, text in zip(live, add_tokens([together[i] for i in live], [mine[i][0][step] for i in live])):
+                pieces[i].append(text)
+        for i, detok in enumerate(together):
+            pieces[i].append(detok.finish())
+            assert "".join(pieces[i]) == "".join(alone[i][0]), (tokenizer, texts[i % len(texts)])
+            assert detok.stopped == alone[i][1].stopped

@@ -319,7 +319,7 @@ def _random_request(rng, rid, max_prompt):
     return make_request(rid, prompt, max_total_tokens=session, seed=rng.randrange(1000), **gen)
 
 
-def _stress(seed):
+def _stress(seed, prefix_caching=False, num_host_blocks=0):
     """Random arrivals, lengths, endings and aborts on a cache barely big enough for the largest
     request; every step is checked by step(). Returns (preemptions, stop-id endings, unsampled prompt chunks)."""
     rng = random.Random(seed)
@@ -329,7 +329,7 @@ def _stress(seed):
     sched, runner = make_scheduler(
         num_blocks=biggest + rng.randint(0, 3), block_size=block_size,
         max_batch_size=rng.randint(1, 6), max_num_batched_tokens=rng.choice([1, 3, 8, 16, 64]),
-        watermark_blocks=rng.randint(0, 2))
+        watermark_blocks=rng.randint(0, 2), prefix_caching=prefix_caching, num_host_blocks=num_host_blocks)
     arrivals = sorted(rng.randrange(60) for _ in requests)
     pending = list(zip(arrivals, requests))
     aborted = set()
@@ -366,8 +366,10 @@ def _stress(seed):
     return sched.num_preemptions, sum(r.finish_reason == "stop" for r in requests), chunks
 
 
-def test_randomized_stress_matches_running_alone():
-    results = {seed: _stress(seed) for seed in range(8)}  # a failure's traceback names its seed
+@pytest.mark.parametrize("prefix_caching, num_host_blocks", [(False, 0), (True, 0), (True, 40)])
+def test_randomized_stress_matches_running_alone(prefix_caching, num_host_blocks):
+    # a failure's traceback names its seed
+    results = {seed: _stress(seed, prefix_caching, num_host_blocks) for seed in range(8)}
     preemptions, stops, chunks = (sum(column) for column in zip(*results.values()))
     assert preemptions > 20 and stops > 20 and chunks > 20, f"scenarios too tame to test much: {results}"
 

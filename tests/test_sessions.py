@@ -134,3 +134,51 @@ def test_preempted_turn_of_a_session_still_matches_running_alone():
     assert (turn.output_token_ids, turn.finish_reason) == run_alone(
         make_request(1, history + [5, 6], eos=(), seed=99, max_new_tokens=8))
     _end_all(sched, runner, 1)
+
+
+# ------------------------------------------------------------------ sessions as pins in the prefix cache
+
+def test_a_released_pin_leaves_the_history_in_the_prefix_cache():
+    sched, runner = make_scheduler(num_blocks=8, block_size=4, prefix_caching=True)
+    sched.add_request(_turn(0, [], [1, 2, 3, 4, 5, 6]))  # 12 tokens: 11 of KV, 2 full blocks cached
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    big = make_request(5, 21, max_new_tokens=4, eos=())  # needs 6 blocks: the pin is released
+    sched.add_request(big)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    session = sched.sessions.get(1)
+    assert session.block_ids == [] and session.num_cached == 0
+    assert sched.block_manager.num_evictable_blocks == 2 + 6  # the history's 2 full blocks, big's 6
+    history = sched.sessions.history(1)
+    second = _turn(1, history, [9])
+    sched.add_request(second)
+    step(sched, runner)
+    assert runner.steps[-1][0][1] == 8 and second.num_cached_tokens == 8  # hits, less the partial block
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert (second.output_token_ids, second.finish_reason) == run_alone(
+        make_request(1, history + [9], eos=(), seed=99, max_new_tokens=6))
+    _end_all(sched, runner, 1)
+
+
+def test_sessions_with_a_common_prefix_pin_the_same_blocks():
+    sched, runner = make_scheduler(num_blocks=32, block_size=4, prefix_caching=True)
+    system = [3, 1, 4, 1, 5, 9, 2, 6]
+    for rid, sid in ((0, 1), (1, 2)):
+        sched.add_request(_turn(rid, [], system + [sid, sid], session_id=sid))
+        while sched.has_unfinished_requests():
+            step(sched, runner)
+    first, second = sched.sessions.get(1), sched.sessions.get(2)
+    assert first.block_ids[:2] == second.block_ids[:2]  # the system prompt, by reference
+    assert sched.sessions.num_cached_blocks == len(set(first.block_ids) | set(second.block_ids))  # no double count
+    sched.end_session(1)
+    assert sched.block_manager.num_free_blocks == 32 - len(second.block_ids)  # still pinned by 2
+    sched.check_invariants()
+    third = _turn(2, sched.sessions.history(2), [7], session_id=2)
+    sched.add_request(third)
+    while sched.has_unfinished_requests():
+        step(sched, runner)
+    assert (third.output_token_ids, third.finish_reason) == run_alone(
+        make_request(2, third.prompt_token_ids, eos=(), seed=99, max_new_tokens=6))
+    _end_all(sched, runner, 2)

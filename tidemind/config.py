@@ -58,6 +58,16 @@ class EngineConfig:
     eager_mode: bool = field(default=False, metadata=_help(
         "Run every step eagerly: no CUDA graphs for decode steps (they are captured at start-up on a "
         "GPU otherwise)."))
+    enable_prefix_caching: bool = field(default=True, metadata=_help(
+        "Reuse the KV of full cache blocks whose tokens, and all tokens before them, equal a "
+        "request's: shared by reference, kept once free until their memory is needed. Greedy "
+        "outputs are the same with it off; measured to cost nothing without sharing (BENCHMARKS.md)."))
+    num_cpu_blocks: int = field(default=0, metadata=_help(
+        "KV blocks in a host-memory swap pool (pinned on a GPU): a preempted request's KV is copied "
+        "there and back instead of recomputed, and idle sessions' KV goes there before it would be "
+        "dropped. 0 (and no swap_space): no swap, preemption recomputes."))
+    swap_space: float = field(default=0.0, metadata=_help(
+        "Size of the host swap pool in GiB, instead of num_cpu_blocks; 0: no swap."))
 
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
@@ -76,6 +86,11 @@ class EngineConfig:
         _check(self.num_threads >= 0, f"num_threads={self.num_threads} must be >= 0")
         _check(self.attention_backend in ATTENTION_BACKENDS,
                f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
+        _check(self.num_cpu_blocks >= 0, f"num_cpu_blocks={self.num_cpu_blocks} must be >= 0 (0: no swap)")
+        _check(self.swap_space >= 0, f"swap_space={self.swap_space} must be >= 0 GiB (0: no swap)")
+        _check(not (self.num_cpu_blocks and self.swap_space),
+               f"num_cpu_blocks={self.num_cpu_blocks} and swap_space={self.swap_space} both size the host "
+               f"swap pool: give only one of them")
 
 
 # Drop-in names for scripts written against LMDeploy.

@@ -23,6 +23,7 @@ class RunStats:
     token_times_s: List[List[float]] = field(default_factory=list)
     # (seconds from the start, output tokens so far), at most ~500 points spread over the run
     token_curve: List[tuple] = field(default_factory=list)
+    token_ids: List[List[int]] = field(default_factory=list)  # per request, what it generated
 
     @property
     def output_tok_s(self) -> float:
@@ -53,6 +54,7 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
     first: Dict[int, float] = {}
     last: Dict[int, float] = {}
     times: Dict[int, List[float]] = {}
+    tokens: Dict[int, List[int]] = {}
     generated: Dict[int, int] = {}
     curve: List[tuple] = [(0.0, 0)]
     total = [0]
@@ -66,6 +68,7 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
                 first.setdefault(out.request_id, now)
                 last[out.request_id] = now
                 total[0] += len(out.new_token_ids)
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
                 curve.append((now - start, total[0]))
                 if keep_token_times:
                     times.setdefault(out.request_id, []).append(now - start)
@@ -88,4 +91,5 @@ def run_requests(engine: AsyncEngine, prompts: Sequence[Sequence[int]], gen_conf
     return RunStats(wall_s=wall, prompt_tokens=sum(len(p) for p in prompts),
                     output_tokens=sum(generated[i] for i in ids),
                     ttft_s=[first[i] - start for i in ids], decode_s=[last[i] - first[i] for i in ids],
-                    token_times_s=[times.get(i, []) for i in ids], token_curve=curve[::max(1, len(curve) // 500)])
+                    token_times_s=[times.get(i, []) for i in ids], token_curve=curve[::max(1, len(curve) // 500)],
+                    token_ids=[tokens.get(i, []) for i in ids])

@@ -14,6 +14,9 @@ boundary, plus the tokens of the step before (the "prefix"), are decoded, and th
 start-of-string effects (SentencePiece's stripped leading space) and multi-token characters come
 out as in a full decode, while the cost of one ``add`` does not grow with the output.
 
+Many sequences are detokenized together by ``add_tokens``: every sequence's prefix and window go
+to the tokenizer in one call (per skip_special_tokens setting), instead of two calls per token.
+
 Token-region diagram of ``self._window`` (already-dropped tokens lie to the left):
 
     |<- prefix: emitted last step ->|<- pending: not yet emitted ->|
@@ -33,7 +36,8 @@ depend on how the text was split into tokens. A stop word equal to a special tok
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence, Tuple
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -54,7 +58,9 @@ class IncrementalDetokenizer:
         self._skipped_ids = tokenizer.skipped_special_ids if skip_special_tokens else frozenset()
         self._window: List[int] = []
         self._read_offset = 0
-        self._prefix_text = ""  # decode(self._window[:self._read_offset])
+        # decode(self._window[:self._read_offset]), or None when the window moved since: decoded
+        # again only when needed (add_tokens decodes it with the window, in the same call)
+        self._prefix_text: Optional[str] = ""
         self._pending = ""  # decoded, complete text held back as a possible stop-word start
         self._emitted: List[str] = []
         self.num_tokens = 0
@@ -71,6 +77,14 @@ class IncrementalDetokenizer:
 
     def add(self, token_id: int) -> str:
         """Feed one generated token; return the newly visible text ("" once stopped)."""
+        text = add_tokens([self], [token_id])[0]
+        if isinstance(text, Exception):
+            raise text
+        return text
+
+    def _take(self, token_id: int) -> Optional[str]:
+        """First half of add(): the text when no decode is needed, else None (the token joined the
+        window, which the caller decodes together with the prefix and hands to _continue)."""
         if self._finished:
             raise RuntimeError("add() after finish(): this sequence's text is already complete")
         if self.stopped:
@@ -80,13 +94,17 @@ class IncrementalDetokenizer:
             word = self._special_stop_word(token_id)
             return "" if word is None else self._stop_on_special(word)
         self._window.append(token_id)
-        new_text = self.tokenizer.decode(self._window, skip_special_tokens=self.skip_special_tokens)
+        return None
+
+    def _continue(self, prefix_text: str, new_text: str) -> str:
+        """Second half of add(): prefix_text = decode(window[:read_offset]), new_text = decode(window)."""
+        self._prefix_text = prefix_text
         # Hold back while the decode ends in an incomplete character, grew nothing, or no longer
         # extends the prefix text (a decoder rewrote earlier bytes; see the module docstring).
-        if (len(new_text) <= len(self._prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)
-                or not new_text.startswith(self._prefix_text)):
+        if (len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT_CHAR)
+                or not new_text.startswith(prefix_text)):
             return ""
-        delta = new_text[len(self._prefix_text):]
+        delta = new_text[len(prefix_text):]
         self._advance_window()
         return self._consume(delta)
 
@@ -104,14 +122,21 @@ class IncrementalDetokenizer:
         # The tokens just emitted become the next prefix; older tokens are no longer needed.
         del self._window[:self._read_offset]
         self._read_offset = len(self._window)
-        self._prefix_text = self.tokenizer.decode(self._window, skip_special_tokens=self.skip_special_tokens)
+        self._prefix_text = None
+
+    def _current_prefix_text(self) -> str:
+        if self._prefix_text is None:
+            self._prefix_text = self.tokenizer.decode(self._window[:self._read_offset],
+                                                      skip_special_tokens=self.skip_special_tokens)
+        return self._prefix_text
 
     def _flush_window(self) -> str:
         # Decode the not-yet-emitted tokens as they are, incomplete characters included.
         if len(self._window) == self._read_offset:
             return ""
+        prefix_text = self._current_prefix_text()
         new_text = self.tokenizer.decode(self._window, skip_special_tokens=self.skip_special_tokens)
-        common = len(os.path.commonprefix([new_text, self._prefix_text]))
+        common = len(os.path.commonprefix([new_text, prefix_text]))
         self._advance_window()
         return new_text[common:]
 
@@ -172,3 +197,38 @@ class IncrementalDetokenizer:
         if self.include_stop_str_in_output:
             out += self._emit(word)
         return out
+
+
+def add_tokens(detokenizers: Sequence[IncrementalDetokenizer], token_ids: Sequence[int]
+               ) -> List[Union[str, Exception]]:
+    """``detokenizers[i].add(token_ids[i])`` for every i (distinct detokenizers sharing one
+    tokenizer), decoding every window and its prefix in one tokenizer call per skip setting.
+
+    A sequence whose add() fails gets its exception in place of its text; the others are not
+    affected (the engine fails that request alone)."""
+    texts: List[Union[str, Exception, None]] = []
+    for detok, token_id in zip(detokenizers, token_ids):
+        try:
+            texts.append(detok._take(token_id))
+        except Exception as exc:
+            texts.append(exc)
+    pending: Dict[bool, List[int]] = defaultdict(list)  # skip_special_tokens -> indices to decode
+    for i, text in enumerate(texts):
+        if text is None:
+            pending[detokenizers[i].skip_special_tokens].append(i)
+    for skip, indices in pending.items():
+        windows = [w for i in indices for w in (detokenizers[i]._window[:detokenizers[i]._read_offset],
+                                                detokenizers[i]._window)]
+        try:
+            decoded = detokenizers[indices[0]].tokenizer.decode_batch(windows, skip_special_tokens=skip)
+        except Exception:  # decode one by one below, so that only a bad window fails
+            decoded = None
+        for k, i in enumerate(indices):
+            detok = detokenizers[i]
+            try:
+                prefix, new = ((decoded[2 * k], decoded[2 * k + 1]) if decoded is not None else
+                               (detok.tokenizer.decode(windows[2 * k], skip), detok.tokenizer.decode(windows[2 * k + 1], skip)))
+                texts[i] = detok._continue(prefix, new)
+            except Exception as exc:
+                texts[i] = exc
+    return texts

@@ -165,6 +165,10 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def decode_batch(self, sequences: Sequence[List[int]], skip_special_tokens: bool = True) -> List[str]:
+        """decode() of many id lists (of Python ints) in one call into the tokenizers library."""
+        return self._backend.decode_batch(list(sequences), skip_special_tokens=skip_special_tokens)
+
     def convert_ids_to_tokens(self, ids):
         return self.hf_tokenizer.convert_ids_to_tokens(ids)
 

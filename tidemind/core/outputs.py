@@ -15,6 +15,11 @@ each keep their own copy of the batch):
   aborted or preempted); the runner forgets them before it reads the new requests. A preempted
   request comes back later as NewRequestData again, with its generated tokens in output_token_ids.
 
+- swap_out / swap_in: KV block copies the runner makes before the step's forward pass, all
+  swap-outs first, as (source, destination) id pairs: (device block, host block) to save a
+  preempted request's or an idle session's KV in the host pool, (host block, device block) to bring
+  it back for a request admitted in this step (core/swap.py says why that order).
+
 Token region of a scheduled request in one step:
     [0 .............. num_computed_tokens)[num_computed_tokens .. + num_scheduled_tokens)
      already in the KV cache               computed now: a prompt chunk or the last sampled token
@@ -37,7 +42,8 @@ class NewRequestData:
     output_token_ids: Tuple[int, ...]
     sampling: SamplingParams
     block_ids: Tuple[int, ...]
-    # Tokens whose KV is already in block_ids' blocks (a session's cached turns), else 0.
+    # Tokens whose KV is already in block_ids' blocks (a session's pin, prefix-cache hits, blocks
+    # swapped back in by this step's swap_in), else 0.
     num_computed_tokens: int
 
     @property
@@ -60,6 +66,8 @@ class SchedulerOutput:
     # (running requests oldest first, then the admitted ones).
     num_scheduled_tokens: Dict[int, int] = field(default_factory=dict)
     finished_request_ids: List[int] = field(default_factory=list)
+    swap_out: List[Tuple[int, int]] = field(default_factory=list)  # (device block, host block)
+    swap_in: List[Tuple[int, int]] = field(default_factory=list)  # (host block, device block)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -67,7 +75,8 @@ class SchedulerOutput:
 
     @property
     def is_empty(self) -> bool:
-        return not self.num_scheduled_tokens
+        """Nothing for the runner to do: no tokens to compute and no blocks to copy."""
+        return not self.num_scheduled_tokens and not self.swap_out and not self.swap_in
 
 
 @dataclass

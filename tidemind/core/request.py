@@ -12,6 +12,10 @@ Invariants (checked by Scheduler.check_invariants in tests):
 - 0 <= num_computed_tokens <= num_tokens, and a RUNNING request has num_computed_tokens < num_tokens
   (there is always at least the last sampled token left to compute).
 - block_ids cover at least num_computed_tokens tokens; a WAITING or FINISHED request holds none.
+- key_ids (prefix caching) name the leading full blocks of computed KV, at most
+  num_computed_tokens // block_size of them (block_manager.py).
+- host_block_ids (KV swapped out to host memory at a preemption, swap.py) cover
+  num_swapped_tokens tokens; only a WAITING request holds any, and then num_computed_tokens == 0.
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ class Request:
         "request_id", "prompt_token_ids", "output_token_ids", "all_token_ids", "gen_config", "seed",
         "eos_token_ids", "max_total_tokens", "max_new_tokens", "min_new_tokens", "arrival",
         "num_computed_tokens", "block_ids", "status", "finish_reason", "num_preemptions", "sampling",
-        "session_id", "num_cached_tokens", "runner_blocks",
+        "session_id", "num_cached_tokens", "runner_blocks", "key_ids", "host_block_ids",
+        "num_swapped_tokens", "cache_salt",
     )
 
     def __init__(
@@ -48,12 +53,15 @@ class Request:
         bad_word_token_ids: Sequence[Sequence[int]] = (),
         arrival: Optional[float] = None,
         session_id: Optional[int] = None,
+        cache_salt: Optional[str] = None,
     ):
         """``max_total_tokens`` is the session length: prompt + output never exceed it.
         ``arrival`` is when the request came in (time.monotonic() seconds unless given); it is
         informational (queueing metrics): the scheduler serves requests in add_request order.
         ``session_id``: the conversation this request is a turn of; its prompt starts with the
-        conversation's tokens, whose KV it takes over when admitted (see sessions.py)."""
+        conversation's tokens, whose KV it takes over when admitted (see sessions.py).
+        ``cache_salt``: requests share prefix-cache blocks only with requests of the same salt
+        (None for all by default); the place for a LoRA adapter id or a tenant that must not share."""
         prompt = list(prompt_token_ids)
         if not prompt:
             raise ValueError(f"request {request_id}: the prompt is empty; give at least one token")
@@ -81,7 +89,13 @@ class Request:
         self.finish_reason: Optional[str] = None
         self.num_preemptions = 0
         self.session_id = session_id
-        self.num_cached_tokens = 0  # prompt tokens whose KV came from the session, not computed
+        # Of a session's turn: tokens of the conversation so far whose KV was reused at its first
+        # admission (the session's pin or host copy, or the prefix cache), not computed.
+        self.num_cached_tokens = 0
+        self.key_ids: List[int] = []  # prefix-cache key ids of the leading full blocks
+        self.host_block_ids: List[int] = []  # KV swapped out to host memory while WAITING
+        self.num_swapped_tokens = 0  # tokens of KV in host_block_ids
+        self.cache_salt = cache_salt
         # Block ids of block_ids the runner holds (sent in earlier steps); None while the runner
         # does not hold the request (never scheduled, or preempted / finished since).
         self.runner_blocks: Optional[int] = None

@@ -8,20 +8,30 @@ Schedule tokens, not phases. Every request has ``num_computed_tokens`` catching 
                              max_batch_size allow; the head blocks the rest (nothing starves)
 
 A chunk that reaches the end of a request's known tokens is sampled; chunked prefill, mixed
-prefill+decode steps and recompute after preemption are all this one loop. What a step hands the
-runner is a delta (outputs.py): a request goes out whole the first time the runner sees it, then as
-its new blocks; ``Request.runner_blocks`` records what the runner holds.
+prefill+decode steps, prefix-cache hits and recompute after preemption are all this one loop. What a
+step hands the runner is a delta (outputs.py): a request goes out whole the first time the runner
+sees it, then as its new blocks; ``Request.runner_blocks`` records what the runner holds.
+
+KV reuse (kv_reuse.py): an admitted request may start with num_computed_tokens > 0, from its
+session's pin, the prefix cache or a host copy; admission counts the free blocks that takes (hit
+blocks need none, unless they are free-cached, which then stop being free). With prefix caching
+(block_manager.py), update() registers each block a step fills. With a host swap pool (swap.py), a
+preempted request's computed KV is copied to the host when the pool has room (sessions' host
+copies are dropped to make room first), and copied back when it is admitted again; else it is
+recomputed. The step's copies go to the runner in SchedulerOutput.swap_out / swap_in.
 
 Queue invariants (checked by check_invariants):
 - ``running`` and ``waiting`` are each in add order, and every running request was added before
   every waiting one. Admission pops the waiting head onto the running tail; preemption pops the
   running tail onto the waiting head. Both keep the order, so "newest running" is running[-1].
-- Only RUNNING requests hold blocks; WAITING ones have num_computed_tokens == 0.
+- Only RUNNING requests hold blocks; WAITING ones have num_computed_tokens == 0 and may hold host
+  blocks (swapped out); no block a request or session will write into is in the prefix cache.
 - The oldest running request is only preempted when it runs alone, which cannot happen since
   add_request rejects requests that could not fit the whole cache: the oldest request always
   progresses, so every request finishes.
 - schedule() is never empty while a request is unfinished: with nothing running every block is
-  free and the watermark is off, so the waiting head's first chunk fits.
+  free or pinned by a session, pins other than the head's own session's are released for it, and
+  the watermark is off, so the waiting head's first chunk fits.
 
 Cost per step: O(number of running requests + admitted requests) plus copying the tokens of the
 requests the runner sees for the first time (once per admission); a running request costs O(1)
@@ -34,9 +44,11 @@ from typing import Deque, Dict, List, Optional
 
 from ..messages import FINISH_REASONS
 from .block_manager import BlockManager
+from .kv_reuse import apply_reuse, plan_reuse
 from .outputs import CachedRequestData, NewRequestData, RunnerOutput, SchedulerOutput
 from .request import Request, RequestStatus
 from .sessions import SessionStore
+from .swap import SwapSpace
 
 _RUNNING = RequestStatus.RUNNING
 _WAITING = RequestStatus.WAITING
@@ -45,10 +57,11 @@ _FINISHED = RequestStatus.FINISHED
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_batch_size: int, max_num_batched_tokens: int,
-                 watermark_blocks: Optional[int] = None):
+                 watermark_blocks: Optional[int] = None, num_host_blocks: int = 0):
         """``watermark_blocks``: free blocks kept back when admitting a waiting request while others
         run, so that admission does not at once force preemption of running decodes (default 1% of
-        the cache, at least 1). Ignored when nothing runs: then the whole cache is available."""
+        the cache, at least 1). Ignored when nothing runs: then the whole cache is available.
+        ``num_host_blocks``: size of the host swap pool (0: preemption always recomputes)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1")
         if max_num_batched_tokens < 1:
@@ -68,8 +81,13 @@ class Scheduler:
         self._left_ids: List[int] = []
         self._add_order: Dict[int, int] = {}  # request_id -> add_request sequence number
         self._num_added = 0
-        self.num_preemptions = 0  # over the scheduler's lifetime (metrics)
-        self.sessions = SessionStore(block_manager)
+        # Over the scheduler's lifetime (metrics): preemptions; tokens of admitted requests and,
+        # of those, tokens whose KV was already on the device (a session's pin or the prefix cache).
+        self.num_preemptions = 0
+        self.num_queried_tokens = 0
+        self.num_hit_tokens = 0
+        self.swap = SwapSpace(num_host_blocks) if num_host_blocks else None
+        self.sessions = SessionStore(block_manager, self.swap)
 
     # ------------------------------------------------------------------ requests in and out
 
@@ -147,10 +165,14 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        if self.swap is not None:
+            self.swap.begin_step()
         budget, preempted = self._schedule_running(out, self.max_num_batched_tokens)
         if not preempted:  # a step that had to preempt is short of blocks: admit nobody
             self._admit_waiting(out, budget)
         out.finished_request_ids, self._left_ids = self._left_ids, []
+        if self.swap is not None:
+            out.swap_out, out.swap_in = self.swap.take_copies()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int):
@@ -190,18 +212,25 @@ class Scheduler:
         bm = self.block_manager
         while waiting and budget > 0 and len(running) < self.max_batch_size:
             request = waiting[0]
-            # A turn of a session starts where the session's cached KV ends.
-            cached_tokens, cached_blocks = self.sessions.adoptable(request)
-            num_tokens = min(request.num_tokens - cached_tokens, budget)
-            need = bm.blocks_for_tokens(cached_tokens + num_tokens) - cached_blocks
+            # The KV it starts with: its session's, the prefix cache's or a host copy (kv_reuse.py).
+            reuse = plan_reuse(request, bm, self.sessions)
+            num_tokens = min(request.num_tokens - reuse.num_tokens, budget)
             reserve = self.watermark_blocks if running else 0
-            if need + reserve > bm.num_free_blocks:
-                self.sessions.evict(need + reserve, keep_session_id=request.session_id)
-                if need + reserve > bm.num_free_blocks:
+            need = reuse.blocks_to_admit(bm, num_tokens) + reserve
+            if need > bm.num_free_blocks:
+                self.sessions.evict(need, keep_session_id=request.session_id)
+                # Released pins may have made hit blocks free-cached (or moved them to the host).
+                reuse = plan_reuse(request, bm, self.sessions)
+                num_tokens = min(request.num_tokens - reuse.num_tokens, budget)
+                if reuse.blocks_to_admit(bm, num_tokens) + reserve > bm.num_free_blocks:
                     return  # the head waits for blocks; later requests wait behind it (no skipping)
-            if cached_blocks:
-                self.sessions.adopt(request)
-            bm.allocate(request, cached_tokens + num_tokens)
+            if request.session_id is not None and request.num_preemptions == 0:
+                # What the turn reuses of its conversation (the interactive API's history_tokens).
+                request.num_cached_tokens = min(reuse.num_tokens, len(self.sessions.history(request.session_id)))
+            apply_reuse(request, reuse, bm, self.sessions, self.swap)
+            self.num_queried_tokens += request.num_tokens
+            self.num_hit_tokens += reuse.num_hit_tokens(bm.block_size)
+            bm.allocate(request, reuse.num_tokens + num_tokens)
             waiting.popleft()
             request.status = _RUNNING
             running.append(request)
@@ -226,8 +255,11 @@ class Scheduler:
         request.runner_blocks = len(request.block_ids)
 
     def _preempt(self, request: Request) -> None:
-        # Preempt by recompute: drop the KV, keep the tokens. Its outputs stay in all_token_ids and
-        # are computed again as prompt when it is readmitted; nothing already generated changes.
+        # Drop the KV, keep the tokens: its outputs stay in all_token_ids and are computed again as
+        # prompt when it is readmitted (less what a host copy or the prefix cache gives back);
+        # nothing already generated changes.
+        if self.swap is not None and request.num_computed_tokens:
+            self._swap_out(request)
         self.block_manager.free(request)
         request.num_computed_tokens = 0
         request.runner_blocks = None
@@ -238,6 +270,37 @@ class Scheduler:
         self._waiting.appendleft(request)
         self._left_ids.append(request.request_id)
 
+    def _swap_out(self, request: Request) -> None:
+        """Copy the computed KV of ``request`` (being preempted) to the host pool, if it has room
+        once sessions' host copies are dropped; else it is recomputed."""
+        blocks = request.block_ids[:self.block_manager.blocks_for_tokens(request.num_computed_tokens)]
+        if self.swap.num_free_blocks < len(blocks):
+            self.sessions.drop_host_copies(len(blocks))
+        host = self.swap.swap_out(blocks)
+        if host is not None:
+            request.host_block_ids = host
+            request.num_swapped_tokens = request.num_computed_tokens
+
+    def step_failed(self, scheduler_output: SchedulerOutput) -> None:
+        """The runner failed on ``scheduler_output``; call before failing the step's requests. Its
+        block copies may not have happened: the host copies its swap-outs were to fill are dropped
+        (those requests and sessions recompute), and a request swapped in by it claims only the KV
+        before its first swapped-in block (what an aborted turn gives back to its session)."""
+        if not scheduler_output.swap_out and not scheduler_output.swap_in:
+            return
+        doomed = {host for _, host in scheduler_output.swap_out}
+        for request in self._waiting:
+            if doomed.intersection(request.host_block_ids):
+                self.swap.release(request.host_block_ids, read_this_step=False)
+                request.host_block_ids = []
+                request.num_swapped_tokens = 0
+        self.sessions.drop_host_blocks(doomed)
+        not_copied = {device for _, device in scheduler_output.swap_in}
+        for request in self._running:
+            first = next((i for i, b in enumerate(request.block_ids) if b in not_copied), None)
+            if first is not None:
+                request.num_computed_tokens = min(request.num_computed_tokens, first * self.block_manager.block_size)
+
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> List[Request]:
         """Apply one executed step: advance num_computed_tokens, append sampled tokens, end the
         requests that stop. Returns the requests that received a token this step, in schedule
@@ -245,15 +308,23 @@ class Scheduler:
         sampled = runner_output.sampled_token_ids
         received: List[Request] = []
         any_finished = False
+        bm = self.block_manager
+        caching, bs = bm.enable_prefix_caching, bm.block_size
         for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
             request = self._requests.get(request_id)
             if request is None or request.status is not _RUNNING:
                 continue  # ended (abort, stop string) between schedule() and update()
-            request.num_computed_tokens += num_tokens
-            if request.num_computed_tokens > request.num_tokens:
+            computed = request.num_computed_tokens + num_tokens
+            request.num_computed_tokens = computed
+            num_known = len(request.all_token_ids)
+            if computed > num_known:
                 raise RuntimeError(f"update() out of step for request {request_id}: {num_tokens} tokens "
-                                   f"computed past its {request.num_tokens} tokens ({request!r})")
-            if request.num_computed_tokens < request.num_tokens:
+                                   f"computed past its {num_known} tokens ({request!r})")
+            # A step that fills a block registers it (and any filled before without a step of their
+            # own: blocks swapped back in at admission).
+            if caching and computed // bs != (computed - num_tokens) // bs:
+                bm.cache_full_blocks(request, request.all_token_ids, computed, request.cache_salt)
+            if computed < num_known:
                 continue  # a prompt chunk that does not reach the end: nothing sampled
             try:
                 token_id = sampled[request_id]
@@ -277,6 +348,10 @@ class Scheduler:
             # A completed turn keeps its KV in the session; an aborted one is forgotten.
             self.sessions.finish_turn(request, keep=reason in ("stop", "length"))
         self.block_manager.free(request)
+        if request.host_block_ids:  # a preempted request swapped out, ended while waiting
+            self.swap.release(request.host_block_ids, read_this_step=False)
+            request.host_block_ids = []
+            request.num_swapped_tokens = 0
         request.runner_blocks = None
         request.status = _FINISHED
         request.finish_reason = reason
@@ -296,12 +371,23 @@ class Scheduler:
         order = [self._add_order[i] for i in ids]
         if order != sorted(order):
             raise AssertionError(f"queues are out of add order: running+waiting ids {ids}")
-        bs = self.block_manager.block_size
+        bm = self.block_manager
+        bs = bm.block_size
         for r in running:
             if r.status is not _RUNNING or not 0 <= r.num_computed_tokens < r.num_tokens \
-                    or len(r.block_ids) * bs < r.num_computed_tokens:
+                    or len(r.block_ids) * bs < r.num_computed_tokens or r.host_block_ids:
                 raise AssertionError(f"bad running request {r!r}")
+            bm.check_frontier(r, r.num_computed_tokens)
         for r in waiting:
-            if r.status is not _WAITING or r.num_computed_tokens or r.block_ids:
+            if r.status is not _WAITING or r.num_computed_tokens or r.block_ids or r.key_ids \
+                    or len(r.host_block_ids) != bm.blocks_for_tokens(r.num_swapped_tokens) \
+                    or r.num_swapped_tokens >= r.num_tokens:
                 raise AssertionError(f"bad waiting request {r!r}")
-        self.block_manager.check_invariants(list(running) + list(self.sessions.holders()))
+        self.sessions.check_invariants(r.request_id for r in running)
+        pins = list(self.sessions.holders())
+        for session in pins:
+            bm.check_frontier(session, session.num_cached)
+        bm.check_invariants(list(running) + pins)
+        if self.swap is not None:
+            self.swap.check_invariants([r.host_block_ids for r in waiting] +
+                                       [s.host_block_ids for s in self.sessions.host_holders()])

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Dict, List, Optional, Sequence
 
-from ..chat.detokenizer import IncrementalDetokenizer
+from ..chat.detokenizer import IncrementalDetokenizer, add_tokens
 from ..chat.tokenizer import Tokenizer
 from ..config import EngineConfig, GenerationConfig
 from ..loader import resolve_model
@@ -40,15 +41,19 @@ class Engine:
         logger.info("model %s: %s", self.resolved.name, self.resolved.path)
         self.executor = create_executor(self.resolved.path, self.config)
         self.model_config = self.executor.model_config
+        start = time.perf_counter()
         self.tokenizer = Tokenizer.from_pretrained(self.resolved.path)
+        logger.info("tokenizer loaded in %.1f s", time.perf_counter() - start)
         self.session_len = self.config.session_len or self.model_config.max_position_embeddings
         if self.session_len > self.model_config.max_position_embeddings:
             logger.warning("session_len=%d is longer than the model was trained for (%d positions)",
                            self.session_len, self.model_config.max_position_embeddings)
         self.max_batch_size = self.config.max_batch_size or (256 if self.executor.device_type == "cuda" else 64)
+        start = time.perf_counter()
         self.kv_spec = spec = self.executor.init_kv_cache(self.config, self.session_len, self.max_batch_size)
-        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s)", spec.num_blocks,
-                    spec.block_size, spec.num_tokens, spec.num_bytes / 2**30, spec.budget_source)
+        logger.info("KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB (%s), allocated in %.1f s", spec.num_blocks,
+                    spec.block_size, spec.num_tokens, spec.num_bytes / 2**30, spec.budget_source,
+                    time.perf_counter() - start)
         if not self.config.eager_mode:
             self.executor.capture_graphs(self.max_batch_size)
         # A lone sequence must always fit in the cache, or preemption could never make room for it.
@@ -58,8 +63,12 @@ class Engine:
                            "tokens (raise --cache-max-entry-count or --num-gpu-blocks)",
                            spec.num_tokens, self.session_len, self.max_total_tokens)
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | frozenset(self.tokenizer.eos_token_ids)
-        self.block_manager = BlockManager(spec.num_blocks, spec.block_size)
-        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.config.max_prefill_token_num)
+        self.block_manager = BlockManager(spec.num_blocks, spec.block_size,
+                                          enable_prefix_caching=self.config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, self.max_batch_size, self.config.max_prefill_token_num,
+                                   num_host_blocks=spec.num_host_blocks)
+        logger.info("prefix caching %s; KV swap to host %s", "on" if self.config.enable_prefix_caching else "off",
+                    f"on ({spec.num_host_blocks} blocks)" if spec.num_host_blocks else "off")
         self._detokenizers: Dict[int, IncrementalDetokenizer] = {}
         self._pending: List[RequestOutput] = []  # outputs of aborts, emitted by the next step()
         # Counters for metrics: prompt tokens of requests that got a first token, how many of
@@ -130,14 +139,26 @@ class Engine:
 
     def stats(self) -> Dict[str, float]:
         """A snapshot for metrics (read from any thread; values may be one step apart)."""
-        bm = self.block_manager
-        return {"num_running": self.scheduler.num_running, "num_waiting": self.scheduler.num_waiting,
+        bm, scheduler = self.block_manager, self.scheduler
+        swap = scheduler.swap
+        return {"num_running": scheduler.num_running, "num_waiting": scheduler.num_waiting,
                 "kv_blocks_total": bm.num_total_blocks, "kv_blocks_free": bm.num_free_blocks,
-                "kv_usage": bm.usage, "kv_blocks_in_idle_sessions": self.scheduler.sessions.num_cached_blocks,
-                "num_sessions": len(self.scheduler.sessions), "num_preemptions": self.scheduler.num_preemptions,
+                "kv_usage": bm.usage, "kv_blocks_in_idle_sessions": scheduler.sessions.num_cached_blocks,
+                "num_sessions": len(scheduler.sessions), "num_preemptions": scheduler.num_preemptions,
                 "prompt_tokens_total": self.prompt_tokens_total,
                 "cached_prompt_tokens_total": self.cached_prompt_tokens_total,
-                "generated_tokens_total": self.generated_tokens_total}
+                "generated_tokens_total": self.generated_tokens_total,
+                # prefix cache: admitted tokens looked up and found (a session's pin counts as found)
+                "prefix_cache_queries_total": scheduler.num_queried_tokens,
+                "prefix_cache_hits_total": scheduler.num_hit_tokens,
+                "prefix_cache_hit_rate": scheduler.num_hit_tokens / max(1, scheduler.num_queried_tokens),
+                "kv_blocks_cached": bm.num_cached_blocks, "kv_blocks_evictable": bm.num_evictable_blocks,
+                "kv_blocks_evicted_total": bm.num_evictions,
+                # host swap pool (zeros without one)
+                "cpu_blocks_total": swap.num_total_blocks if swap else 0,
+                "cpu_blocks_free": swap.num_free_blocks if swap else 0,
+                "swap_out_blocks_total": swap.num_blocks_swapped_out if swap else 0,
+                "swap_in_blocks_total": swap.num_blocks_swapped_in if swap else 0}
 
     def abort_all(self, error: str) -> None:
         """End every unfinished request with finish_reason "error" (the engine is closing)."""
@@ -161,18 +182,40 @@ class Engine:
         except Exception:
             request_ids = list(scheduled.num_scheduled_tokens)
             logger.exception("engine step failed; failing its requests %s", request_ids)
+            self.scheduler.step_failed(scheduled)  # host copies this step was to make are not trusted
             FAULTS.check("recovery")
             for request_id in request_ids:
                 self.fail_request(request_id, STEP_FAILED)
             return outputs + self._take_pending()
-        for request in self.scheduler.update(scheduled, runner_output):
+        received = self.scheduler.update(scheduled, runner_output)
+        for request, text in zip(received, self._new_texts(received)):
             try:
                 FAULTS.check("output")
-                outputs.append(self._token_output(request, runner_output.logprobs.get(request.request_id)))
+                if isinstance(text, Exception):
+                    raise text
+                outputs.append(self._token_output(request, text, runner_output.logprobs.get(request.request_id)))
             except Exception:
                 logger.exception("request %d failed while its output was made", request.request_id)
                 self.fail_request(request.request_id, OUTPUT_FAILED, request)
         return outputs + self._take_pending()
+
+    def _new_texts(self, requests: List[Request]) -> list:
+        """The text of each request's newest token (or the exception detokenizing it raised),
+        decoded for all of them in one batch."""
+        texts: list = [""] * len(requests)
+        fed = []  # indices of the requests whose token goes to the detokenizer
+        for i, request in enumerate(requests):
+            token = request.output_token_ids[-1]
+            ends_on_token = (request.is_finished and request.finish_reason == "stop"
+                             and token in request.sampling.stop_token_ids)
+            # A stop token's text shows only with include_stop_str_in_output (special tokens never do).
+            if not ends_on_token or request.gen_config.include_stop_str_in_output:
+                fed.append(i)
+        decoded = add_tokens([self._detokenizers[requests[i].request_id] for i in fed],
+                             [requests[i].output_token_ids[-1] for i in fed])
+        for i, text in zip(fed, decoded):
+            texts[i] = text
+        return texts
 
     def _take_pending(self) -> List[RequestOutput]:
         pending, self._pending = self._pending, []
@@ -189,17 +232,15 @@ class Engine:
         if self._detokenizers.pop(request_id, None) is not None and request is not None:
             self._pending.append(self._final_output(request, "error", error))
 
-    def _token_output(self, request: Request, logprobs) -> RequestOutput:
-        """Detokenize the request's newest token; a stop word found in the text ends the request."""
+    def _token_output(self, request: Request, text: str, logprobs) -> RequestOutput:
+        """The output of the request's newest token, whose text is ``text``; a stop word found in the
+        text ends the request."""
         token = request.output_token_ids[-1]
         detok = self._detokenizers[request.request_id]
         self.generated_tokens_total += 1
         if len(request.output_token_ids) == 1:
             self.prompt_tokens_total += len(request.prompt_token_ids)
             self.cached_prompt_tokens_total += request.num_cached_tokens
-        ends_on_token = request.is_finished and request.finish_reason == "stop" and token in request.sampling.stop_token_ids
-        # A stop token's text shows only with include_stop_str_in_output (special tokens never do).
-        text = "" if ends_on_token and not request.gen_config.include_stop_str_in_output else detok.add(token)
         if detok.stopped and not request.is_finished:
             self.scheduler.finish_request(request.request_id, "stop")
         if request.is_finished:

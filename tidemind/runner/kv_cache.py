@@ -1,4 +1,4 @@
-"""Sizing and allocation of the paged KV cache."""
+"""Sizing and allocation of the paged KV cache (and the size of the host swap pool, runner/swap.py)."""
 from __future__ import annotations
 
 import logging
@@ -21,6 +21,7 @@ class KVCacheSpec:
     block_size: int
     bytes_per_block: int
     budget_source: str  # how num_blocks was chosen, for the start-up log
+    num_host_blocks: int = 0  # blocks of the host swap pool (num_cpu_blocks / swap_space)
 
     @property
     def num_tokens(self) -> int:
@@ -50,8 +51,10 @@ def plan_kv_cache(model_config: ModelConfig, engine_config: EngineConfig, dtype:
     element_size = torch.empty((), dtype=dtype).element_size()
     bytes_per_block = block_size * model_config.kv_bytes_per_token(element_size)
     share = engine_config.cache_max_entry_count
+    num_host_blocks = plan_host_blocks(engine_config, bytes_per_block)
     if engine_config.num_gpu_blocks:
-        return KVCacheSpec(engine_config.num_gpu_blocks, block_size, bytes_per_block, "num_gpu_blocks")
+        return KVCacheSpec(engine_config.num_gpu_blocks, block_size, bytes_per_block, "num_gpu_blocks",
+                           num_host_blocks)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         num_blocks = int(free * share) // bytes_per_block
@@ -67,7 +70,26 @@ def plan_kv_cache(model_config: ModelConfig, engine_config: EngineConfig, dtype:
         raise RuntimeError(
             f"no memory left for the KV cache ({source}, {bytes_per_block} bytes per block): raise "
             f"--cache-max-entry-count, lower --cache-block-seq-len, or free memory")
-    return KVCacheSpec(num_blocks, block_size, bytes_per_block, source)
+    return KVCacheSpec(num_blocks, block_size, bytes_per_block, source, num_host_blocks)
+
+
+def plan_host_blocks(engine_config: EngineConfig, bytes_per_block: int) -> int:
+    """Blocks of the host swap pool: num_cpu_blocks, or swap_space GiB of blocks; 0 for none."""
+    if engine_config.num_cpu_blocks:
+        num_blocks, asked = engine_config.num_cpu_blocks, f"--num-cpu-blocks {engine_config.num_cpu_blocks}"
+    elif engine_config.swap_space:
+        num_blocks, asked = int(engine_config.swap_space * 2**30) // bytes_per_block, \
+            f"--swap-space {engine_config.swap_space} GiB"
+        if num_blocks < 1:
+            raise RuntimeError(f"{asked} holds no KV block of {bytes_per_block / 2**20:.1f} MiB: raise it, or "
+                               f"leave swap off")
+    else:
+        return 0
+    available = available_host_memory()
+    if num_blocks * bytes_per_block > available:
+        raise RuntimeError(f"{asked} needs {num_blocks * bytes_per_block / 2**30:.1f} GiB of host memory but "
+                           f"{available / 2**30:.1f} GiB are available: lower it")
+    return num_blocks
 
 
 def _zeroed(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

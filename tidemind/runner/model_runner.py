@@ -21,6 +21,7 @@ from .input_batch import InputBatch
 from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
 from .sampler import Sampler
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
+from .swap import HostKVPool
 
 logger = logging.getLogger("tidemind")
 
@@ -48,6 +49,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.kv_spec: Optional[KVCacheSpec] = None
         self.kv_caches: List[torch.Tensor] = []
+        self.host_kv: Optional[HostKVPool] = None  # the KV swap pool, if any
         self.batch: Optional[InputBatch] = None
         self.buffers: Optional[StepBuffers] = None
         self.graphs: Optional[DecodeGraphs] = None
@@ -58,6 +60,7 @@ class ModelRunner:
         self.kv_spec = spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
                                             session_len, max_batch_size)
         self.kv_caches = allocate_kv_cache(spec, self.model_config, self.dtype, self.device)
+        self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
         self.batch = InputBatch(max_batch_size, max_model_len, max_blocks)
@@ -86,7 +89,9 @@ class ModelRunner:
             batch.add(new)
         for cached in scheduled.cached_requests:
             batch.update(cached)
-        if scheduled.is_empty:
+        if scheduled.swap_out or scheduled.swap_in:
+            self.host_kv.apply(scheduled.swap_out, scheduled.swap_in)
+        if not scheduled.num_scheduled_tokens:
             return RunnerOutput(sampled_token_ids={})
         padding = self.graphs.padded_size if self.graphs is not None else None
         step = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding)
@@ -94,7 +99,7 @@ class ModelRunner:
         batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
         if not step.sampled_request_ids:
             return RunnerOutput(sampled_token_ids={})
-        if len(step.sampled_request_ids) < step.layout.num_tokens:
+        if len(step.sampled_request_ids) < step.num_tokens:
             hidden = hidden.index_select(0, step.logits_indices)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32
         token_ids, logprobs = self._sample(logits, step)
@@ -104,8 +109,8 @@ class ModelRunner:
                             logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None})
 
     def _forward(self, step: PreparedStep) -> torch.Tensor:
-        if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.layout.num_seqs):
-            return self.graphs.run(step.layout.num_seqs)
+        if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.num_seqs):
+            return self.graphs.run(step.num_seqs)
         metadata = self.attention.build_metadata(step.layout)
         return self.model(step.input_ids, step.positions, self.kv_caches, metadata)
 
@@ -121,6 +126,7 @@ class ModelRunner:
     def close(self) -> None:
         self.graphs = None
         self.kv_caches = []
+        self.host_kv = None
         self.model = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -17,6 +17,7 @@ schedule order.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -82,10 +83,17 @@ class StepBuffers:
 
 @dataclass
 class PreparedStep:
-    layout: StepLayout
-    input_ids: torch.Tensor  # [num_tokens] int32, on the device
-    positions: torch.Tensor  # [num_tokens] int32
-    logits_indices: torch.Tensor  # [num_sampled] int32: the row of hidden states each sample reads
+    """A step whose inputs are on the device. The device views (and the StepLayout over them) are
+    made only when asked for: a decode step replayed from a CUDA graph needs none of them."""
+
+    buffers: StepBuffers
+    block_size: int
+    num_tokens: int
+    num_seqs: int
+    num_decodes: int
+    max_query_len: int
+    seq_lens: np.ndarray  # [num_seqs] tokens of each sequence in the cache after the step
+    query_start_loc: np.ndarray  # [num_seqs + 1]
     sampled_rows: np.ndarray  # [num_sampled] InputBatch rows, in logits order
     sampled_request_ids: List[int]
     scheduled_rows: np.ndarray  # [num_seqs] InputBatch rows in step order
@@ -93,7 +101,30 @@ class PreparedStep:
 
     @property
     def is_decode_only(self) -> bool:
-        return self.layout.num_decodes == self.layout.num_seqs
+        return self.num_decodes == self.num_seqs
+
+    @functools.cached_property
+    def layout(self) -> StepLayout:
+        b, num_seqs = self.buffers, self.num_seqs
+        return StepLayout(
+            num_tokens=self.num_tokens, num_seqs=num_seqs, num_decodes=self.num_decodes,
+            max_query_len=self.max_query_len, max_seq_len=int(self.seq_lens.max()) if num_seqs else 0,
+            block_size=self.block_size, slot_mapping=b.device_view("slot_mapping", self.num_tokens),
+            seq_lens=b.device_view("seq_lens", num_seqs), query_start_loc=b.device_view("query_start_loc", num_seqs + 1),
+            block_tables=b.block_tables_device(num_seqs), seq_lens_host=self.seq_lens,
+            query_start_loc_host=self.query_start_loc)
+
+    @property
+    def input_ids(self) -> torch.Tensor:  # [num_tokens] int32, on the device
+        return self.buffers.device_view("input_ids", self.num_tokens)
+
+    @property
+    def positions(self) -> torch.Tensor:  # [num_tokens] int32
+        return self.buffers.device_view("positions", self.num_tokens)
+
+    @property
+    def logits_indices(self) -> torch.Tensor:  # [num_sampled] int32: the hidden row each sample reads
+        return self.buffers.device_view("logits_indices", len(self.sampled_request_ids))
 
 
 def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuffers, block_size: int,
@@ -142,18 +173,9 @@ def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuf
             buffers.host(name, padded)[num_seqs:] = value
     buffers.upload(padded)
 
-    layout = StepLayout(
-        num_tokens=num_tokens, num_seqs=num_seqs, num_decodes=num_decodes,
-        max_query_len=int(counts.max()) if num_seqs else 0, max_seq_len=int(seq_lens.max()) if num_seqs else 0,
-        block_size=block_size, slot_mapping=buffers.device_view("slot_mapping", num_tokens),
-        seq_lens=buffers.device_view("seq_lens", num_seqs),
-        query_start_loc=buffers.device_view("query_start_loc", num_seqs + 1),
-        block_tables=buffers.block_tables_device(num_seqs), seq_lens_host=seq_lens,
-        query_start_loc_host=query_start_loc)
     ordered_ids = [request_ids[i] for i in order]
     return PreparedStep(
-        layout=layout, input_ids=buffers.device_view("input_ids", num_tokens),
-        positions=buffers.device_view("positions", num_tokens),
-        logits_indices=buffers.device_view("logits_indices", num_sampled), sampled_rows=rows[samples],
-        sampled_request_ids=[rid for rid, s in zip(ordered_ids, samples) if s],
+        buffers=buffers, block_size=block_size, num_tokens=num_tokens, num_seqs=num_seqs, num_decodes=num_decodes,
+        max_query_len=int(counts.max()) if num_seqs else 0, seq_lens=seq_lens, query_start_loc=query_start_loc,
+        sampled_rows=rows[samples], sampled_request_ids=[rid for rid, s in zip(ordered_ids, samples) if s],
         scheduled_rows=rows, num_scheduled=counts)
