@@ -60,12 +60,12 @@ def test_soak_memory_verdicts_fail_on_growth_and_on_a_warm_up_that_did_not_fill_
         assert {name.split(" (")[0] for name in result.failed_checks()} == {f.split(" (")[0] for f in failed}
 
 
-def test_soak_plan_hangs_up_an_exact_share_always_mid_stream():
+def test_soak_plan_hangs_up_an_exact_share_always_before_the_end():
     settings = reliability_soak.SoakSettings(requests=50, hang_up_share=0.2)
-    solo = {(CHAT_PATH, i): _ok(chunks=i + 1) for i in range(4)}
+    solo = {(CHAT_PATH, i): _ok("x" * i) for i in range(4)}  # one answer is empty: nobody hangs up on it
     planned = reliability_soak.plan(settings, solo)
     leavers = [p for p in planned if p.hang_up_after is not None]
-    assert len(leavers) == 10 and all(0 <= p.hang_up_after < solo[p.key].content_chunks for p in leavers)
+    assert len(leavers) == 10 and all(0 <= p.hang_up_after < len(solo[p.key].text) for p in leavers)
     assert planned == reliability_soak.plan(settings, solo)  # seeded
 
 

@@ -113,8 +113,9 @@ class StreamRecord:
 
 async def stream(client: httpx.AsyncClient, url: str, path: str, body: dict,
                  hang_up_after: Optional[int] = None, timeout: Optional[float] = None) -> StreamRecord:
-    """POST a streamed request; with `hang_up_after` = k the client closes the connection once k
-    content chunks have come (k = 0: as soon as the response has started)."""
+    """POST a streamed request; with `hang_up_after` = c the client closes the connection once more
+    than c characters of text have come (counted in characters, not events: a server may join the
+    deltas of a reader that fell behind into one event)."""
     record = StreamRecord(sent_s=time.monotonic())
     parser = SSEParser()
     kwargs = {} if timeout is None else {"timeout": timeout}
@@ -125,13 +126,11 @@ async def stream(client: httpx.AsyncClient, url: str, path: str, body: dict,
             if response.status_code != 200:
                 record.error_body = _json_or_text(await response.aread())
                 return record
-            if hang_up_after == 0:
-                record.hung_up = True
-                return record
             async for line in response.aiter_lines():
                 data = parser.feed(line)
-                if data is not None and _stream_event(record, data) and record.content_chunks == hang_up_after:
-                    record.hung_up = not record.done
+                if data is not None and _stream_event(record, data) and hang_up_after is not None \
+                        and len(record.text) > hang_up_after:
+                    record.hung_up = True
                     return record
             data = parser.flush()
             if data is not None:
@@ -196,9 +195,12 @@ def progress_bar(total: int, desc: str, enabled: bool):
 # ---------------------------------------------------------------------- server state
 def kv_idle(m: Mapping[str, float]) -> bool:
     """Nothing runs, waits or is in flight, and every KV block is free (but those interactive
-    sessions keep between turns)."""
+    sessions keep between turns; blocks that only hold a cached prefix count as free), in the
+    device cache and in the host swap pool alike (sessions may keep blocks there too)."""
+    host_pool_free = (m.get("tidemind_kv_cache_cpu_blocks_free", 0) == m.get("tidemind_kv_cache_cpu_blocks_total", 0)
+                      or m.get("tidemind_num_sessions", 0) > 0)
     return (m["tidemind_http_requests_in_flight"] == 0 and m["tidemind_num_requests_running"] == 0
-            and m["tidemind_num_requests_waiting"] == 0
+            and m["tidemind_num_requests_waiting"] == 0 and host_pool_free
             and m["tidemind_kv_cache_blocks_free"] + m["tidemind_kv_cache_blocks_idle_sessions"]
             == m["tidemind_kv_cache_blocks_total"])
 
@@ -218,7 +220,9 @@ def kv_figures(m: Mapping[str, float]) -> Dict[str, float]:
     return {"kv_blocks_free": m["tidemind_kv_cache_blocks_free"],
             "kv_blocks_total": m["tidemind_kv_cache_blocks_total"],
             "in_flight": m["tidemind_http_requests_in_flight"], "running": m["tidemind_num_requests_running"],
-            "waiting": m["tidemind_num_requests_waiting"]}
+            "waiting": m["tidemind_num_requests_waiting"],
+            "host_blocks_free": m.get("tidemind_kv_cache_cpu_blocks_free", 0),
+            "host_blocks_total": m.get("tidemind_kv_cache_cpu_blocks_total", 0)}
 
 
 def finished_counts(m: Mapping[str, float]) -> Dict[str, int]:

@@ -39,7 +39,7 @@ class SoakSettings:
     max_tokens: Tuple[int, ...] = (8, 12, 16, 24)
     warmup_share: float = 0.2  # of the requests, and at least 2x the concurrency
     rss_bound_mib: float = 32.0
-    kv_blocks: int = 28
+    kv_blocks: int = 24
     block_tokens: int = 16
     session_len: int = 512
     seed: int = 0
@@ -55,7 +55,7 @@ Key = Tuple[str, int]  # (endpoint path, prompt index)
 @dataclass(frozen=True)
 class Planned:
     key: Key
-    hang_up_after: Optional[int]  # content chunks before the client hangs up; None: it reads to the end
+    hang_up_after: Optional[int]  # the client hangs up once it has more characters; None: it reads to the end
 
 
 def distinct_requests(settings: SoakSettings) -> Dict[Key, Tuple[str, dict]]:
@@ -70,13 +70,14 @@ def distinct_requests(settings: SoakSettings) -> Dict[Key, Tuple[str, dict]]:
 
 
 def plan(settings: SoakSettings, solo: Dict[Key, StreamRecord]) -> List[Planned]:
-    """Requests in sending order: a random distinct request each; an exact share of them hang up
-    after a random number of content chunks, fewer than the answer has (so always mid-stream)."""
+    """Requests in sending order: a random distinct request each; an exact share of them (among
+    those whose answer has text) hang up at a random character of their answer, before its end."""
     rng = random.Random(settings.seed)
     keys = sorted(solo)
     chosen = [rng.choice(keys) for _ in range(settings.requests)]
-    hang_ups = set(rng.sample(range(settings.requests), round(settings.requests * settings.hang_up_share)))
-    return [Planned(key, rng.randrange(max(solo[key].content_chunks, 1)) if i in hang_ups else None)
+    with_text = [i for i, key in enumerate(chosen) if solo[key].text]
+    hang_ups = set(rng.sample(with_text, min(len(with_text), round(settings.requests * settings.hang_up_share))))
+    return [Planned(key, rng.randrange(len(solo[key].text)) if i in hang_ups else None)
             for i, key in enumerate(chosen)]
 
 
