@@ -60,6 +60,15 @@ def test_soak_memory_verdicts_fail_on_growth_and_on_a_warm_up_that_did_not_fill_
         assert {name.split(" (")[0] for name in result.failed_checks()} == {f.split(" (")[0] for f in failed}
 
 
+def test_the_last_quarter_growth_tells_a_cache_that_levels_off_from_a_leak():
+    mib = 2**20
+    levelling = [(t, 1000 * mib + min(t, 60) * mib) for t in range(0, 101)]
+    leaking = [(t, 1000 * mib + t * mib) for t in range(0, 101)]
+    assert reliability_soak._last_quarter_growth(levelling) == 0
+    assert reliability_soak._last_quarter_growth(leaking) == 25
+    assert reliability_soak._last_quarter_growth(leaking[:3]) is None
+
+
 def test_soak_plan_hangs_up_an_exact_share_always_before_the_end():
     settings = reliability_soak.SoakSettings(requests=50, hang_up_share=0.2)
     solo = {(CHAT_PATH, i): _ok("x" * i) for i in range(4)}  # one answer is empty: nobody hangs up on it

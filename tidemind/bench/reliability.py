@@ -13,6 +13,7 @@ import importlib
 import os
 import platform
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -101,17 +102,32 @@ def run(args: argparse.Namespace) -> int:
     json_path, _ = output_paths(args.out or f"reliability_{args.scale}.json")
     logs = json_path.with_name(json_path.stem + "-logs")
     load_start = os.getloadavg()
+    # Ctrl-C raises KeyboardInterrupt wherever the main thread is. (asyncio.run would turn it into a
+    # cancellation of its task, which httpx's connection pool can swallow: the suite would go on.)
+    signal.signal(signal.SIGINT, _interrupt)
     results: List[ScenarioResult] = []
-    for name in args.scenarios:
-        print(f"{name}: {SCENARIOS[name][1]} ({args.scale} scale)", file=sys.stderr, flush=True)
-        results.append(run_scenario(name, args.scale, logs, progress=args.progress))
-        print(f"{name}: {'PASS' if results[-1].passed else 'FAIL'} in {results[-1].seconds:.0f} s",
-              file=sys.stderr, flush=True)
-    write_json({"command": shlex.join(["tidemind", *sys.argv[1:]]), "scale": args.scale,
+    interrupted = False
+    try:
+        for name in args.scenarios:
+            print(f"{name}: {SCENARIOS[name][1]} ({args.scale} scale)", file=sys.stderr, flush=True)
+            results.append(run_scenario(name, args.scale, logs, progress=args.progress))
+            print(f"{name}: {'PASS' if results[-1].passed else 'FAIL'} in {results[-1].seconds:.0f} s",
+                  file=sys.stderr, flush=True)
+    except KeyboardInterrupt:  # the servers of the scenario that ran have been stopped on the way out
+        interrupted = True
+    write_json({"command": shlex.join(["tidemind", *sys.argv[1:]]), "scale": args.scale, "interrupted": interrupted,
                 "date": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": _versions(),
                 "machine": {"cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in load_start],
                             "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
-                "passed": all(r.passed for r in results), "scenarios": [r.as_dict() for r in results]}, json_path)
+                "passed": not interrupted and all(r.passed for r in results),
+                "scenarios": [r.as_dict() for r in results]}, json_path)
     print(report(results))
-    print(f"wrote {json_path} (server logs in {logs})")
+    print(f"wrote {json_path} (server logs in {logs})" + ("; interrupted: the scenarios after these did not run"
+                                                          if interrupted else ""))
+    if interrupted:
+        return 130
     return 0 if all(r.passed for r in results) else 1
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt

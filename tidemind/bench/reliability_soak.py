@@ -47,7 +47,7 @@ class SoakSettings:
 
 
 SCALES = {"ci": SoakSettings(),
-          "full": SoakSettings(requests=1800, prompts=16, max_tokens=(8, 16, 32, 48, 64), kv_blocks=64)}
+          "full": SoakSettings(requests=1800, prompts=16, max_tokens=(8, 16, 32, 48, 64), kv_blocks=40)}
 
 Key = Tuple[str, int]  # (endpoint path, prompt index)
 
@@ -147,6 +147,16 @@ def _judge_answers(result: ScenarioResult, planned: List[Planned], records: List
                                                               if server_errors else ""))
 
 
+def _last_quarter_growth(samples: List[Tuple[float, int]]) -> Optional[float]:
+    """RSS growth (MiB) over the last quarter of the run's duration: a cache that fills up levels
+    off, a leak keeps its slope."""
+    if len(samples) < 4:
+        return None
+    end = samples[-1][0]
+    start = next(b for t, b in samples if t >= 0.75 * end)
+    return round((samples[-1][1] - start) / MIB, 1)
+
+
 def _judge_memory(result: ScenarioResult, settings: SoakSettings, preempted_in_warmup: float, rss_warm: int,
                   rss_end: int, main_requests: int) -> None:
     result.check("the warm-up filled the KV cache (a request was preempted)", preempted_in_warmup > 0,
@@ -198,6 +208,7 @@ def run(settings: SoakSettings, workdir: Path, progress: bool = False, env: Opti
         "rss_after_warmup_mib": round(rss_warm / MIB, 1), "rss_end_mib": round(rss_end / MIB, 1),
         "rss_peak_mib": round(max((b for _, b in sampler.samples), default=rss_end) / MIB, 1),
         "rss_growth_kib_per_request": round(growth / 1024 / max(len(main_records), 1), 2),
+        "rss_growth_last_quarter_mib": _last_quarter_growth(sampler.samples),
         "rss_samples": [[t, round(b / MIB, 1)] for t, b in sampler.samples],
         "kv_after": kv_figures(after),
     }
