@@ -131,7 +131,8 @@ def _engine_death(settings: FaultSettings, server: LocalServer, result: Scenario
     open_streams = [r for r in records if not r.completed]
     spread = max(r.ended_s for r in open_streams) - first_error if open_streams else float("nan")
     # A request that arrives after the engine died is refused with 503 engine_dead instead.
-    ended_cleanly = [r for r in records if r.error_event is not None or (r.status, r.error_code) == (503, "engine_dead")]
+    ended_cleanly = [r for r in records
+                     if r.error_event is not None or (r.status, r.error_code) == (503, "engine_dead")]
     result.check("engine death: every stream ends at once with an error event (or a 503 if it came late)",
                  len(ended_cleanly) == len(records) and spread <= settings.error_bound_s,
                  f"{sum(r.error_event is not None for r in records)} error events, "
