@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from .errors import OpenAIError, request_id
 from .extensions import check_grammar, refuse_unsupported, request_config, response_format_of, structured_param
 from .generation import Sample, collect_samples, respond, safe_logprob, submit_all, top_entries
-from .limits import check_max_tokens, check_prompt_chars
+from .limits import check_choices, check_max_tokens, check_prompt_chars
 from .protocol import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
 from .streaming import UsageOptions, output_events, usage
 
@@ -111,6 +111,8 @@ async def completions(state, body: CompletionRequest, request: Request) -> Respo
                               if v is not None), (COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"))
     check_max_tokens(state.limits, max_tokens, param)
     plan = _Plan(body, max_tokens)
+    single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    check_choices(state.limits, 1 if single else len(body.prompt), plan.best_of)
     response_format = response_format_of(body)
     check_grammar(response_format, structured_param(body))
     check_text_chars(state, body.prompt, "prompt")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per prompt; each is one engine request
+MAX_CHOICES = 256  # choices of one request (completions: prompts x n), submitted at once
 MAX_TOP_LOGPROBS = 20  # GenerationConfig.logprobs' bound
 MAX_STOP_SEQUENCES = 32
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back up to this much text
@@ -443,6 +444,7 @@ class ServerLimits(BaseModel):
     prompt_chars: int = Field(description="characters of a prompt, refused before tokenizing: prompt_tokens x "
                                           "the characters of the tokenizer's longest token")
     n: int
+    choices: int = Field(description="choices of one request: completions' prompts x n")
     logprobs: int = Field(description="completions' logprobs (top alternatives per token)")
     top_logprobs: int = Field(description="chat's top_logprobs")
     stop_sequences: int = Field(description="entries of stop")
