@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
+QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
 
 
 def _help(text: str, **extra) -> dict:
@@ -33,6 +34,10 @@ class EngineConfig:
         "float32 on the CPU), float16, bfloat16 or float32.", choices=DTYPES))
     device: str = field(default="auto", metadata=_help(
         "Where the model runs: auto (cuda when a GPU is visible, else cpu), cuda or cpu.", choices=DEVICES))
+    quant_policy: int = field(default=0, metadata=_help(
+        "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Online, per token and "
+        "head, asymmetric, no calibration: about 1.9x (int8) or 3.8x (int4) the KV tokens of a 16-bit "
+        "cache in the same memory.", choices=QUANT_POLICIES))
     session_len: Optional[int] = field(default=None, metadata=_help(
         "Most tokens (prompt + answer) one sequence may hold; default: the model's "
         "max_position_embeddings."))
@@ -72,6 +77,8 @@ class EngineConfig:
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         _check(self.device in DEVICES, f"device={self.device!r} is not one of {', '.join(DEVICES)}")
+        _check(self.quant_policy in QUANT_POLICIES,
+               f"quant_policy={self.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
         _check(self.session_len is None or self.session_len >= 1,
                f"session_len={self.session_len} must be a positive number of tokens")
         _check(self.max_batch_size is None or self.max_batch_size >= 1,
