@@ -14,6 +14,8 @@ DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
 QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
+# hf: a dense checkpoint; the others: the quant_method its config.json must record
+MODEL_FORMATS = ("hf", "awq", "gptq", "smooth_quant")
 
 
 def _help(text: str, **extra) -> dict:
@@ -60,6 +62,10 @@ class EngineConfig:
     attention_backend: str = field(default="auto", metadata=_help(
         "Attention and layer kernels: auto (triton on a GPU with Triton installed, else reference), "
         "reference (torch; the CPU path) or triton.", choices=ATTENTION_BACKENDS))
+    model_format: Optional[str] = field(default=None, metadata=_help(
+        "What the checkpoint must be: hf (dense), awq, gptq or smooth_quant (W8A8). Default: whatever "
+        "its config.json's quantization_config records (a checkpoint is never judged by its name).",
+        choices=MODEL_FORMATS))
     eager_mode: bool = field(default=False, metadata=_help(
         "Run every step eagerly: no CUDA graphs for decode steps (they are captured at start-up on a "
         "GPU otherwise)."))
@@ -91,6 +97,8 @@ class EngineConfig:
         _check(self.max_prefill_token_num >= 1,
                f"max_prefill_token_num={self.max_prefill_token_num} must be >= 1")
         _check(self.num_threads >= 0, f"num_threads={self.num_threads} must be >= 0")
+        _check(self.model_format is None or self.model_format in MODEL_FORMATS,
+               f"model_format={self.model_format!r} is not one of {', '.join(MODEL_FORMATS)}")
         _check(self.attention_backend in ATTENTION_BACKENDS,
                f"attention_backend={self.attention_backend!r} is not one of {', '.join(ATTENTION_BACKENDS)}")
         _check(self.num_cpu_blocks >= 0, f"num_cpu_blocks={self.num_cpu_blocks} must be >= 0 (0: no swap)")

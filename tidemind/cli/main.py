@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import bench, chat, info, serve
+from . import bench, chat, evaluation, info, lite, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tidemind", description="Compress, deploy and serve large language models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (chat, serve, bench, info):
+    for module in (chat, serve, lite, evaluation, bench, info):
         module.add_commands(commands)
     return parser
 

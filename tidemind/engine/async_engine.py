@@ -31,6 +31,27 @@ logger = logging.getLogger("tidemind")
 Sink = Callable[[RequestOutput], None]
 
 
+class LoopSink:
+    """A sink whose outputs are handled in an asyncio event loop: `callback(output)` runs in that
+    loop. The engine thread hands a step's outputs for one loop over in a single
+    call_soon_threadsafe (one wake-up of the loop per step, not one per token)."""
+
+    __slots__ = ("loop", "callback")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Sink):
+        self.loop = loop
+        self.callback = callback
+
+    def __call__(self, out: RequestOutput) -> None:  # a lone output, outside a step's dispatch
+        self.loop.call_soon_threadsafe(self.callback, out)
+
+
+def _deliver(items) -> None:
+    """Runs in an event loop: hand each (callback, output) over, in order."""
+    for callback, out in items:
+        callback(out)
+
+
 class EngineDeadError(RuntimeError):
     """The engine thread stopped after an unrecoverable failure; no request can run."""
 
@@ -134,8 +155,7 @@ class AsyncEngine:
         """Async iterator over one request's outputs; cancelling the consumer aborts the request."""
         loop = asyncio.get_running_loop()
         outputs: "asyncio.Queue[RequestOutput]" = asyncio.Queue()
-        request_id = self.submit(prompt_token_ids, gen_config,
-                                 lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out), seed, session_id)
+        request_id = self.submit(prompt_token_ids, gen_config, LoopSink(loop, outputs.put_nowait), seed, session_id)
         finished = False
         try:
             while not finished:
@@ -219,6 +239,7 @@ class AsyncEngine:
                 del self._session_turns[session_id]
 
     def _dispatch(self, outputs) -> None:
+        by_loop: Dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             if out.finished and self._session_turns:
                 with self._wake:
@@ -226,10 +247,22 @@ class AsyncEngine:
             sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
             if sink is None:
                 continue
+            if isinstance(sink, LoopSink):
+                by_loop.setdefault(sink.loop, []).append((sink.callback, out))
+                continue
             try:
                 sink(out)
-            except Exception:  # a caller that went away (closed event loop) must not stop the engine
-                logger.exception("the output of request %d could not be delivered; aborting it", out.request_id)
-                if not out.finished:
-                    self._sinks.pop(out.request_id, None)
-                    self.engine.abort_request(out.request_id)
+            except Exception:  # a caller that went away must not stop the engine
+                self._undeliverable(out)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the loop is closed: its callers are gone
+                for _, out in items:
+                    self._undeliverable(out)
+
+    def _undeliverable(self, out: RequestOutput) -> None:
+        logger.exception("the output of request %d could not be delivered; aborting it", out.request_id)
+        if not out.finished:
+            self._sinks.pop(out.request_id, None)
+            self.engine.abort_request(out.request_id)

@@ -55,7 +55,7 @@ class InProcessExecutor(Executor):
             torch.set_num_threads(config.num_threads)
         dtype = resolve_dtype(config.dtype, checkpoint_dtype(model_path), device)
         logger.info("loading %s on %s in %s", model_path, device, str(dtype).replace("torch.", ""))
-        self.runner = ModelRunner(model_path, device, dtype, config.attention_backend)
+        self.runner = ModelRunner(model_path, device, dtype, config.attention_backend, config.model_format)
         self.model_config = self.runner.model_config
         self.device_type = device.type
         self.description = (f"{device} {str(dtype).replace('torch.', '')}, attention "

@@ -1,23 +1,31 @@
-"""Token embedding and the language-model head (which may share the embedding's weight)."""
+"""Token embedding and the language-model head (which may share the embedding's weight).
+
+Both hold their table [vocab, hidden] through a LinearMethod, like linear layers: the embedding
+looks rows up (method.embedding), the head multiplies (method.apply), so a quantized table serves
+both the same way.
+"""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .linear import LinearMethod, UnquantizedLinearMethod
 
 
 class VocabEmbedding(nn.Module):
     """forward: ids [num_tokens] int64 -> [num_tokens, hidden] (times `scale`, applied in the
     weight dtype as Gemma does, when given)."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, scale: Optional[float] = None):
+    def __init__(self, vocab_size: int, hidden_size: int, scale: Optional[float] = None,
+                 linear_method: Optional[LinearMethod] = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.scale = scale
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.linear_method = linear_method or UnquantizedLinearMethod()
+        self.linear_method.create_weights(self, hidden_size, [vocab_size])
 
     def _scale_in(self, dtype: torch.dtype) -> float:
         # The scale rounded to float32 then to the model dtype, as Hugging Face's Gemma does
@@ -26,7 +34,7 @@ class VocabEmbedding(nn.Module):
         return float(torch.tensor(self.scale, dtype=torch.float32, device="cpu").to(dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        embeds = F.embedding(input_ids, self.weight)
+        embeds = self.linear_method.embedding(self, input_ids)
         if self.scale is not None:
             embeds = embeds * self._scale_in(embeds.dtype)
         return embeds
@@ -37,10 +45,11 @@ class VocabEmbedding(nn.Module):
 
 class LMHead(nn.Module):
     """logits = hidden @ W.T (W: [vocab, hidden]), returned in float32; optionally tanh-softcapped:
-    cap * tanh(logits / cap). With `tied_to`, W is the embedding's weight (no parameter of its own)."""
+    cap * tanh(logits / cap). With `tied_to`, W is the embedding's table, applied through the
+    embedding's method (no parameter of its own)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: Optional[VocabEmbedding] = None,
-                 softcap: Optional[float] = None):
+                 softcap: Optional[float] = None, linear_method: Optional[LinearMethod] = None):
         super().__init__()
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -50,23 +59,31 @@ class LMHead(nn.Module):
         if tied_to is not None:
             self._embedding = [tied_to]  # a list keeps it out of this module's parameters / state
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+            self.linear_method = linear_method or UnquantizedLinearMethod()
+            self.linear_method.create_weights(self, hidden_size, [vocab_size])
+
+    @property
+    def table_owner(self) -> nn.Module:
+        """The module whose method and parameters hold W: the tied embedding, or this head."""
+        return self._embedding[0] if self.tied else self
 
     @property
     def effective_weight(self) -> torch.Tensor:
-        return self._embedding[0].weight if self.tied else self.weight
+        return self.table_owner.weight
 
     def pack(self, pack_for_batch: int) -> None:
-        """Keep a oneDNN-packed copy of the weight for the matmul (the dense one stays: a tied
-        embedding still looks rows up in it)."""
-        self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.effective_weight.data, pack_for_batch)
+        """Keep a oneDNN-packed copy of a dense weight for the matmul (the dense one stays: a tied
+        embedding still looks rows up in it). Quantized tables are left to their method."""
+        if type(self.table_owner.linear_method) is UnquantizedLinearMethod:
+            self.packed_weight = torch.ops.mkldnn._reorder_linear_weight(self.effective_weight.data, pack_for_batch)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] float32
         if self.packed_weight is not None:
             logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_weight, None, "none", [], "")
         else:
-            logits = F.linear(hidden, self.effective_weight).float()
+            owner = self.table_owner
+            logits = owner.linear_method.apply(owner, hidden, None).float()
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

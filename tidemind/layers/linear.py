@@ -1,17 +1,21 @@
 """Linear layers whose weight storage and matmul are delegated to a LinearMethod.
 
-The method decides which parameters a layer holds (a plain [out, in] weight today; packed int4
-weights, scales and zeros for AWQ later) and how `x @ W.T` is computed. Layers only know their
-logical shapes and, for merged projections, where each checkpoint tensor lands:
+The method decides which parameters a layer holds (a plain [out, in] weight; packed int4 weights,
+scales and zeros for AWQ / GPTQ; int8 weights and scales for W8A8: layers/quantization/) and how
+`x @ W.T` is computed. Each parameter carries a ParamLayout (its output / input dims and packing),
+so the loader fills all of them the same way. Layers only know their logical shapes and, for merged
+projections, where each checkpoint tensor lands:
 
     MergedLinear (e.g. gate_up_proj, output_sizes = [inter, inter])
       output rows  [0, inter)        <- shard "gate" (index 0; gate_proj.weight)
       output rows  [inter, 2*inter)  <- shard "up"   (index 1; up_proj.weight)
 
-Tensor parallelism will slice those same shard ranges per rank, so shard bookkeeping lives here.
+Tensor parallelism will slice those same shard ranges per rank (along each layout's output or
+input dim), so shard bookkeeping lives here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -40,10 +44,76 @@ def default_weight_loader(param: nn.Parameter, loaded_weight: torch.Tensor, shar
     param.data.copy_(loaded_weight)
 
 
-class LinearMethod:
-    """How a linear layer stores its weight and applies it. Quantized methods subclass this."""
+@dataclass(frozen=True)
+class ParamLayout:
+    """Where a parameter's logical dims lie, so that one loader fills dense, packed and (later)
+    tensor-parallel-sharded weights alike. Kept on the owning module (`param_layouts[name]`), not on
+    the Parameter: materializing a meta-built model makes new Parameters.
 
-    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
+        dense weight     [out, in]          output_dim=0, input_dim=1
+        AWQ qweight      [in, out / 8]      output_dim=1, input_dim=0, packed_dim=1, pack_factor=8
+        GPTQ qweight     [in / 8, out]      output_dim=1, input_dim=0, packed_dim=0, pack_factor=8
+        group scales     [in / group, out]  output_dim=1, input_dim=0
+        GPTQ g_idx       [in]               output_dim=None (every merged shard holds the same one)
+    """
+
+    output_dim: Optional[int] = 0  # dim indexing output features: merged shards are ranges of it
+    input_dim: Optional[int] = None  # dim indexing input features (what row-parallel TP will slice)
+    packed_dim: Optional[int] = None  # dim whose entries each hold pack_factor values
+    pack_factor: int = 1
+    dtype: Optional[torch.dtype] = None  # kept whatever the model dtype (packed ints, fp16 scales)
+
+    def shard_slice(self, offset: int, size: int) -> Tuple[int, int]:
+        """(offset, size) along output_dim of the output features [offset, offset + size)."""
+        if self.packed_dim is not None and self.packed_dim == self.output_dim:
+            if offset % self.pack_factor or size % self.pack_factor:
+                raise WeightShapeError(f"output features [{offset}, {offset + size}) do not fall on whole packed "
+                                       f"entries of {self.pack_factor} values; this quantized layout needs every "
+                                       f"merged projection's size to be a multiple of {self.pack_factor}")
+            return offset // self.pack_factor, size // self.pack_factor
+        return offset, size
+
+
+DENSE_WEIGHT = ParamLayout(output_dim=0, input_dim=1)
+BIAS = ParamLayout(output_dim=0)
+
+
+def add_param(layer: nn.Module, name: str, shape: Sequence[int], layout: ParamLayout) -> None:
+    """Register an empty, frozen parameter with its layout (dtype: layout.dtype, else the default
+    dtype, which model.to(dtype) later turns into the model's)."""
+    dtype = layout.dtype or torch.get_default_dtype()
+    layer.register_parameter(name, nn.Parameter(torch.empty(tuple(shape), dtype=dtype), requires_grad=False))
+    if "param_layouts" not in layer.__dict__:
+        layer.param_layouts = {}
+    layer.param_layouts[name] = layout
+
+
+def param_layout(module: nn.Module, param: nn.Parameter) -> ParamLayout:
+    for name, candidate in module.named_parameters(recurse=False):
+        if candidate is param:
+            return getattr(module, "param_layouts", {}).get(name, DENSE_WEIGHT)
+    raise ValueError(f"parameter of shape {tuple(param.shape)} does not belong to {type(module).__name__}")
+
+
+def restore_fixed_dtypes(model: nn.Module) -> None:
+    """Put back the dtypes layouts fix (fp16 scales, say) after model.to(dtype) converted every
+    floating parameter; call it before loading, while the model is still on the meta device."""
+    for module in model.modules():
+        for name, layout in getattr(module, "param_layouts", {}).items():
+            param = getattr(module, name, None)
+            if layout.dtype is not None and isinstance(param, nn.Parameter) and param.dtype != layout.dtype:
+                module.register_parameter(name, nn.Parameter(param.data.to(layout.dtype), requires_grad=False))
+
+
+class LinearMethod:
+    """How a linear layer (or an embedding table, or the LM head) stores its weight and applies it.
+
+    create_weights registers the layer's parameters with add_param (their layouts tell the loader
+    where each checkpoint tensor lands); process_weights_after_loading may repack them once for the
+    device's kernels; apply computes x @ W.T (+ bias); embedding looks rows of W up.
+    """
+
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int]) -> None:
         raise NotImplementedError
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
@@ -52,15 +122,23 @@ class LinearMethod:
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
 
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        # ids [num_tokens] -> rows of W [num_tokens, input_size]
+        raise NotImplementedError(f"{type(self).__name__} cannot serve as an embedding table; keep the embedding "
+                                  f"unquantized (list it in quantization_config.modules_to_not_convert)")
+
 
 class UnquantizedLinearMethod(LinearMethod):
     """A dense weight [output_size, input_size] in the model dtype."""
 
-    def create_weights(self, layer: nn.Module, input_size: int, output_size: int) -> None:
-        layer.register_parameter("weight", nn.Parameter(torch.empty(output_size, input_size), requires_grad=False))
+    def create_weights(self, layer: nn.Module, input_size: int, output_sizes: Sequence[int]) -> None:
+        add_param(layer, "weight", (sum(output_sizes), input_size), DENSE_WEIGHT)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
+
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, layer.weight)
 
 
 class OneDNNPackedLinearMethod(UnquantizedLinearMethod):
@@ -81,25 +159,30 @@ class OneDNNPackedLinearMethod(UnquantizedLinearMethod):
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
 
+    def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("oneDNN-packed weights keep no dense copy to look embedding rows up in")
+
 
 class Linear(nn.Module):
-    """y = x @ W.T + b with W loaded whole from one checkpoint tensor.
+    """y = x @ W.T + b with W loaded whole from one checkpoint tensor per parameter.
 
     Parameters are loaded through the module's `weight_loader(param, tensor, shard_id)` (looked up
-    on the module, not on the parameter: materializing a meta-built model makes new Parameters).
+    on the module, not on the parameter: materializing a meta-built model makes new Parameters);
+    each parameter's ParamLayout says where output features lie in it.
 
     forward: x [num_tokens, input_size] -> [num_tokens, output_size]
     """
 
     def __init__(self, input_size: int, output_size: int, bias: bool = False,
-                 linear_method: Optional[LinearMethod] = None):
+                 linear_method: Optional[LinearMethod] = None, output_sizes: Optional[Sequence[int]] = None):
         super().__init__()
         self.input_size = input_size
         self.output_size = output_size
+        self.output_sizes = list(output_sizes) if output_sizes is not None else [output_size]
         self.linear_method = linear_method or UnquantizedLinearMethod()
-        self.linear_method.create_weights(self, input_size, output_size)
+        self.linear_method.create_weights(self, input_size, self.output_sizes)
         if bias:
-            self.bias = nn.Parameter(torch.empty(output_size), requires_grad=False)
+            add_param(self, "bias", (output_size,), BIAS)
         else:
             self.register_parameter("bias", None)
 
@@ -111,27 +194,30 @@ class Linear(nn.Module):
         return self.linear_method.apply(self, x, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}"
+        method = "" if type(self.linear_method) is UnquantizedLinearMethod else f", {type(self.linear_method).__name__}"
+        return f"in={self.input_size}, out={self.output_size}, bias={self.bias is not None}{method}"
 
 
 class MergedLinear(Linear):
     """Several projections of the same input stacked along the output dim, loaded shard by shard.
 
-    output_sizes[i] rows belong to shard i; `shard_names` gives the shards string ids too
-    (e.g. ("q", "k", "v")). Every shard of every parameter of this module must be loaded.
+    output_sizes[i] output features belong to shard i; `shard_names` gives the shards string ids too
+    (e.g. ("q", "k", "v")). Every shard of every parameter of this module must be loaded. Where a
+    parameter packs output features (AWQ's qweight [in, out / 8]) a shard is a range of packed
+    columns; a parameter with no output dim (GPTQ's g_idx) is the same in every shard.
     """
 
     def __init__(self, input_size: int, output_sizes: Sequence[int], bias: bool = False,
                  shard_names: Optional[Sequence[str]] = None, linear_method: Optional[LinearMethod] = None):
-        self.output_sizes = list(output_sizes)
         self.shard_names = list(shard_names) if shard_names is not None else [str(i) for i in
                                                                              range(len(output_sizes))]
-        if len(self.shard_names) != len(self.output_sizes):
-            raise ValueError(f"{len(self.shard_names)} shard names for {len(self.output_sizes)} outputs")
-        super().__init__(input_size, sum(self.output_sizes), bias, linear_method)
+        if len(self.shard_names) != len(output_sizes):
+            raise ValueError(f"{len(self.shard_names)} shard names for {len(output_sizes)} outputs")
+        super().__init__(input_size, sum(output_sizes), bias, linear_method, output_sizes=output_sizes)
+        self._shared_loaded: set = set()  # names of output-less parameters some shard has filled
 
     def shard_range(self, shard_id: ShardId) -> Tuple[int, int]:
-        """(offset, size) of a shard's rows in the merged output dim."""
+        """(offset, size) of a shard's features in the merged output dim."""
         index = self.shard_names.index(shard_id) if isinstance(shard_id, str) else shard_id
         offset = sum(self.output_sizes[:index])
         return offset, self.output_sizes[index]
@@ -145,10 +231,24 @@ class MergedLinear(Linear):
             # An already merged checkpoint tensor (e.g. our own converted format).
             default_weight_loader(param, loaded_weight)
             return
-        offset, size = self.shard_range(shard_id)
-        target = param.data.narrow(0, offset, size)  # weight: [size, input_size]; bias: [size]
+        layout = param_layout(self, param)
+        if layout.output_dim is None:
+            self._load_shared(param, loaded_weight, shard_id)
+            return
+        offset, size = layout.shard_slice(*self.shard_range(shard_id))
+        target = param.data.narrow(layout.output_dim, offset, size)
         check_shape(f"shard {shard_id!r}", target.shape, loaded_weight.shape)
         target.copy_(loaded_weight)
+
+    def _load_shared(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: ShardId) -> None:
+        check_shape(f"shard {shard_id!r}", param.shape, loaded_weight.shape)
+        name = next(n for n, p in self.named_parameters(recurse=False) if p is param)
+        if name not in self._shared_loaded:
+            param.data.copy_(loaded_weight)
+            self._shared_loaded.add(name)
+        elif not torch.equal(param.data, loaded_weight.to(param.device, param.dtype)):
+            raise WeightShapeError(f"shard {shard_id!r} holds a different {name!r} than the shards before it; the "
+                                   f"merged projections must share it (re-quantize them with one setting)")
 
 
 class QKVLinear(MergedLinear):

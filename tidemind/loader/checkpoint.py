@@ -18,6 +18,8 @@ from tqdm.auto import tqdm
 
 from ..config import ModelConfig
 from ..layers.context import BuildContext
+from ..layers.linear import restore_fixed_dtypes
+from ..layers.quantization import QuantizationConfig, quantization_from_hf_config
 from ..models.registry import get_model_class, supported_architectures
 from .config_check import GENERATION_CONFIG_KEYS, check_config_values
 from .errors import CheckpointError
@@ -162,21 +164,62 @@ def _build_on_meta(model_cls: type, hf_config: dict, config_path: str, ctx: Opti
                               f"original config.json") from exc
 
 
-def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None
-               ) -> Tuple[torch.nn.Module, ModelConfig]:
+def quantization_of(hf_config: dict, path: str, model_format: Optional[str] = None) -> Optional[QuantizationConfig]:
+    """The checkpoint's quantization, from config.json's quantization_config (None: dense), checked
+    against model_format (None: whatever the checkpoint records; see quantization_from_hf_config)."""
+    where = os.path.join(path, "config.json")
+    if hf_config.get("quantization_config") is None and os.path.isfile(os.path.join(path, "quantize_config.json")):
+        raise CheckpointError(f"{path!r} has a quantize_config.json but {where} has no quantization_config; "
+                              f"tidemind reads the method from config.json only: copy the settings into it as "
+                              f"\"quantization_config\" with a \"quant_method\" (e.g. \"gptq\")")
+    return quantization_from_hf_config(hf_config, model_format, where=where)
+
+
+def read_quantization(path: str, model_format: Optional[str] = None) -> Optional[QuantizationConfig]:
+    """quantization_of() for a model directory (what the runner puts into its BuildContext)."""
+    return quantization_of(read_hf_config(path), path, model_format)
+
+
+def _context_for(ctx: Optional[BuildContext], quantization: Optional[QuantizationConfig], path: str) -> BuildContext:
+    ctx = ctx or BuildContext()
+    if ctx.quantization is None and quantization is not None:
+        return dataclasses.replace(ctx, quantization=quantization)
+    if ctx.quantization != quantization:
+        recorded = quantization.describe() if quantization is not None else "no quantization"
+        raise CheckpointError(f"the build context asks for {ctx.quantization.describe()} but {path!r} records "
+                              f"{recorded}; build the context from the checkpoint (read_quantization)")
+    return ctx
+
+
+def process_weights_after_loading(model: torch.nn.Module) -> None:
+    """Let every layer's method repack its loaded weights for the device's kernels."""
+    for module in model.modules():
+        method = module.__dict__.get("linear_method")
+        if method is not None:
+            method.process_weights_after_loading(module)
+
+
+def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None,
+               model_format: Optional[str] = None) -> Tuple[torch.nn.Module, ModelConfig]:
     """(model on `device` in `dtype`, eval mode; its ModelConfig) from a Hugging Face-format directory.
-    ``ctx``: the kernels and attention backend its layers use (default: the torch reference)."""
+    ``ctx``: the kernels and attention backend its layers use (default: the torch reference); its
+    quantization comes from the checkpoint's quantization_config (model_format: see
+    quantization_from_hf_config)."""
     start = time.perf_counter()
     hf_config = read_hf_config(path)
     model_cls = model_class_for(hf_config, path)
+    ctx = _context_for(ctx, quantization_of(hf_config, path, model_format), path)
     files = safetensors_files(path)
     model = _build_on_meta(model_cls, hf_config, os.path.join(path, "config.json"), ctx)
     model = model.to(dtype=dtype)
+    restore_fixed_dtypes(model)  # packed ints and fp16 scales keep their dtype
     model.to_empty(device=device)
     model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))
+    process_weights_after_loading(model)
     model.eval()
     model_config = _with_generation_config(path, model.config)
-    logger.info("loaded %s (%s) from %s in %.1f s: %s on %s", model_config.architecture,
-                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params", path,
+    quant = f", {ctx.quantization.describe()}" if ctx.quantization is not None else ""
+    logger.info("loaded %s (%s%s) from %s in %.1f s: %s on %s", model_config.architecture,
+                f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params", quant, path,
                 time.perf_counter() - start, dtype, device)
     return model, model_config

@@ -65,13 +65,14 @@ def gemma3_rope_parameters(hf_config: dict, layer_type: str) -> dict:
 
 class Gemma3Attention(nn.Module):
     def __init__(self, args: BlockArgs, sliding_window: Optional[int], query_pre_attn_scalar: float,
-                 ctx: BuildContext):
+                 ctx: BuildContext, prefix: str):
         super().__init__()
         self.head_dim = args.head_dim
         self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                                  bias=args.qkv_bias)
-        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+                                  bias=args.qkv_bias, linear_method=ctx.linear_method(f"{prefix}.qkv_proj"))
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
+                             linear_method=ctx.linear_method(f"{prefix}.o_proj"))
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
         self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=query_pre_attn_scalar ** -0.5,
@@ -90,15 +91,15 @@ class Gemma3Attention(nn.Module):
 
 class Gemma3DecoderLayer(nn.Module):
     def __init__(self, args: BlockArgs, layer_type: str, sliding_window: Optional[int],
-                 query_pre_attn_scalar: float, ctx: BuildContext):
+                 query_pre_attn_scalar: float, ctx: BuildContext, prefix: str):
         super().__init__()
         self.layer_type = layer_type
         eps, hidden, kernels = args.rms_norm_eps, args.hidden_size, ctx.kernels
         self.input_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
-        self.self_attn = Gemma3Attention(args, sliding_window, query_pre_attn_scalar, ctx)
+        self.self_attn = Gemma3Attention(args, sliding_window, query_pre_attn_scalar, ctx, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
         self.pre_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
-        self.mlp = GatedMLP(hidden, args.intermediate_size, args.hidden_act, kernels)
+        self.mlp = GatedMLP(hidden, args.intermediate_size, args.hidden_act, ctx, f"{prefix}.mlp")
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: dict,
@@ -148,7 +149,7 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         layer_type = self._layer_types[layer_idx]
         window = self.hf_config.get("sliding_window") if layer_type == SLIDING else None
         return Gemma3DecoderLayer(args, layer_type, window, self.hf_config.get("query_pre_attn_scalar")
-                                  or args.head_dim, self.ctx)
+                                  or args.head_dim, self.ctx, f"model.layers.{layer_idx}")
 
     def build_rotary(self, hf_config: dict, head_dim: int) -> nn.ModuleDict:
         return nn.ModuleDict({layer_type: RotaryEmbedding(head_dim, gemma3_rope_parameters(hf_config, layer_type),

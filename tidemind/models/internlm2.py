@@ -46,6 +46,10 @@ class InternLM2ForCausalLM(LlamaForCausalLM):
                       ) -> Optional[List[Tuple[str, str, torch.Tensor]]]:
         if ".attention.wqkv." not in ckpt_name:
             return None
+        if not ckpt_name.endswith((".weight", ".bias")):
+            # packed int4 / int8 tensors group wqkv's rows differently (packed along other dims)
+            raise ValueError(f"{ckpt_name!r}: quantized InternLM2 checkpoints are not supported (their packed wqkv "
+                             f"cannot be split into q, k and v yet); use the unquantized model")
         cfg = self.config
         group = cfg.num_attention_heads // cfg.num_kv_heads + 2  # rows of heads per kv group
         expected = (cfg.num_kv_heads * group * cfg.head_dim,) + tuple(tensor.shape[1:])

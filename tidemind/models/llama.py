@@ -15,7 +15,6 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..kernels.registry import KernelSet
 from ..layers.activation import GatedActivation
 from ..attention.kv_cache import LayerKVCache
 from ..layers.attention import Attention
@@ -62,13 +61,15 @@ class GatedMLP(nn.Module):
     forward: [num_tokens, hidden] -> [num_tokens, hidden]
     """
 
-    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, kernels: KernelSet,
+    def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str, ctx: BuildContext, prefix: str,
                  bias: bool = False):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
-                                         shard_names=("gate", "up"))
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
-        self.act_fn = GatedActivation(hidden_act, kernels)
+                                         shard_names=("gate", "up"),
+                                         linear_method=ctx.linear_method(f"{prefix}.gate_up_proj"))
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=bias,
+                                linear_method=ctx.linear_method(f"{prefix}.down_proj"))
+        self.act_fn = GatedActivation(hidden_act, ctx.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_up_proj(x)))
@@ -77,12 +78,13 @@ class GatedMLP(nn.Module):
 class LlamaAttention(nn.Module):
     """forward: hidden [T, hidden], rope (positions [T], cos/sin table) -> [T, hidden]."""
 
-    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext):
+    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext, prefix: str):
         super().__init__()
         self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                                  bias=args.qkv_bias)
-        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias)
+                                  bias=args.qkv_bias, linear_method=ctx.linear_method(f"{prefix}.qkv_proj"))
+        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
+                             linear_method=ctx.linear_method(f"{prefix}.o_proj"))
         self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=args.head_dim ** -0.5,
                               backend=ctx.attention_backend, sliding_window=sliding_window)
 
@@ -94,13 +96,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext):
+    def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext, prefix: str):
+        # prefix: this layer's name in the model, e.g. "model.layers.3"
         super().__init__()
         kernels = ctx.kernels
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, kernels=kernels)
-        self.self_attn = LlamaAttention(args, sliding_window, ctx)
+        self.self_attn = LlamaAttention(args, sliding_window, ctx, f"{prefix}.self_attn")
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps, kernels=kernels)
-        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, kernels, bias=args.mlp_bias)
+        self.mlp = GatedMLP(args.hidden_size, args.intermediate_size, args.hidden_act, ctx, f"{prefix}.mlp",
+                            bias=args.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: Tuple[torch.Tensor, ...],
                 kv_cache: LayerKVCache, meta) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -133,14 +137,16 @@ class LlamaForCausalLM(nn.Module):
         args = self.block_args(hf_config)
         self.head_dim = args.head_dim
         layers = [self.build_layer(args, i) for i in range(self.config.num_layers)]
-        embed = VocabEmbedding(self.config.vocab_size, args.hidden_size, scale=self.embedding_scale(hf_config))
+        embed = VocabEmbedding(self.config.vocab_size, args.hidden_size, scale=self.embedding_scale(hf_config),
+                               linear_method=self.ctx.linear_method("model.embed_tokens"))
         self.model = LlamaModel(layers, embed, RMSNorm(args.hidden_size, args.rms_norm_eps,
                                                        weight_offset=self.norm_weight_offset,
                                                        kernels=self.ctx.kernels))
         self.tie_word_embeddings = bool(hf_config.get("tie_word_embeddings", False))
         self.lm_head = LMHead(self.config.vocab_size, args.hidden_size,
                               tied_to=embed if self.tie_word_embeddings else None,
-                              softcap=self.logit_softcap(hf_config))
+                              softcap=self.logit_softcap(hf_config),
+                              linear_method=None if self.tie_word_embeddings else self.ctx.linear_method("lm_head"))
         self.rotary_emb = self.build_rotary(hf_config, args.head_dim)
 
     # ---- per-architecture hooks -------------------------------------------------------------
@@ -183,7 +189,8 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     def build_layer(self, args: BlockArgs, layer_idx: int) -> nn.Module:
-        return LlamaDecoderLayer(args, self.layer_sliding_window(self.hf_config, layer_idx), self.ctx)
+        return LlamaDecoderLayer(args, self.layer_sliding_window(self.hf_config, layer_idx), self.ctx,
+                                 f"model.layers.{layer_idx}")
 
     @classmethod
     def embedding_scale(cls, hf_config: dict) -> Optional[float]:

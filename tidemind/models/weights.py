@@ -109,14 +109,19 @@ def load_param(model: nn.Module, param_name: str, tensor: torch.Tensor, shard: O
         report.loaded.add((param_name, shard))
 
 
-def check_complete(model: nn.Module, report: LoadReport, mapper: NameMapper) -> None:
-    """Raise MissingWeightsError naming (in checkpoint terms) the tensors that never arrived."""
+def check_complete(model: nn.Module, report: LoadReport, mapper: NameMapper,
+                   prefixes: Optional[Sequence[str]] = None) -> None:
+    """Raise MissingWeightsError naming (in checkpoint terms) the tensors that never arrived
+    (only those of parameters under `prefixes` when given: a model loaded part by part)."""
     if report.unexpected:
         shown = ", ".join(report.unexpected[:8])
         more = f" and {len(report.unexpected) - 8} more" if len(report.unexpected) > 8 else ""
         logger.warning("ignored %d checkpoint tensors the model has no parameter for: %s%s",
                        len(report.unexpected), shown, more)
-    missing = sorted(expected_keys(model) - report.loaded, key=lambda key: (key[0], str(key[1])))
+    expected = expected_keys(model)
+    if prefixes is not None:
+        expected = {key for key in expected if key[0].startswith(tuple(prefixes))}
+    missing = sorted(expected - report.loaded, key=lambda key: (key[0], str(key[1])))
     if missing:
         names = [mapper.to_checkpoint(name, shard) for name, shard in missing]
         shown = ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
@@ -127,11 +132,12 @@ def check_complete(model: nn.Module, report: LoadReport, mapper: NameMapper) -> 
 
 
 def load_checkpoint_weights(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]], mapper: NameMapper,
-                            expand=None) -> LoadReport:
+                            expand=None, prefixes: Optional[Sequence[str]] = None) -> LoadReport:
     """The load loop: map names, copy tensors, then check completeness.
 
     expand(ckpt_name, tensor) -> [(param_name, shard, tensor)] or None lets a model unpack a
-    tensor itself (InternLM2's packed wqkv); None falls back to the mapper.
+    tensor itself (InternLM2's packed wqkv); None falls back to the mapper. prefixes: load only
+    the parameters under these names (the rest may stay on the meta device), e.g. one layer.
     """
     report = LoadReport()
     for ckpt_name, tensor in weights:
@@ -142,5 +148,5 @@ def load_checkpoint_weights(model: nn.Module, weights: Iterable[Tuple[str, torch
             targets = [(*mapper.to_param(ckpt_name), tensor)]
         for param_name, shard, part in targets:
             load_param(model, param_name, part, shard, ckpt_name, report)
-    check_complete(model, report, mapper)
+    check_complete(model, report, mapper, prefixes)
     return report

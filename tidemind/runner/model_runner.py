@@ -13,7 +13,7 @@ from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
 from ..layers.context import BuildContext
-from ..loader import load_model
+from ..loader import load_model, read_quantization
 from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
@@ -34,13 +34,16 @@ class ModelRunner:
     batch and the step buffers), capture_graphs (GPU, unless eager), then execute() every step.
     """
 
-    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto"):
+    def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto",
+                 model_format: Optional[str] = None):
         self.device = device
         self.dtype = dtype
         backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path))
-        # The layer kernels follow the attention backend: Triton for both, or the torch reference.
+        # The layer kernels follow the attention backend: Triton for both, or the torch reference;
+        # the quantization method is the one the checkpoint's config.json records.
         self.build_context = BuildContext(kernels=kernel_set(backend_name),
-                                          attention_backend=create_attention_backend(backend_name))
+                                          attention_backend=create_attention_backend(backend_name),
+                                          quantization=read_quantization(model_path, model_format))
         logger.info("attention backend: %s; layer kernels: %s", backend_name, self.build_context.kernels.name)
         self.model, self.model_config = load_model(model_path, dtype, device, self.build_context)
         self.dense_backend = resolve_dense_backend("auto", device, dtype)

@@ -3,11 +3,13 @@ engine requests, reading their outputs on the event loop, and giving up on a cli
 
 Engine work happens in the engine's thread (AsyncEngine): the event loop only submits (validation
 is cheap and raises ValueError for bad input) and awaits outputs, which the engine thread hands
-over with `call_soon_threadsafe`. Prompt rendering and tokenization run in worker threads.
+over once per step for all of the loop's requests (`LoopSink`); a reader that fell behind gets
+its request's queued deltas merged. Prompt rendering and tokenization run in worker threads.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from ...config import GenerationConfig
+from ...engine.async_engine import LoopSink
 from ...messages import RequestOutput
 from ..metrics import ServerMetrics
 from .errors import ConcurrencyLimit, OpenAIError
@@ -93,16 +96,14 @@ class RequestGroup:
         index = len(self.request_ids)
         timer = self._metrics.timer()
 
-        def sink(out: RequestOutput) -> None:  # runs in the engine thread
-            # Timed here, not by the reader: the final output of a request nobody reads any more
-            # (client gone) still counts, and event-loop delays do not.
+        def receive(out: RequestOutput) -> None:  # runs in the event loop (LoopSink)
+            # Timed when it arrives, not when the reader gets to it: the final output of a request
+            # nobody reads any more (client gone) still counts, and a slow reader does not.
             timer.observe(out)
-            try:
-                self._loop.call_soon_threadsafe(self._outputs.put_nowait, (index, out))
-            except RuntimeError:  # the event loop is closed: the server is shutting down
-                pass
+            self._outputs.put_nowait((index, out))
 
-        self.request_ids.append(self._engine.submit(prompt_ids, config, sink, seed, session_id))
+        self.request_ids.append(self._engine.submit(prompt_ids, config, LoopSink(self._loop, receive), seed,
+                                                    session_id))
         self._unfinished.add(index)
         return index
 
@@ -111,18 +112,39 @@ class RequestGroup:
         return not self._unfinished
 
     async def outputs(self) -> AsyncIterator[Tuple[int, RequestOutput]]:
-        """(index, output) of every request, in arrival order, until all have finished."""
+        """(index, output) of every request until all have finished. Outputs that queued up while
+        the reader was busy are merged per request (their deltas joined), so a reader that falls
+        behind catches up with fewer, larger events instead of one per token."""
         while self._unfinished:
-            index, out = await self._outputs.get()
-            if out.finished:
-                self._unfinished.discard(index)
-            yield index, out
+            batch = [await self._outputs.get()]
+            while not self._outputs.empty():
+                batch.append(self._outputs.get_nowait())
+            for index, out in merge_outputs(batch):
+                if out.finished:
+                    self._unfinished.discard(index)
+                yield index, out
 
     def abort(self) -> None:
         """Abort the unfinished requests; each still sends its final output (finish_reason "abort",
         or its real end if it finished meanwhile) to `outputs()`."""
         for index in sorted(self._unfinished):
             self._engine.abort(self.request_ids[index])
+
+
+def merge_outputs(batch: List[Tuple[int, RequestOutput]]) -> List[Tuple[int, RequestOutput]]:
+    """Join consecutive deltas of the same request index (order kept, first appearance first)."""
+    merged: Dict[int, RequestOutput] = {}
+    for index, out in batch:
+        first = merged.get(index)
+        if first is None:
+            merged[index] = out
+            continue
+        merged[index] = dataclasses.replace(
+            out, new_token_ids=first.new_token_ids + out.new_token_ids, new_text=first.new_text + out.new_text,
+            new_logprobs=((first.new_logprobs or []) + (out.new_logprobs or [])
+                          if first.new_logprobs is not None or out.new_logprobs is not None else None),
+            num_cached_tokens=max(first.num_cached_tokens, out.num_cached_tokens))
+    return list(merged.items())
 
 
 def submit_all(group: RequestGroup, validate: Callable, prompts: Sequence[Sequence[int]],

@@ -1,0 +1,224 @@
+"""Quantization on the GPU: the W4A16 kernels at llama8b-shape sizes, and workload Q1 (D1 / T1 of an
+AWQ-layout round-to-nearest int4 copy of a bf16 model) through the engine.
+
+    python benchmarks/gpu_quant.py kernels                 # about 2 minutes on an H200
+    python benchmarks/gpu_quant.py q1 /tmp/llama8b [--bf16-too]
+    python benchmarks/gpu_quant.py --cpu-smoke kernels     # dry run on the CPU: Triton's interpreter,
+    python benchmarks/gpu_quant.py --cpu-smoke q1 smollm2-135m   # tiny sizes, wall-clock timers
+
+kernels: (a) the copy ceiling (device-to-device copy of 1 GiB, bytes read + written, median of 10);
+(b) for the four linear shapes of llama8b-shape (qkv 4096->6144, o 4096->4096, gate/up
+4096->28672, down 14336->4096), group 128, M = 1 .. 4096 rows of bf16 input: the GEMV (M <= 16)
+and the GEMM against dequantize-then-matmul in float32 (max error relative to the largest output:
+PASS under 1.5e-2, the tests' bf16 bound); (c) timings, median, weight sets rotating so that L2
+(50 MB) holds none: the kernels replayed from CUDA graphs (triton.testing.do_bench_cudagraph:
+device time, and proof the launchers can be captured), the reference eagerly, and bf16 cuBLAS
+(F.linear on the dense weight, also from a graph) beside them; bandwidth counts every byte the
+kernel must read or write once, and is given as a share of the copy ceiling.
+q1: `tidemind lite auto_awq MODEL --rtn --w-group-size 128` on the GPU (timed), then benchmarks/
+gpu_bench.py's D1 and T1 on the result (and on the bf16 model with --bf16-too, for the ratio); the
+model is the `llama8b-shape` directory made by ../shared/bench/gpu/mkmodel.py (see benchmarks/
+gpu_run.sh). The smoke run skips T1.
+Every record goes to $OUT/quant.jsonl (OUT defaults to /tmp); a table is printed last.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+SMOKE = "--cpu-smoke" in sys.argv
+if SMOKE:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, at import
+    for name, value in (("D1_NEW", "8"), ("T1_N", "4"), ("T1_NEW", "4")):
+        os.environ.setdefault(name, value)  # gpu_bench reads them at import
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from typing import Callable, List, Tuple  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    # Triton 3.6's interpreter int()s shape-(1,) arrays, which numpy >= 2.4 refuses
+    # (triton-lang/triton#9171); tests/conftest.py applies the same fix for the tests.
+    from triton.runtime import interpreter as _interpreter
+    _patch = _interpreter._patch_lang_tensor
+
+    def _patch_squeezed(tensor, scope) -> None:
+        _patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    _interpreter._patch_lang_tensor = _patch_squeezed
+
+from tidemind.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
+from tidemind.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
+from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
+
+DEVICE = torch.device("cpu" if SMOKE else "cuda")
+BF16 = torch.float16 if SMOKE else torch.bfloat16  # the interpreter has no bfloat16
+GROUP = 128
+TOL = 1.5e-2
+ROTATING_BYTES = 512 << 20
+OUT_FILE = os.path.join(os.environ.get("OUT", "/tmp"), "quant.jsonl")
+# (name, K, N) of llama8b-shape's linear layers; the smoke run shrinks them
+SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
+          [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
+ROWS = [1, 3, 17] if SMOKE else [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
+GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at GEMV_MAX_ROWS)
+RESULTS: List[dict] = []
+CMD = "python benchmarks/gpu_quant.py " + " ".join(sys.argv[1:])
+
+
+def record(**fields) -> dict:
+    fields.setdefault("device", torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "cpu (interpreter)")
+    fields.setdefault("cmd", CMD)
+    RESULTS.append(fields)
+    os.makedirs(os.path.dirname(OUT_FILE), exist_ok=True)
+    with open(OUT_FILE, "a") as f:
+        f.write(json.dumps(fields) + "\n")
+    return fields
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], calls: int, graph: bool) -> Tuple[float, str]:
+    """(median ms of one call, how it was timed); fn makes `calls` calls (rotating weight sets)."""
+    if SMOKE:
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3 / calls, "wall"
+    synchronize()
+    if graph:
+        try:
+            return triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") / calls, "graph"
+        except Exception as error:  # not capturable: say so, time it eagerly
+            print(f"  CUDA graph capture failed ({type(error).__name__}: {error}); timing eagerly", flush=True)
+            synchronize()
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median") / calls, "eager"
+
+
+def copy_ceiling_gbs() -> float:
+    nbytes = (16 << 20) if SMOKE else (1 << 30)
+    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        synchronize()
+        start = time.perf_counter()
+        if DEVICE.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / 1e3)
+        else:
+            dst.copy_(src)
+            times.append(time.perf_counter() - start)
+    gbs = 2 * nbytes / statistics.median(times[2:]) / 1e9
+    record(kind="ceiling", name="copy", bytes_moved=2 * nbytes, gbs=round(gbs, 1))
+    print(f"copy ceiling: {gbs:.0f} GB/s (device-to-device, {nbytes >> 20} MiB, read + written)", flush=True)
+    return gbs
+
+
+def awq_set(k: int, n: int, seed: int):
+    """(qweight, qzeros, scales, dense bf16 weight [N, K]) of random int4 values."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen, dtype=torch.int32)
+    z = torch.randint(0, 16, (k // GROUP, n), generator=gen, dtype=torch.int32)
+    s = (torch.rand(k // GROUP, n, generator=gen) * 0.02 + 0.001).half()
+    tensors = [pack_awq(q).to(DEVICE), pack_awq(z).to(DEVICE), s.to(DEVICE)]
+    dense = awq_dequantize(*tensors, GROUP, torch.float32).t().contiguous().to(BF16)
+    return (*tensors, dense)
+
+
+def check(kernel, x, weights) -> float:
+    qweight, qzeros, scales, _ = weights
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, GROUP, torch.float32)
+    return ((kernel(x, qweight, qzeros, scales, GROUP).float() - expected).abs().max() / expected.abs().max()).item()
+
+
+def kernels() -> None:
+    ceiling = copy_ceiling_gbs()
+    for name, k, n in SHAPES:
+        w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)  # int4 values, fp16 scales, int4 zeros
+        sets = [awq_set(k, n, seed) for seed in range(1 if SMOKE else max(1, min(16, math.ceil(
+            ROTATING_BYTES / w_bytes))))]
+        for m in ROWS:
+            x = torch.randn(m, k, device=DEVICE).to(BF16)
+            kinds = [("gemv", w4a16_gemv)] if m <= GEMV_ROWS else []
+            kinds.append(("gemm", w4a16_gemm))
+            dense_ms, _ = time_ms(lambda: [F.linear(x, s[3]) for s in sets], len(sets), graph=True)
+            for kind, kernel in kinds:
+                err = check(kernel, x, sets[0])
+                ms, how = time_ms(lambda: [kernel(x, *s[:3], GROUP) for s in sets], len(sets), graph=True)
+                ref_ms, _ = time_ms(lambda: x @ awq_dequantize(*sets[0][:3], GROUP, x.dtype).to(BF16), 1, graph=False)
+                moved = w_bytes + 2 * m * (k + n)
+                gbs = moved / ms / 1e6
+                rec = record(kind="w4a16", name=name, k=k, n=n, m=m, kernel=kind, timed=how, us=round(ms * 1e3, 2),
+                             gbs=round(gbs, 1), roofline_share=round(gbs / ceiling, 3),
+                             tflops=round(2 * m * k * n / ms / 1e9, 2), reference_us=round(ref_ms * 1e3, 1),
+                             bf16_cublas_us=round(dense_ms * 1e3, 2), speedup_vs_bf16=round(dense_ms / ms, 2),
+                             max_rel_err=float(f"{err:.2e}"), result="PASS" if err < TOL else "FAIL")
+                print(f"{name:8s} M={m:5d} {kind}: {rec['us']:9.2f} us  {rec['gbs']:7.0f} GB/s "
+                      f"({100 * rec['roofline_share']:5.1f}% of copy)  {rec['tflops']:7.1f} TFLOP/s  "
+                      f"bf16 cuBLAS {rec['bf16_cublas_us']:9.2f} us (x{rec['speedup_vs_bf16']:.2f})  "
+                      f"ref {rec['reference_us']:9.1f} us  err {err:.1e} {rec['result']}", flush=True)
+
+
+def q1(model: str, bf16_too: bool) -> None:
+    import gpu_bench
+    from gpu_bench import d1, t1
+
+    from tidemind import EngineConfig, pipeline
+    from tidemind.lite.awq import AWQSettings, awq_quantizer
+    from tidemind.lite.pipeline import CalibrationSettings, LiteJob, run_lite
+    from tidemind.loader.resolve import resolve_model
+
+    source = resolve_model(model).path
+    group = 64 if SMOKE else GROUP  # SmolLM2's width 576 takes groups of 64, not 128
+    settings = AWQSettings(group_size=group, rtn=True)
+    target = os.path.join(os.environ.get("Q1_DIR", "/tmp"), os.path.basename(source.rstrip("/")) + f"-awq-rtn-g{group}")
+    job = LiteJob(name="auto_awq (rtn)", quantization=settings.config(), quantizer=awq_quantizer(settings),
+                  needs_calibration=False)
+    result = run_lite(source, target, job, CalibrationSettings(), DEVICE)
+    record(kind="q1", name="rtn-quantize", model=model, seconds=round(result.seconds["total"], 1),
+           cmd=f"tidemind lite auto_awq {model} --rtn --w-group-size {group} --work-dir {target} --device {DEVICE}")
+    print(f"RTN int4 g{group} copy of {source} in {target}: {result.seconds['total']:.1f} s", flush=True)
+    config = EngineConfig(session_len=2048, max_batch_size=256, cache_max_entry_count=0.8,
+                          device=DEVICE.type, eager_mode=SMOKE)
+    for path, fmt in ([(source, "hf")] if bf16_too else []) + [(target, "awq")]:
+        with pipeline(path, backend_config=dataclasses.replace(config, model_format=fmt), log_level="INFO") as pipe:
+            print(f"{fmt}: {pipe.engine.executor.description}", flush=True)
+            gpu_bench.CMD = f"{CMD} [{fmt}: {path}]"  # what d1 / t1 record as their command
+            d1(pipe)
+            if SMOKE:
+                print("T1 skipped in the smoke run (its warm-up alone is 64 requests)", flush=True)
+            else:
+                t1(pipe)
+
+
+def main() -> None:
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if not args or args[0] not in ("kernels", "q1") or (args[0] == "q1" and len(args) < 2):
+        raise SystemExit(__doc__)
+    if args[0] == "kernels":
+        kernels()
+        failed = [r for r in RESULTS if r.get("result") == "FAIL"]
+        print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} kernel checks failed", flush=True)
+    else:
+        q1(args[1], "--bf16-too" in sys.argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemm.py) against
+dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1, 3, 17, 64 rows, N not a multiple
+of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs.
+
+Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)
+in float32 and float16; on a GPU the same tests run natively, bfloat16 too.
+
+Tolerances (relative to the largest |output|): float32 1e-5: both sides compute in float32, only
+the summation order differs. float16 / bfloat16: the kernels round the dequantized weight tile to
+the input dtype before tl.dot (the GEMV keeps float32) while the reference stays in float32:
+one rounding of each weight (2^-11 / 2^-8 relative) averaged over K terms: 2e-3 / 1.5e-2.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from tidemind.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
+from tidemind.kernels.w4a16_gemv import split_count, w4a16_gemv  # noqa: E402
+from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
+from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if ON_GPU else "cpu")
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def awq_tensors(k: int, n: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (k, n), generator=gen)
+    z = torch.randint(0, 16, (k // group, n), generator=gen)
+    s = (torch.rand(k // group, n, generator=gen) * 0.02 + 0.001).half()
+    return pack_awq(q).to(DEVICE), pack_awq(z).to(DEVICE), s.to(DEVICE)
+
+
+def check(kernel, m: int, k: int, n: int, group: int, dtype: torch.dtype) -> None:
+    qweight, qzeros, scales = awq_tensors(k, n, group, seed=m + k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, group, torch.float32)
+    actual = kernel(x, qweight, qzeros, scales, group)
+    assert actual.dtype == dtype and actual.shape == (m, n)
+    scale = expected.abs().max().item()
+    err = (actual.float() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"max error {err:.3g} against outputs up to {scale:.3g}"
+
+
+# (K, N, group): N not a multiple of the column tiles (64 / 128 / 256), K not of 128 where the group allows
+SHAPES = [(96, 200, 32), (192, 72, 64), (256, 136, 128), (48, 8, 16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n,group", SHAPES)
+@pytest.mark.parametrize("m", [1, 3, 17, 64])
+def test_gemm_matches_dequantize_then_matmul(m, k, n, group, dtype):
+    check(w4a16_gemm, m, k, n, group, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n,group", SHAPES + [(256, 64, 32)])
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
+    check(w4a16_gemv, m, k, n, group, dtype)
+
+
+def test_gemv_splits_k_when_columns_are_few():
+    # one program's worth of columns: K is split (in whole groups) so the GPU is not left idle
+    assert split_count(1, 64, 256, 32, 64, DEVICE) > 1
+    assert split_count(64, 4096, 4096, 128, 256, torch.device("cpu")) == 1
+
+
+def test_bad_arguments_are_refused():
+    qweight, qzeros, scales = awq_tensors(96, 64, 32)
+    x = torch.randn(2, 96, device=DEVICE)
+    with pytest.raises(ValueError, match="group size 40 must divide K=96"):
+        w4a16_gemm(x, qweight, qzeros, scales, 40)
+    with pytest.raises(ValueError, match="qweight must be a contiguous int32 \\[80"):
+        w4a16_gemv(torch.randn(2, 80, device=DEVICE), qweight, qzeros, scales, 32)
+
+
+# ---- real sizes and CUDA graphs, GPU only -------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
+@pytest.mark.parametrize("m", [1, 4, 5, 100, 1024])
+def test_dispatch_at_llama8b_sizes(m, k, n):
+    # what the AWQ method runs: the GEMV up to GEMV_MAX_ROWS rows, the GEMM above
+    from tidemind.layers.quantization.awq import w4a16_matmul
+
+    qweight, qzeros, scales = awq_tensors(k, n, 128)
+    x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 128, torch.float32)
+    actual = w4a16_matmul(x, qweight, qzeros, scales, 128, use_triton=True)
+    assert (actual.float() - expected).abs().max() <= TOL[torch.bfloat16] * expected.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
+@pytest.mark.parametrize("kernel,m", [(w4a16_gemv, 1), (w4a16_gemm, 32)])
+def test_launchers_replay_in_cuda_graphs(kernel, m):
+    # the GEMV here splits K (few columns): its partial sums and their reduction are captured too
+    qweight, qzeros, scales = awq_tensors(1024, 256, 128)
+    x = torch.randn(m, 1024, device=DEVICE, dtype=torch.float16)
+    kernel(x, qweight, qzeros, scales, 128)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = kernel(x, qweight, qzeros, scales, 128)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 128, torch.float32)
+    assert (out.float() - expected).abs().max() <= TOL[torch.float16] * expected.abs().max()

@@ -1,0 +1,119 @@
+"""W4A16 GEMM for prefill-shaped inputs: x [M, K] (float) @ W [K, N] with W in AutoAWQ's GEMM
+layout (layers/quantization/awq.py), dequantized tile by tile in registers, tl.dot on the tiles.
+
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). One program owns a [BLOCK_M, BLOCK_N] output tile and
+walks K in tiles of BLOCK_K rows, where BLOCK_K divides the group size, so each K tile lies in
+one group g = k0 // G:
+
+    x      [BLOCK_M, BLOCK_K]                 the model dtype
+    words  [BLOCK_K, BLOCK_N / 8] int32   ->  q [BLOCK_K, BLOCK_N] (nibble of column 8j + c at
+                                              bits 4 * AWQ_SHIFT[c], see awq_nibble_shifts)
+    zeros  [BLOCK_N / 8] int32 of group g ->  z [BLOCK_N];  scales [BLOCK_N] of group g
+    acc   += x @ ((q - z) * s)                float32 accumulator
+
+Reference: awq_dequantize (layers/quantization/awq.py) followed by a matmul. N must be a multiple
+of 8 (whole packed words); K a multiple of the group size; rows past M and columns past N masked.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PACK = 8
+
+
+@triton.jit
+def awq_nibble_shifts():
+    """[8] bit offsets of columns 8j + 0 .. 8j + 7 inside word j: AutoAWQ stores column c in
+    nibble (0, 4, 1, 5, 2, 6, 3, 7)[c], the inverse of its packing order (0, 2, 4, 6, 1, 3, 5, 7)."""
+    c = tl.arange(0, 8)
+    return ((c % 2) * 4 + c // 2) * 4
+
+
+@triton.jit
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size,
+                       x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       DOT_PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
+    words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8] packed columns
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = rows < M
+    col_mask = cols < N
+    word_mask = words < N // 8
+    shifts = awq_nibble_shifts()
+    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = tl.load(x_rows + (k0 + ks)[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+        packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
+                         mask=word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
+        q = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+        group = k0 // group_size
+        zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
+        zeros = tl.reshape((zero_words[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
+        scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
+        w = ((q - zeros[None, :]).to(tl.float32) * scales[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+    out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+
+
+def check_w4a16_args(name: str, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
+                     scales: torch.Tensor, group_size: int, block_k: int) -> None:
+    """Shape, dtype and device checks shared by the W4A16 launchers (host values only)."""
+    if x.dim() != 2 or x.dtype not in _DTYPES or x.stride(1) != 1:
+        raise ValueError(f"{name}: x must be a [M, K] float tensor with a contiguous last dim, got "
+                         f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
+    k, n = x.shape[1], qweight.shape[1] * PACK
+    if qweight.shape[0] != k or qweight.dtype != torch.int32 or not qweight.is_contiguous():
+        raise ValueError(f"{name}: qweight must be a contiguous int32 [{k}, N / 8], got {tuple(qweight.shape)} "
+                         f"{qweight.dtype}")
+    if group_size <= 0 or k % group_size or group_size % block_k:
+        raise ValueError(f"{name}: group size {group_size} must divide K={k} and be a multiple of {block_k}")
+    groups = k // group_size
+    if tuple(qzeros.shape) != (groups, n // PACK) or qzeros.dtype != torch.int32 or not qzeros.is_contiguous():
+        raise ValueError(f"{name}: qzeros must be a contiguous int32 [{groups}, {n // PACK}], got "
+                         f"{tuple(qzeros.shape)} {qzeros.dtype}")
+    if tuple(scales.shape) != (groups, n) or not scales.is_contiguous():
+        raise ValueError(f"{name}: scales must be a contiguous [{groups}, {n}], got {tuple(scales.shape)}")
+    if not (x.device == qweight.device == qzeros.device == scales.device):
+        raise ValueError(f"{name}: x, qweight, qzeros and scales must be on one device")
+
+
+def k_tile(group_size: int, largest: int) -> int:
+    """The largest power of two <= `largest` dividing the group size (>= 16 for tl.dot)."""
+    tile = largest
+    while tile > 16 and group_size % tile:
+        tile //= 2
+    return tile
+
+
+def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+               group_size: int) -> torch.Tensor:
+    """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype.
+
+    qweight [K, N / 8] int32, qzeros [K / G, N / 8] int32 (AWQ order), scales [K / G, N]; G a
+    multiple of 16 dividing K. No host synchronization (CUDA-graph safe).
+    """
+    block_k = k_tile(group_size, 64)
+    check_w4a16_args("w4a16_gemm", x, qweight, qzeros, scales, group_size, block_k)
+    m, k = x.shape
+    n = qweight.shape[1] * PACK
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64 if n <= 64 else 128
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _w4a16_gemm_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, group_size,
+                             x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                             num_warps=4, num_stages=3)
+    return out
