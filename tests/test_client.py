@@ -124,13 +124,13 @@ def test_ctrl_c_cancels_the_answer_and_the_chat_goes_on(server):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["nothing listening", "not an api_server path", "no scheme",
+@pytest.mark.parametrize("case", ["nothing listening", "not an api_server path", "not an address",
                                   "missing key", "wrong key"])
 def test_unusable_server_gives_a_clear_error(server, case):
     url, extra, expected = {
         "nothing listening": (f"http://127.0.0.1:{free_port()}", [], "cannot reach an api_server"),
         "not an api_server path": (f"{server}/some/path", ["--api-key", API_KEY], "give the base URL"),
-        "no scheme": (server.replace("http://", ""), [], "with its scheme"),
+        "not an address": ("127.0.0.1:port", [], "not a server address"),
         "missing key": (server, [], "pass the server's key with --api-key"),
         "wrong key": (server, ["--api-key", "nope"], "not one of the server's keys"),
     }[case]
@@ -138,6 +138,13 @@ def test_unusable_server_gives_a_clear_error(server, case):
     assert result.returncode != 0
     assert result.stdout == ""
     assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_host_port_without_a_scheme_is_taken_as_lmdeploy_takes_it(server):
+    result = run_client(server.replace("http://", ""), "Say hi.\n", "--api-key", API_KEY, "--max-new-tokens", "8")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("\n") == 1 and result.stdout.strip(), result.stdout
 
 
 def test_sampling_fields_are_ones_the_server_accepts():

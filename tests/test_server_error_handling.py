@@ -61,7 +61,7 @@ def test_a_5xx_body_holds_a_request_id_and_no_internal_text(client, path, caplog
 
 def test_a_stream_that_fails_ends_with_a_generic_error_event(caplog):
     from tidemind.messages import RequestOutput
-    from tidemind.serve.openai.server import _output_events
+    from tidemind.serve.openai.streaming import UsageOptions, output_events
 
     class FailedGroup:
         def __len__(self):
@@ -71,7 +71,7 @@ def test_a_stream_that_fails_ends_with_a_generic_error_event(caplog):
             yield 0, RequestOutput(7, [], "", 3, 0, finished=True, finish_reason="error", error=SECRET)
 
     async def events():
-        return [e async for e in _output_events("rid-42", FailedGroup(), None, None, None, None)]
+        return [e async for e in output_events("rid-42", FailedGroup(), None, {}, 3, UsageOptions(False, False))]
 
     with caplog.at_level(logging.ERROR, logger="tidemind"):
         error_event, done = asyncio.run(events())

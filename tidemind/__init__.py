@@ -2,7 +2,8 @@
 
     from tidemind import pipeline, GenerationConfig, EngineConfig, ChatTemplateConfig
 """
-from .config import EngineConfig, GenerationConfig, PytorchEngineConfig, TurbomindEngineConfig
+from .config import EngineConfig, GenerationConfig
+from .config_compat import PytorchEngineConfig, TurbomindEngineConfig
 from .messages import Response
 
 __version__ = "0.1.0"

@@ -7,8 +7,10 @@ import random
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Union
 
+from .chat.grammar import check_response_format
 from .chat.templates import ChatTemplateConfig, get_chat_template
 from .config import EngineConfig, GenerationConfig
+from .config_compat import engine_config_from_kwargs
 from .engine.async_engine import AsyncEngine
 from .engine.engine import Engine
 from .messages import RequestOutput, Response
@@ -98,6 +100,7 @@ class Pipeline:
         configs = [self.with_template_stops(c) for c in self._gen_configs(gen_config, len(prompts))]
         for ids, config in zip(prompt_ids, configs):  # validate everything before submitting anything
             self.engine.validate_request(ids, config)
+            check_response_format(config.response_format)
         request_ids = []
         for index, (ids, config) in enumerate(zip(prompt_ids, configs)):
             base_seed = config.random_seed if config.random_seed is not None else random.getrandbits(31)
@@ -170,6 +173,7 @@ class Pipeline:
         config = self.with_template_stops(self._gen_configs(gen_config, 1)[0])
         if config.n != 1:
             raise ValueError("chat() keeps one conversation: use gen_config.n == 1")
+        check_response_format(config.response_format)
         turn = _turn_messages(prompt)
         first_turn = not session.history
         # Later turns render only the new messages: the conversation so far is in the engine's session.
@@ -234,7 +238,8 @@ def _delta(out: RequestOutput, index: int, session_id: int = 0) -> Response:
         logger.error("request failed: %s", out.error)
     return Response(text=out.new_text, generate_token_len=out.num_generated_tokens,
                     input_token_len=out.num_prompt_tokens, session_id=session_id, finish_reason=out.finish_reason,
-                    token_ids=list(out.new_token_ids), logprobs=out.new_logprobs, index=index)
+                    token_ids=list(out.new_token_ids), logprobs=out.new_logprobs, index=index,
+                    prompt_logprobs=out.prompt_logprobs)
 
 
 def _accumulate(full: Response, delta: Response) -> None:
@@ -245,6 +250,8 @@ def _accumulate(full: Response, delta: Response) -> None:
     full.finish_reason = delta.finish_reason
     if delta.logprobs:
         full.logprobs = (full.logprobs or []) + list(delta.logprobs)
+    if delta.prompt_logprobs is not None:
+        full.prompt_logprobs = delta.prompt_logprobs
 
 
 def _progress_bar(total: int):
@@ -262,12 +269,40 @@ def _configure_logging(level: str) -> None:
 
 def pipeline(model_path: Optional[str] = None, backend_config: Optional[EngineConfig] = None,
              chat_template_config: Optional[ChatTemplateConfig] = None, log_level: str = "WARNING",
-             chat_template: Optional[str] = None, **kwargs) -> Pipeline:
+             chat_template: Optional[str] = None, model_name: Optional[str] = None,
+             max_log_len: Optional[int] = None, speculative_config=None, **kwargs) -> Pipeline:
     """Load a model (a directory, a .gguf file, a bundled model name; None: the bundled default)
-    and return a Pipeline that answers prompts. Extra keyword arguments are EngineConfig fields."""
+    and return a Pipeline that answers prompts.
+
+    LMDeploy's signatures are taken as written: extra keyword arguments are EngineConfig fields or
+    LMDeploy engine arguments (tp=1, block_size=64, download_dir=...); ``model_name`` (LMDeploy 0.3,
+    also its second positional argument) picks the chat template when it names a built-in one;
+    ``max_log_len`` has no effect (prompts are never logged)."""
     _configure_logging(log_level)
+    if isinstance(backend_config, str):  # LMDeploy 0.3: pipeline(model_path, model_name, ...)
+        model_name, backend_config = backend_config, None
+    if speculative_config is not None:
+        raise ValueError("speculative_config: speculative decoding is not implemented in tidemind; leave it out")
     if kwargs:
         if backend_config is not None:
             raise ValueError(f"pass engine settings either in backend_config or as keywords, not both: {sorted(kwargs)}")
-        backend_config = EngineConfig(**kwargs)
+        backend_config = engine_config_from_kwargs(kwargs)
+    model_name = model_name or getattr(backend_config, "lmdeploy_model_name", None)
+    if model_name:
+        chat_template = _template_from_model_name(model_name, chat_template, chat_template_config)
     return Pipeline(model_path, backend_config, chat_template_config, chat_template)
+
+
+def _template_from_model_name(model_name: str, chat_template: Optional[str],
+                              chat_template_config: Optional[ChatTemplateConfig]) -> Optional[str]:
+    """LMDeploy 0.3 chose the chat template by model_name: do the same when it names a built-in
+    template and no template was chosen otherwise."""
+    from .chat.templates import list_templates
+
+    if chat_template is None and chat_template_config is None and model_name.lower() in list_templates():
+        logger.info("model_name=%r: using the built-in %r chat template", model_name, model_name.lower())
+        return model_name.lower()
+    logger.warning("model_name=%r does not pick the chat template here (%s): the model's own template is used; "
+                   "pass chat_template=NAME to choose one", model_name,
+                   "one was chosen explicitly" if chat_template or chat_template_config else "not a built-in name")
+    return chat_template

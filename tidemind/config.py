@@ -7,15 +7,18 @@ Validation happens in ``__post_init__`` and raises ``ValueError`` naming the fie
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
+
+logger = logging.getLogger("tidemind")
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 ATTENTION_BACKENDS = ("auto", "reference", "triton")
-QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
 # hf: a dense checkpoint; the others: the quant_method its config.json must record
 MODEL_FORMATS = ("hf", "awq", "gptq", "smooth_quant")
+QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
 
 
 def _help(text: str, **extra) -> dict:
@@ -36,10 +39,16 @@ class EngineConfig:
         "float32 on the CPU), float16, bfloat16 or float32.", choices=DTYPES))
     device: str = field(default="auto", metadata=_help(
         "Where the model runs: auto (cuda when a GPU is visible, else cpu), cuda or cpu.", choices=DEVICES))
+    tp: int = field(default=1, metadata=_help(
+        "Tensor-parallel size: the devices one model is split over. tidemind runs a model on one device "
+        "today, so only 1 is accepted."))
     quant_policy: int = field(default=0, metadata=_help(
         "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Online, per token and "
         "head, asymmetric, no calibration: about 1.9x (int8) or 3.8x (int4) the KV tokens of a 16-bit "
         "cache in the same memory.", choices=QUANT_POLICIES))
+    rope_scaling_factor: float = field(default=0.0, metadata=_help(
+        "LMDeploy TurboMind's dynamic NTK RoPE scaling factor. Only 0 (the rope scaling of the model's "
+        "config.json) is implemented yet."))
     session_len: Optional[int] = field(default=None, metadata=_help(
         "Most tokens (prompt + answer) one sequence may hold; default: the model's "
         "max_position_embeddings."))
@@ -83,8 +92,7 @@ class EngineConfig:
     def __post_init__(self):
         _check(self.dtype in DTYPES, f"dtype={self.dtype!r} is not one of {', '.join(DTYPES)}")
         _check(self.device in DEVICES, f"device={self.device!r} is not one of {', '.join(DEVICES)}")
-        _check(self.quant_policy in QUANT_POLICIES,
-               f"quant_policy={self.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
+        _check_engine_capabilities(self)
         _check(self.session_len is None or self.session_len >= 1,
                f"session_len={self.session_len} must be a positive number of tokens")
         _check(self.max_batch_size is None or self.max_batch_size >= 1,
@@ -108,9 +116,18 @@ class EngineConfig:
                f"swap pool: give only one of them")
 
 
-# Drop-in names for scripts written against LMDeploy.
-PytorchEngineConfig = EngineConfig
-TurbomindEngineConfig = EngineConfig
+def _check_engine_capabilities(config: EngineConfig) -> None:
+    """Refuse, naming what is missing, the settings this build of tidemind cannot run (LMDeploy's
+    tp, quant_policy and model_format take them; scripts written for it pass them)."""
+    _check(isinstance(config.tp, int) and config.tp >= 1, f"tp={config.tp!r} must be an integer >= 1")
+    _check(config.tp == 1, f"tp={config.tp}: tensor parallelism is not implemented in tidemind yet (a model "
+                           f"runs on one device); use tp=1, on a device with room for the whole model")
+    _check(config.quant_policy in QUANT_POLICIES,
+           f"quant_policy={config.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
+    _check(config.rope_scaling_factor == 0,
+           f"rope_scaling_factor={config.rope_scaling_factor!r}: dynamic NTK RoPE scaling is not implemented in "
+           f"tidemind (positions keep the frequencies config.json gives); to run past the trained context, use a "
+           f"model whose config.json sets rope_scaling (linear, llama3 or yarn), which tidemind applies")
 
 
 def _as_tuple(value, name: str, item_type) -> Optional[tuple]:
@@ -162,8 +179,20 @@ class GenerationConfig:
     min_new_tokens: Optional[int] = field(default=None, metadata=_help(
         "Generate at least this many tokens before EOS or a stop token may end the answer."))
     skip_special_tokens: bool = field(default=True, metadata=_help("Leave special tokens out of the text."))
+    spaces_between_special_tokens: bool = field(default=True, metadata=_help(
+        "LMDeploy's flag for slow tokenizers; tidemind's fast tokenizers decode the same either way."))
     logprobs: Optional[int] = field(default=None, metadata=_help(
         "Return the log-probabilities of the chosen token and this many top alternatives (0-20)."))
+    prompt_logprobs: Optional[int] = field(default=None, metadata=_help(
+        "Return the log-probability of every prompt token after the first, with this many top "
+        "alternatives (0-20); Response.prompt_logprobs holds them."))
+    response_format: Optional[dict] = field(default=None, metadata=_help(
+        "Structured output, enforced while decoding: {'type': 'json_object'}, {'type': 'json_schema', "
+        "'json_schema': {'schema': {...}}}, {'type': 'regex_schema', 'regex_schema': '...'} (LMDeploy's), "
+        "{'type': 'choice', 'choice': [...]} or {'type': 'grammar', 'grammar': '<Lark or GBNF>'}."))
+    logit_bias: Optional[Dict[int, float]] = field(default=None, metadata=_help(
+        "Added to the logits of these token ids before sampling, each in [-100, 100] (OpenAI's "
+        "logit_bias; -100 bans a token)."))
 
     def __post_init__(self):
         _check(isinstance(self.n, int) and self.n >= 1, f"n={self.n!r} must be an integer >= 1")
@@ -182,8 +211,10 @@ class GenerationConfig:
                f"random_seed={self.random_seed!r} must be an integer or None")
         _check(self.min_new_tokens is None or (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0),
                f"min_new_tokens={self.min_new_tokens!r} must be an integer >= 0")
-        _check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-               f"logprobs={self.logprobs!r} must be an integer in [0, 20] or None")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20),
+                   f"{name}={value!r} must be an integer in [0, 20] or None")
         for name, item_type in (("stop_words", str), ("bad_words", str),
                                 ("stop_token_ids", int), ("bad_token_ids", int)):
             items = _as_tuple(getattr(self, name), name, item_type)
@@ -191,6 +222,12 @@ class GenerationConfig:
                 _check(all(item != "" for item in items) if item_type is str else all(i >= 0 for i in items),
                        f"{name} must not contain empty strings or negative ids: {items!r}")
             object.__setattr__(self, name, items)
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        object.__setattr__(self, "response_format", check_response_format(self.response_format))
+        _check(not (self.response_format and (self.ignore_eos or self.min_new_tokens)),
+               "response_format ends the answer when its grammar is complete: it cannot be combined with "
+               "ignore_eos or min_new_tokens")
+        _note_greedy_with_sampling_settings(self)
 
     @property
     def is_greedy(self) -> bool:
@@ -199,6 +236,70 @@ class GenerationConfig:
 
     def replace(self, **changes) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
+
+
+RESPONSE_FORMAT_TYPES = ("text", "json_object", "json_schema", "regex_schema", "choice", "grammar")
+
+
+def check_response_format(value: Optional[dict]) -> Optional[dict]:
+    """The response_format with its shape checked (ValueError names the fix); None for none or "text".
+
+    Its grammar itself (a JSON schema, a regex, a Lark grammar) is checked by the grammar engine
+    (chat/grammar.py), which also compiles it."""
+    if value is None:
+        return None
+    _check(isinstance(value, dict) and value.get("type") in RESPONSE_FORMAT_TYPES,
+           f"response_format must be an object whose type is one of {', '.join(RESPONSE_FORMAT_TYPES)}, "
+           f"got {value!r}")
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        _check(isinstance(spec, dict) and isinstance(spec.get("schema", {}), (dict, bool)),
+               "response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+    elif kind != "json_object":
+        payload = value.get(kind)
+        expected = list if kind == "choice" else str
+        _check(isinstance(payload, expected) and len(payload) > 0,
+               f"response_format of type {kind} needs a non-empty {expected.__name__} under '{kind}'")
+        if kind == "choice":
+            _check(all(isinstance(c, str) and c for c in payload), "response_format choice must list non-empty strings")
+    return value
+
+
+def _check_logit_bias(value) -> Optional[Dict[int, float]]:
+    if not value:
+        return None
+    _check(isinstance(value, dict), f"logit_bias must map token ids to biases, got {value!r}")
+    bias: Dict[int, float] = {}
+    for key, amount in value.items():
+        token = int(key) if isinstance(key, str) and key.strip().lstrip("-").isdigit() else key
+        _check(isinstance(token, int) and not isinstance(token, bool) and token >= 0,
+               f"logit_bias key {key!r} is not a token id (an integer >= 0, or its decimal string)")
+        _check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and -100 <= amount <= 100,
+               f"logit_bias[{key!r}]={amount!r} must be a number in [-100, 100]")
+        bias[token] = float(amount)
+    return bias
+
+
+_GREEDY_NOTE_SHOWN = False
+
+
+def _note_greedy_with_sampling_settings(config: "GenerationConfig") -> None:
+    """Log once per process when sampling settings come without do_sample: LMDeploy before 0.6
+    sampled from them (a 0.3-era GenerationConfig(temperature=0.8, top_p=0.8, top_k=40)); here, as
+    in current LMDeploy, do_sample=False decodes greedily. temperature=0 is a deliberate greedy."""
+    global _GREEDY_NOTE_SHOWN
+    if _GREEDY_NOTE_SHOWN or config.do_sample or config.temperature == 0:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(GenerationConfig)}
+    changed = [name for name in ("temperature", "top_p", "top_k", "min_p") if getattr(config, name) != defaults[name]]
+    if changed:
+        _GREEDY_NOTE_SHOWN = True
+        settings = ", ".join(f"{name}={getattr(config, name)}" for name in changed)
+        logger.warning("GenerationConfig(%s) with do_sample=False decodes greedily (the settings are not used); "
+                       "pass do_sample=True to sample (shown once)", settings)
 
 
 def config_fields(cls) -> Sequence[dataclasses.Field]:

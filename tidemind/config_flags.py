@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import typing
 from typing import Iterable, Optional
+
+logger = logging.getLogger("tidemind")
+BACKENDS = ("pytorch", "turbomind")  # LMDeploy's engines; tidemind has one engine for both
 
 _SCALARS = (int, float, str, bool)
 
@@ -49,12 +53,25 @@ def add_config_flags(parser: argparse.ArgumentParser, config_cls, title: str,
             if "choices" in field.metadata:
                 kwargs["choices"] = field.metadata["choices"]
         group.add_argument(flag_name(field.name), **kwargs)
+    if _is_engine_config(config_cls):
+        group.add_argument("--backend", choices=BACKENDS, default=None,
+                           help="LMDeploy's engine choice, accepted for its scripts: tidemind has one engine, "
+                                "which takes both engines' settings")
 
 
 def config_from_args(config_cls, args: argparse.Namespace, base: Optional[object] = None):
     """Build `config_cls` from the flags the user gave (others keep their defaults)."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_cls)
              if getattr(args, f.name, None) is not None}
+    if _is_engine_config(config_cls) and getattr(args, "backend", None):
+        logger.warning("--backend %s: tidemind has one engine, which serves both of LMDeploy's backends' "
+                       "settings; the flag changes nothing", args.backend)
     if base is not None:
         return dataclasses.replace(base, **given)
     return config_cls(**given)
+
+
+def _is_engine_config(config_cls) -> bool:
+    from .config import EngineConfig
+
+    return issubclass(config_cls, EngineConfig)

@@ -25,6 +25,8 @@ class Response:
     token_ids: List[int] = field(default_factory=list)
     logprobs: Optional[List[TokenLogprobs]] = None
     index: int = 0  # position of the prompt in the batch it came in
+    # GenerationConfig.prompt_logprobs: one entry per prompt token (None for the first)
+    prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None
 
 
 @dataclass
@@ -45,3 +47,6 @@ class RequestOutput:
     finish_reason: Optional[str] = None
     error: Optional[str] = None  # set with finish_reason == "error"
     num_cached_tokens: int = 0  # prompt tokens whose KV was reused rather than computed
+    # With the first output of a request whose GenerationConfig.prompt_logprobs is set: one entry per
+    # prompt token (None for the first, which nothing predicts)
+    prompt_logprobs: Optional[List[Optional[TokenLogprobs]]] = None

@@ -141,14 +141,16 @@ class HFChatTemplate:
     def __repr__(self) -> str:
         return f"HFChatTemplate(stop_words={self.stop_words!r})"
 
-    def messages2prompt(self, messages: Messages, sequence_start: bool = True) -> str:
+    def messages2prompt(self, messages: Messages, sequence_start: bool = True,
+                        template_kwargs: Optional[dict] = None) -> str:
+        """``template_kwargs``: extra variables of the Jinja template (e.g. enable_thinking)."""
         chat = [{"role": role, "content": text} for role, text in normalize_messages(messages)]
         if sequence_start:
-            return self._render(chat)
+            return self._render(chat, template_kwargs)
         # A follow-up turn: render it after a marked previous round and keep what follows the
         # marked answer, less the end-of-answer token that the model itself generated.
         marked = [{"role": "user", "content": self._MARK_USER}, {"role": "assistant", "content": self._MARK_ANSWER}]
-        full = self._render(marked + chat)
+        full = self._render(marked + chat, template_kwargs)
         if self._MARK_ANSWER not in full:
             raise ValueError("the model's chat template drops earlier assistant answers, so it cannot render "
                              "a follow-up turn; render the whole conversation (sequence_start=True)")
@@ -156,17 +158,52 @@ class HFChatTemplate:
         match = self._leading_special.match(rest) if self._leading_special else None
         return rest[match.end():] if match else rest
 
-    def _render(self, chat: list) -> str:
+    @property
+    def writes_hermes_tool_calls(self) -> bool:
+        """The template renders `tools` and <tool_call> blocks itself (chat/tools.py's format)."""
+        source = self.tokenizer.chat_template or ""
+        return "tools" in source and "<tool_call>" in source
+
+    def messages2prompt_with_tools(self, messages, tools) -> str:
+        """A first turn offering `tools` (OpenAI tool objects); assistant messages may hold tool_calls
+        (their arguments are passed as objects, as such templates expect) and tool results."""
+        import jinja2
+
+        chat = []
+        for message in messages:
+            message = dict(message)
+            if message.get("tool_calls"):
+                message["tool_calls"] = [_call_with_object_arguments(call) for call in message["tool_calls"]]
+            chat.append(message)
+        try:
+            return self.tokenizer.apply_chat_template(chat, tools=list(tools), tokenize=False,
+                                                      add_generation_prompt=True)
+        except (jinja2.TemplateError, ValueError) as error:
+            raise ValueError(f"the model's chat template cannot render these messages with tools: {error}") from error
+
+    def _render(self, chat: list, template_kwargs: Optional[dict] = None) -> str:
         import jinja2
 
         open_answer = bool(chat) and chat[-1]["role"] == "assistant"
         try:
             return self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=not open_answer, continue_final_message=open_answer)
+                chat, tokenize=False, add_generation_prompt=not open_answer, continue_final_message=open_answer,
+                **(template_kwargs or {}))
         except (jinja2.TemplateError, ValueError) as error:
             raise ValueError(f"the model's chat template cannot render these messages: {error}. Fix the "
                              "messages, or pick another template with --chat-template NAME (see `tidemind list`) "
                              "or a JSON file") from error
+
+
+def _call_with_object_arguments(call: dict) -> dict:
+    function = dict(call.get("function") or {})
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            function["arguments"] = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            pass  # the template gets the string as it came
+    return {**call, "function": function}
 
 
 def list_templates() -> List[str]:

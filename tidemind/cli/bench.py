@@ -12,4 +12,4 @@ BENCH_COMMANDS = {
 
 
 def add_commands(commands) -> None:
-    add_lazy_group(commands, "bench", "reproducible benchmarks (JSON + PNG)", BENCH_COMMANDS)
+    add_lazy_group(commands, "bench", "reproducible benchmarks (JSON + PNG)", BENCH_COMMANDS, extra="bench")

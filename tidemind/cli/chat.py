@@ -23,7 +23,7 @@ def add_commands(commands) -> None:
     add_config_flags(p, EngineConfig, "engine")
     gen_exclude = [f for f in GenerationConfig.__dataclass_fields__ if f not in CHAT_GEN_FIELDS]
     add_config_flags(p, GenerationConfig, "generation", exclude=gen_exclude)
-    p.set_defaults(handler=run_chat)
+    p.set_defaults(handler=run_chat, verb_parser=p)
 
 
 def run_chat(args: argparse.Namespace) -> int:

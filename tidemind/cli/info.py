@@ -10,9 +10,9 @@ import sys
 
 def add_commands(commands) -> None:
     p = commands.add_parser("list", help="chat templates, supported architectures and bundled models")
-    p.set_defaults(handler=run_list)
+    p.set_defaults(handler=run_list, verb_parser=p)
     p = commands.add_parser("check_env", help="versions, devices and the backend tidemind will use")
-    p.set_defaults(handler=run_check_env)
+    p.set_defaults(handler=run_check_env, verb_parser=p)
 
 
 def run_list(args: argparse.Namespace) -> int:

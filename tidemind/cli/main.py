@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from . import bench, chat, evaluation, info, lite, serve
+from . import bench, chat, convert, evaluation, info, lite, serve
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tidemind", description="Compress, deploy and serve large language models.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for module in (chat, serve, lite, evaluation, bench, info):
+    for module in (chat, serve, lite, convert, evaluation, bench, info):
         module.add_commands(commands)
     return parser
 
@@ -23,8 +23,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, extra_args = parser.parse_known_args(argv)
     takes_extra_args = getattr(args, "takes_extra_args", False)
-    if extra_args and not takes_extra_args:
-        parser.error(f"unrecognized arguments: {' '.join(extra_args)}")
+    if extra_args and not takes_extra_args:  # answered with the verb's own usage
+        getattr(args, "verb_parser", parser).error(f"unrecognized arguments: {' '.join(extra_args)}")
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:

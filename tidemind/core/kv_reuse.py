@@ -62,6 +62,8 @@ def plan_reuse(request: Request, bm: BlockManager, sessions: SessionStore) -> Re
         return Reuse(num_tokens=session.num_cached, session=session, from_session=True,
                      num_device_blocks=len(session.block_ids))
     blocks, key_ids = bm.find_cached_prefix(request.all_token_ids, request.cache_salt)
+    if request.sampling.prompt_logprobs is not None:  # they come from computing every prompt token
+        blocks, key_ids = [], []
     hit = len(blocks) * bm.block_size
     reuse = Reuse(num_tokens=hit, session=session, cached_blocks=blocks, key_ids=key_ids,
                   num_device_blocks=len(blocks), num_evictable=bm.num_evictable_among(blocks))

@@ -28,7 +28,7 @@ A request is sampled when its computed region reaches the end of the tokens the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from ..messages import TokenLogprobs
 from .sampling_params import SamplingParams
@@ -85,3 +85,6 @@ class RunnerOutput:
     sampled_token_ids: Dict[int, int]
     # request_id -> log-probabilities of that token and the top alternatives (only where asked)
     logprobs: Dict[int, TokenLogprobs] = field(default_factory=dict)
+    # request_id -> one entry per prompt token (None where not computed), with the request's first
+    # sampled token, for requests whose SamplingParams.prompt_logprobs is set
+    prompt_logprobs: Dict[int, List[Optional[TokenLogprobs]]] = field(default_factory=dict)

@@ -7,6 +7,7 @@ the same thing.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import FrozenSet, Optional, Sequence, Tuple
 
@@ -33,6 +34,14 @@ class SamplingParams:
     # Banned token sequences from bad_words, tokenized: a word's last token is banned when the
     # output ends with all the tokens before it.
     bad_word_token_ids: Tuple[Tuple[int, ...], ...] = ()
+    # (token id, bias) pairs added to the logits (OpenAI's logit_bias), sorted by token id.
+    logit_bias: Tuple[Tuple[int, float], ...] = ()
+    # Structured output: the response_format as canonical JSON (chat/grammar.py reads it), compiled
+    # into a matcher runner-side, keyed by request; None: free decoding.
+    grammar: Optional[str] = None
+    # Log-probabilities of every prompt token after the first (that many top alternatives with each);
+    # None: none. Computed while the prompt is prefilled (runner/prompt_logprobs.py).
+    prompt_logprobs: Optional[int] = None
 
     @property
     def is_greedy(self) -> bool:
@@ -42,6 +51,11 @@ class SamplingParams:
     def has_penalties(self) -> bool:
         return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
                 or self.frequency_penalty != 0.0)
+
+    @property
+    def needs_logits_processing(self) -> bool:
+        """Anything beyond argmax / the sampler's filters: such rows leave the greedy fast path."""
+        return self.has_bans or self.has_penalties or bool(self.logit_bias) or self.grammar is not None
 
     @property
     def has_bans(self) -> bool:
@@ -60,4 +74,7 @@ class SamplingParams:
             presence_penalty=gen_config.presence_penalty, frequency_penalty=gen_config.frequency_penalty,
             seed=seed, logprobs=gen_config.logprobs, stop_token_ids=frozenset(stop_ids),
             min_new_tokens=gen_config.min_new_tokens or 0, bad_token_ids=tuple(gen_config.bad_token_ids or ()),
-            bad_word_token_ids=tuple(tuple(word) for word in bad_word_token_ids))
+            bad_word_token_ids=tuple(tuple(word) for word in bad_word_token_ids),
+            logit_bias=tuple(sorted((gen_config.logit_bias or {}).items())),
+            grammar=json.dumps(gen_config.response_format, sort_keys=True) if gen_config.response_format else None,
+            prompt_logprobs=gen_config.prompt_logprobs)

@@ -194,6 +194,7 @@ class Engine:
                 if isinstance(text, Exception):
                     raise text
                 outputs.append(self._token_output(request, text, runner_output.logprobs.get(request.request_id)))
+                outputs[-1].prompt_logprobs = runner_output.prompt_logprobs.get(request.request_id)
             except Exception:
                 logger.exception("request %d failed while its output was made", request.request_id)
                 self.fail_request(request.request_id, OUTPUT_FAILED, request)

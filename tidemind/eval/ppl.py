@@ -76,7 +76,7 @@ def eval_windows(token_ids: List[int], bos_ids: List[int], seq_len: int, max_tok
 
 
 def check_quant_policy(quant_policy: int) -> dict:
-    """EngineConfig fields for --quant-policy: none for 0; the KV cache's int8 (8) or int4 (4)."""
+    """EngineConfig fields for --quant-policy (EngineConfig says what this build can run)."""
     if quant_policy not in (0, 4, 8):
         raise ValueError(f"--quant-policy {quant_policy} is not one of 0, 4, 8")
     return {"quant_policy": quant_policy} if quant_policy else {}

@@ -23,6 +23,7 @@ from ..layers.quantization import QuantizationConfig, quantization_from_hf_confi
 from ..models.registry import get_model_class, supported_architectures
 from .config_check import GENERATION_CONFIG_KEYS, check_config_values
 from .errors import CheckpointError
+from .prefused import check_version, is_prefused, load_prefused
 
 logger = logging.getLogger(__name__)
 
@@ -214,7 +215,12 @@ def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optiona
     model = model.to(dtype=dtype)
     restore_fixed_dtypes(model)  # packed ints and fp16 scales keep their dtype
     model.to_empty(device=device)
-    model.load_weights(iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}"))
+    weights = iter_safetensors(files, desc=f"Loading {os.path.basename(os.path.abspath(path))}")
+    if is_prefused(hf_config):  # written by `tidemind convert`: tensors are the parameters already
+        check_version(hf_config, path)
+        load_prefused(model, weights, path)
+    else:
+        model.load_weights(weights)
     process_weights_after_loading(model)
     model.eval()
     model_config = _with_generation_config(path, model.config)

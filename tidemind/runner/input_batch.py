@@ -11,7 +11,10 @@ Per row (host numpy arrays, sized once at start-up):
     block_table[row, :num_blocks[row]]         KV block ids, in position order
     params[row]                               SamplingParams (host objects: read by the sampler)
     plain_greedy[row]                         argmax alone picks its token (no bans, penalties,
-                                              logprobs): such rows skip the full sampler
+                                              logit_bias, grammar, logprobs): such rows skip the
+                                              full sampler
+    grammar[row]                              the request's GrammarState (structured output), or
+                                              None; it has consumed the row's output tokens
 """
 from __future__ import annotations
 
@@ -22,10 +25,12 @@ import numpy as np
 from ..core.outputs import CachedRequestData, NewRequestData
 from ..core.sampling_params import SamplingParams
 from .logits_processors import SamplingInputs
+from .structured_output import GrammarCompiler, GrammarState
 
 
 class InputBatch:
-    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int):
+    def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
+                 grammars: Optional[GrammarCompiler] = None):
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.max_blocks_per_req = max_blocks_per_req
@@ -37,6 +42,9 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.plain_greedy = np.zeros(max_num_reqs, dtype=bool)
         self.params: List[Optional[SamplingParams]] = [None] * max_num_reqs
+        self.grammars = grammars  # None: requests with a grammar cannot run here
+        self.grammar: List[Optional[GrammarState]] = [None] * max_num_reqs
+        self.num_grammar_rows = 0  # rows whose grammar is set: the step pays for grammars only when > 0
         self._row_of: Dict[int, int] = {}
         self._free_rows = list(range(max_num_reqs - 1, -1, -1))  # pop() hands out row 0 first
 
@@ -74,8 +82,12 @@ class InputBatch:
         self.num_blocks[row] = len(new.block_ids)
         params = new.sampling
         self.params[row] = params
-        self.plain_greedy[row] = (params.is_greedy and params.logprobs is None and not params.has_bans
-                                  and not params.has_penalties)
+        self.plain_greedy[row] = params.is_greedy and params.logprobs is None and not params.needs_logits_processing
+        if params.grammar is not None:
+            if self.grammars is None:
+                raise RuntimeError(f"request {new.request_id} asks for a grammar; this runner has no GrammarCompiler")
+            self.grammar[row] = self.grammars.state(params.grammar, params.stop_token_ids, new.output_token_ids)
+            self.num_grammar_rows += 1
         return row
 
     def update(self, cached: CachedRequestData) -> None:
@@ -96,6 +108,9 @@ class InputBatch:
         if row is None:
             return  # never scheduled on this runner (e.g. aborted while waiting)
         self.params[row] = None
+        if self.grammar[row] is not None:
+            self.grammar[row] = None
+            self.num_grammar_rows -= 1
         self._free_rows.append(row)
 
     def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
@@ -106,9 +121,13 @@ class InputBatch:
                                "ended it at session_len")
         self.token_ids[rows, positions] = token_ids
         self.num_tokens[rows] = positions + 1
+        if self.num_grammar_rows:
+            for row, token in zip(rows.tolist(), token_ids.tolist()):
+                if self.grammar[row] is not None:
+                    self.grammar[row].advance(token)
 
     def sampling_inputs(self, row: int) -> SamplingInputs:
         """The sampler's view of a row: its parameters and (views of) its prompt and output tokens."""
         num_prompt, num_tokens = int(self.num_prompt_tokens[row]), int(self.num_tokens[row])
         return SamplingInputs(self.params[row], self.token_ids[row, :num_prompt],
-                              self.token_ids[row, num_prompt:num_tokens])
+                              self.token_ids[row, num_prompt:num_tokens], self.grammar[row])

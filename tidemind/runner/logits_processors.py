@@ -1,4 +1,5 @@
-"""Logit processing: bans, min_new_tokens and penalties (in place), top_k/top_p/min_p thresholds.
+"""Logit processing: bans, min_new_tokens, penalties, logit_bias and grammar masks (in place),
+top_k/top_p/min_p thresholds.
 
 Each function takes the batch's logits ``[num_rows, vocab]`` and the rows' ``SamplingInputs`` (same
 order), does work only for the rows whose ``SamplingParams`` ask for it, and writes into
@@ -9,13 +10,17 @@ copies as it can (a copy costs tens of microseconds on a GPU host, more than mos
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..core.sampling_params import SamplingParams
 from .device import from_host, to_device
+from .structured_output import apply_grammar_masks
+
+if TYPE_CHECKING:
+    from .structured_output import GrammarState
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class SamplingInputs:
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
+    grammar: Optional["GrammarState"] = None  # the row's matcher when params.grammar is set
 
 
 def _banned_ids(inp: SamplingInputs) -> List[int]:
@@ -115,10 +121,30 @@ def apply_penalties(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> t
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.Tensor:
+    """Add each row's logit_bias (OpenAI's: -100 effectively bans a token) to its logits, in place."""
+    vocab = logits.shape[1]
+    rows, cols, amounts = [], [], []
+    for row, inp in enumerate(inputs):
+        for token, amount in inp.params.logit_bias:
+            if token < vocab:
+                rows.append(row)
+                cols.append(token)
+                amounts.append(amount)
+    if rows:
+        rows_cols = to_device([rows, cols], torch.long, logits.device)  # [2, n]
+        logits.index_put_((rows_cols[0], rows_cols[1]), to_device(amounts, torch.float32, logits.device),
+                          accumulate=True)
+    return logits
+
+
 def process_logits(logits: torch.Tensor, inputs: Sequence[SamplingInputs]) -> torch.Tensor:
-    """Steps 1-3 of the sampler (bans, min_new_tokens, penalties), in place; returns ``logits``."""
+    """Steps 1-3 of the sampler (bans, min_new_tokens, penalties, logit_bias), then the grammar masks of
+    structured output (last, so that nothing lifts a token it forbids); in place; returns ``logits``."""
     apply_bans(logits, inputs)
     apply_penalties(logits, inputs)
+    apply_logit_bias(logits, inputs)
+    apply_grammar_masks(logits, inputs)
     return logits
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..attention import create_attention_backend, resolve_attention_backend
+from ..attention.kv_cache import LayerKVCache
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
@@ -18,10 +19,11 @@ from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .input_batch import InputBatch
-from ..attention.kv_cache import LayerKVCache
 from .kv_cache import KVCacheSpec, allocate_kv_cache, kv_bytes_per_token, plan_kv_cache
+from .prompt_logprobs import PromptLogprobs
 from .sampler import Sampler
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
+from .structured_output import GrammarCompiler
 from .swap import HostKVPool
 
 logger = logging.getLogger("tidemind")
@@ -36,6 +38,7 @@ class ModelRunner:
 
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto",
                  model_format: Optional[str] = None):
+        self.model_path = model_path  # GrammarCompiler reads the tokenizer from it (structured output)
         self.device = device
         self.dtype = dtype
         backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path))
@@ -51,6 +54,7 @@ class ModelRunner:
         logger.info("dense matmul backend: %s", self.dense_backend)
         self.attention = self.build_context.attention_backend
         self.sampler = Sampler()
+        self.prompt_logprobs = PromptLogprobs()
         self.kv_spec: Optional[KVCacheSpec] = None
         self.kv_caches: List[LayerKVCache] = []
         self.host_kv: Optional[HostKVPool] = None  # the KV swap pool, if any
@@ -68,7 +72,8 @@ class ModelRunner:
         self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
-        self.batch = InputBatch(max_batch_size, max_model_len, max_blocks)
+        self.batch = InputBatch(max_batch_size, max_model_len, max_blocks,
+                                GrammarCompiler(self.model_path, self.model_config.vocab_size))
         max_tokens = max(engine_config.max_prefill_token_num, max_batch_size)
         self.buffers = StepBuffers(max_tokens, max_batch_size, max_blocks, self.device)
         for rotary in self.model.rotary_embeddings():
@@ -100,9 +105,11 @@ class ModelRunner:
         batch = self.batch
         # Departures first: a row freed now may be taken by a new request of this step.
         for request_id in scheduled.finished_request_ids:
+            if request_id in batch:
+                self.prompt_logprobs.forget(batch.row(request_id))
             batch.remove(request_id)
         for new in scheduled.new_requests:
-            batch.add(new)
+            self.prompt_logprobs.watch(batch.add(new), new)
         for cached in scheduled.cached_requests:
             batch.update(cached)
         if scheduled.swap_out or scheduled.swap_in:
@@ -112,6 +119,7 @@ class ModelRunner:
         padding = self.graphs.padded_size if self.graphs is not None else None
         step = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding)
         hidden = self._forward(step)  # [num_tokens, hidden]
+        self.prompt_logprobs.collect(self.model, hidden, batch, step)
         batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
         if not step.sampled_request_ids:
             return RunnerOutput(sampled_token_ids={})
@@ -122,7 +130,8 @@ class ModelRunner:
         batch.append_tokens(step.sampled_rows, np.asarray(token_ids, dtype=np.int32))
         rids = step.sampled_request_ids
         return RunnerOutput(sampled_token_ids=dict(zip(rids, token_ids)),
-                            logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None})
+                            logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None},
+                            prompt_logprobs=self.prompt_logprobs.take(rids, step.sampled_rows))
 
     def _forward(self, step: PreparedStep) -> torch.Tensor:
         if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.num_seqs):

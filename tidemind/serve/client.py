@@ -45,9 +45,20 @@ def new_session_id() -> int:
 
 
 def check_url(url: str) -> str:
-    if not url.startswith(("http://", "https://")):
-        raise ServerError(f"{url!r} is not a server URL: give the api_server's base URL with its scheme, "
-                          f"e.g. {DEFAULT_URL_EXAMPLE}")
+    """The server's base URL: HOST:PORT as LMDeploy takes it (http:// is assumed), or a full URL;
+    a trailing /v1 is dropped."""
+    from urllib.parse import urlsplit
+
+    if "://" not in url:
+        url = "http://" + url
+    parts = urlsplit(url)
+    try:
+        parts.port  # raises ValueError for a port that is not a number
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or " " in url:
+        raise ServerError(f"{url!r} is not a server address: give the api_server's HOST:PORT or base URL, e.g. "
+                          f"127.0.0.1:23333 or {DEFAULT_URL_EXAMPLE}")
     url = url.rstrip("/")
     return url[:-3] if url.endswith("/v1") else url
 
@@ -239,7 +250,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           f"Answers are greedy unless --do-sample; --log-level INFO logs each turn's token "
                           f"counts (how many prompt tokens the server reused from the session).")
     parser.add_argument("api_server_url", metavar="URL",
-                        help=f"the api_server's base URL, e.g. {DEFAULT_URL_EXAMPLE}")
+                        help=f"the api_server's HOST:PORT or base URL, e.g. 127.0.0.1:23333 or {DEFAULT_URL_EXAMPLE}")
     parser.add_argument("--api-key", default=None,
                         help="a key the server accepts (sent as 'Authorization: Bearer KEY')")
     parser.add_argument("--session-id", type=int, default=None,

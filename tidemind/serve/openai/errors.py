@@ -178,8 +178,6 @@ def _describe(error: dict) -> str:
         return f"the request body is not valid JSON ({reason}{position}): send a JSON object"
     if not path and kind in ("model_attributes_type", "dict_type", "model_type"):
         return "the request body must be a JSON object, sent with 'Content-Type: application/json'"
-    if kind == "extra_forbidden":
-        return f"unknown field '{where}': remove it (GET /openapi.json lists the accepted fields)"
     if kind == "missing":
         return f"field '{where}' is required" if where else "the request needs a JSON object body"
     message = error.get("msg", "invalid value")

@@ -61,8 +61,11 @@ class Sample:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
+    prompt_logprobs: Optional[list] = None  # with the first output, when GenerationConfig.prompt_logprobs is set
 
     def add(self, out: RequestOutput) -> None:
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.text += out.new_text
         self.token_ids.extend(out.new_token_ids)
         self.logprobs.extend(out.new_logprobs or ())
@@ -143,7 +146,8 @@ def merge_outputs(batch: List[Tuple[int, RequestOutput]]) -> List[Tuple[int, Req
             out, new_token_ids=first.new_token_ids + out.new_token_ids, new_text=first.new_text + out.new_text,
             new_logprobs=((first.new_logprobs or []) + (out.new_logprobs or [])
                           if first.new_logprobs is not None or out.new_logprobs is not None else None),
-            num_cached_tokens=max(first.num_cached_tokens, out.num_cached_tokens))
+            num_cached_tokens=max(first.num_cached_tokens, out.num_cached_tokens),
+            prompt_logprobs=first.prompt_logprobs if first.prompt_logprobs is not None else out.prompt_logprobs)
     return list(merged.items())
 
 

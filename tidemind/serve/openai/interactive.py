@@ -145,6 +145,9 @@ def _check_idle(table: SessionTable, sid: int, session: Optional[ChatSession]) -
 
 
 async def interactive(state, table: SessionTable, body: InteractiveRequest, request: Request) -> Response:
+    state.fields.check(body)
+    if body.adapter_name:
+        raise OpenAIError(400, "adapter_name: tidemind serves no LoRA adapters; leave it out", param="adapter_name")
     control = _control(table, body)
     if control is not None:
         return control
@@ -158,7 +161,7 @@ async def interactive(state, table: SessionTable, body: InteractiveRequest, requ
     _check_idle(table, sid, session)  # nothing may have changed during the await: checked again
     history = session.num_tokens if session is not None else 0
     config = state.pipe.with_template_stops(generation_config(
-        max_tokens=body.request_output_len or body.max_tokens,
+        max_tokens=body.request_output_len if body.request_output_len is not None else body.max_tokens,
         default_max_tokens=max(1, state.max_total_tokens - history - len(prompt_ids)),
         temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, stop=body.stop,
         repetition_penalty=body.repetition_penalty, ignore_eos=body.ignore_eos,

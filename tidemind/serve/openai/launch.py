@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(/health and /metrics stay open)")
     server.add_argument("--max-concurrent-requests", type=int, default=None, metavar="N",
                         help="answer at most N generation requests at once; more get 429 at once (default: no limit)")
+    server.add_argument("--strict-fields", action="store_true",
+                        help="refuse (400) request fields tidemind does not know; by default they are ignored, "
+                             "logged once per field name (fields with a null or empty value are always ignored)")
     server.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="BYTES",
                         help=f"largest request body; a larger one gets 413 before it is parsed (default: "
                              f"{DEFAULT_MAX_REQUEST_BYTES} = {DEFAULT_MAX_REQUEST_BYTES >> 20} MiB; 0: no limit)")
@@ -191,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         model_name = args.model_name or pipe.engine.resolved.name
         app = create_app(pipe, model_name, api_keys=args.api_keys,
                          max_concurrent_requests=args.max_concurrent_requests, cors=_cors(args),
-                         max_request_bytes=args.max_request_bytes or None)
+                         max_request_bytes=args.max_request_bytes or None, strict_fields=args.strict_fields)
         config = uvicorn.Config(app, host=args.server_name, port=args.server_port, log_level=args.log_level.lower(),
                                 timeout_graceful_shutdown=5, lifespan="off")
         server = _server_class()(config, model_name, pipe, args.proxy_url, args.proxy_api_key)
