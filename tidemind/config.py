@@ -43,8 +43,9 @@ class EngineConfig:
         "Tensor-parallel size: the devices one model is split over. tidemind runs a model on one device "
         "today, so only 1 is accepted."))
     quant_policy: int = field(default=0, metadata=_help(
-        "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Only 0 is implemented "
-        "yet.", choices=QUANT_POLICIES))
+        "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Online, per token and "
+        "head, asymmetric, no calibration: about 1.9x (int8) or 3.8x (int4) the KV tokens of a 16-bit "
+        "cache in the same memory.", choices=QUANT_POLICIES))
     rope_scaling_factor: float = field(default=0.0, metadata=_help(
         "LMDeploy TurboMind's dynamic NTK RoPE scaling factor. Only 0 (the rope scaling of the model's "
         "config.json) is implemented yet."))
@@ -123,9 +124,6 @@ def _check_engine_capabilities(config: EngineConfig) -> None:
                            f"runs on one device); use tp=1, on a device with room for the whole model")
     _check(config.quant_policy in QUANT_POLICIES,
            f"quant_policy={config.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
-    if config.quant_policy != 0:
-        raise ValueError(f"quant_policy={config.quant_policy}: KV cache quantization (int{config.quant_policy}) is not "
-                         f"implemented in tidemind yet; use quant_policy=0")
     _check(config.rope_scaling_factor == 0,
            f"rope_scaling_factor={config.rope_scaling_factor!r}: dynamic NTK RoPE scaling is not implemented in "
            f"tidemind (positions keep the frequencies config.json gives); to run past the trained context, use a "

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..attention import create_attention_backend, resolve_attention_backend
+from ..attention.kv_cache import LayerKVCache
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
@@ -18,7 +19,7 @@ from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .input_batch import InputBatch
-from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
+from .kv_cache import KVCacheSpec, allocate_kv_cache, kv_bytes_per_token, plan_kv_cache
 from .prompt_logprobs import PromptLogprobs
 from .sampler import Sampler
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
@@ -55,7 +56,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.prompt_logprobs = PromptLogprobs()
         self.kv_spec: Optional[KVCacheSpec] = None
-        self.kv_caches: List[torch.Tensor] = []
+        self.kv_caches: List[LayerKVCache] = []
         self.host_kv: Optional[HostKVPool] = None  # the KV swap pool, if any
         self.batch: Optional[InputBatch] = None
         self.buffers: Optional[StepBuffers] = None
@@ -67,6 +68,7 @@ class ModelRunner:
         self.kv_spec = spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
                                             session_len, max_batch_size)
         self.kv_caches = allocate_kv_cache(spec, self.model_config, self.dtype, self.device)
+        self._log_kv_dtype(spec)
         self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
@@ -77,6 +79,17 @@ class ModelRunner:
         for rotary in self.model.rotary_embeddings():
             rotary.reserve(max_model_len)
         return spec
+
+    def _log_kv_dtype(self, spec: KVCacheSpec) -> None:
+        per_token = kv_bytes_per_token(self.model_config, self.dtype, spec.quant_policy)
+        if not spec.quant_policy:
+            logger.info("KV cache dtype %s: %d bytes a token, %d tokens", spec.kv_dtype, per_token, spec.num_tokens)
+            return
+        unquantized = kv_bytes_per_token(self.model_config, self.dtype, 0)
+        logger.info("KV cache dtype %s (quant_policy %d: per token and head, asymmetric, float16 scale and zero): "
+                    "%d bytes a token, %.3fx the tokens of %s in the same memory; %d tokens", spec.kv_dtype,
+                    spec.quant_policy, per_token, unquantized / per_token, str(self.dtype).replace("torch.", ""),
+                    spec.num_tokens)
 
     def capture_graphs(self, max_batch_size: int) -> Optional[float]:
         """Capture decode steps as CUDA graphs (GPU and a graph-capable attention backend only).
