@@ -114,14 +114,22 @@ def test_sampling_settings_without_do_sample_are_noted_once(caplog, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(capsys, caplog):
+def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(capsys, caplog, monkeypatch):
+    import tidemind.serve.openai.launch as launch
+
+    def served():  # a refusal that went missing must fail this test, not leave a server running in it
+        raise AssertionError("the api_server started serving")
+
+    monkeypatch.setattr(launch, "_server_class", served)
     with caplog.at_level(logging.WARNING, logger="tidemind"):
         assert main(["chat", "--backend", "turbomind", "--tp", "2"]) == 2
     assert "one engine" in caplog.text
     assert "tensor parallelism is not implemented" in capsys.readouterr().err
-    assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "hf"]) == 2
-    assert "KV cache quantization (int4)" in capsys.readouterr().err
-    assert main(["chat", "--model-format", "gptq"]) == 2  # the bundled model is dense
+    assert main(["serve", "api_server", "--backend", "pytorch", "--tp", "2", "--quant-policy", "8"]) == 2
+    assert "tensor parallelism is not implemented" in capsys.readouterr().err
+    assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "awq"]) == 2  # a dense model
+    assert "--model-format awq was given but" in capsys.readouterr().err
+    assert main(["chat", "--model-format", "gptq"]) == 2
     assert "--model-format gptq was given but" in capsys.readouterr().err
 
 
