@@ -206,7 +206,8 @@ def test_structured_answers_always_parse_and_validate(server, schema, prompt, sp
 def test_regex_choice_grammar_and_json_object(server):
     def ask(**fields):
         body = {"messages": [{"role": "user", "content": "Answer."}], "max_tokens": 60, "temperature": 0, **fields}
-        return httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()["choices"][0]["message"]["content"]
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()
+        return answer["choices"][0]["message"]["content"]
 
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", ask(guided_regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}"))
     assert ask(guided_choice=["alpha", "beta"]) in ("alpha", "beta")
@@ -262,7 +263,7 @@ def test_a_tool_result_conversation_and_tool_choice_none(server):
 
 
 # ---------------------------------------------------------------------------------------- the rest of the surface
-def test_completions_default_to_16_tokens_and_chat_to_the_session(server):
+def test_completions_default_to_16_tokens(server):
     completion = httpx.post(f"{server}/v1/completions", json={"prompt": "Once upon a time", "ignore_eos": True},
                             timeout=300).json()
     assert completion["usage"]["completion_tokens"] == 16 and completion["choices"][0]["finish_reason"] == "length"
@@ -303,7 +304,8 @@ def test_best_of_returns_the_samples_with_the_best_mean_log_probability(server):
 
 
 def test_logit_bias_bans_and_forces_tokens(server):
-    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1, "temperature": 0, "logprobs": True}
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1, "temperature": 0,
+            "logprobs": True}
     first = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()["choices"][0]
     token = first["logprobs"]["content"][0]["token"]
     token_id = httpx.post(f"{server}/v1/encode", json={"input": token, "add_bos": False}).json()["input_ids"][0]
@@ -326,10 +328,29 @@ def test_unknown_fields_are_logged_once_per_name(server, server_log):
     assert log.count("'frobnicate_xyz' is not known") == 1 and "empty_one" not in log
 
 
-def test_strict_fields_refuse_unknown_fields_with_a_value(tmp_path):
-    with api_server("--session-len", "256", "--strict-fields", "--model-name", MODEL,
-                    log_path=str(tmp_path / "strict.log")) as url:
-        refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "frobnicate": 1})
-        assert refused.status_code == 400 and "frobnicate" in refused.json()["error"]["message"]
-        for request in recorded("lmdeploy_0.17.0.json")[:1]:
-            assert send(url, request).status_code == 200  # its only unknown field is an empty one
+SHORT_SESSION = 128
+
+
+@pytest.fixture(scope="module")
+def strict_short_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("strict") / "strict.log"
+    with api_server("--session-len", str(SHORT_SESSION), "--strict-fields", "--model-name", MODEL,
+                    log_path=str(log)) as url:
+        yield url
+
+
+def test_strict_fields_refuse_unknown_fields_with_a_value(strict_short_server):
+    url = strict_short_server
+    refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "frobnicate": 1})
+    assert refused.status_code == 400 and "frobnicate" in refused.json()["error"]["message"]
+    for request in recorded("lmdeploy_0.17.0.json")[:1]:
+        assert send(url, request).status_code == 200  # its only unknown field is an empty one
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_session(strict_short_server):
+    """Chat's default, as LMDeploy's: no max_tokens means the rest of the session (not 16, as on completions)."""
+    body = {"messages": [{"role": "user", "content": "Count from one to a thousand."}], "ignore_eos": True}
+    answer = httpx.post(f"{strict_short_server}/v1/chat/completions", json=body, timeout=300).json()
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT_SESSION, usage
+    assert usage["completion_tokens"] > 16 and answer["choices"][0]["finish_reason"] == "length"
