@@ -1,8 +1,9 @@
 """`tidemind serve api_server` (bundled SmolLM2) against what real clients send: LMDeploy's APIClient
 0.17.0 and 0.3.0, guidellm's streaming requests and LangChain's ChatOpenAI (request bodies recorded in
 tests/fixtures/clients/), structured output over a set of schemas, tool calls (forced by the grammar,
-streamed whole), completions' echo with prompt log-probabilities, best_of, logit_bias, the 16-token
-completions default and GET /v1/models/{model}. A second server runs with --strict-fields."""
+streamed whole), completions' echo with prompt log-probabilities, best_of, logit_bias, LMDeploy's and
+vLLM's sampling fields, the 16-token completions default and GET /v1/models/{model}. A second server
+(--strict-fields, a 128-token session) refuses unknown fields and shows chat's default length."""
 from __future__ import annotations
 
 import json
@@ -312,6 +313,37 @@ def test_logit_bias_bans_and_forces_tokens(server):
     banned = httpx.post(f"{server}/v1/chat/completions", json={**body, "logit_bias": {str(token_id): -100}},
                         timeout=300).json()["choices"][0]
     assert banned["logprobs"]["content"][0]["token"] != token
+
+
+def test_lmdeploy_and_vllm_sampling_fields_are_honoured(server):
+    """min_tokens, stop_token_ids, include_stop_str_in_output, bad_words and chat's echo, each against the
+    plain greedy answer to the same question."""
+    def chat(messages=None, **fields):
+        body = {"messages": messages or [{"role": "user", "content": "Name a fruit."}], "temperature": 0,
+                "max_tokens": 24, **fields}
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()
+        return answer["choices"][0], answer["usage"]["completion_tokens"]
+
+    plain, count = chat(logprobs=True)
+    tokens = [entry["token"] for entry in plain["logprobs"]["content"]]
+    assert plain["finish_reason"] == "stop" and count >= 3, plain  # the checks below need a short answer
+    longer, longer_count = chat(min_tokens=count + 4, max_tokens=count + 4)  # the end of the answer is banned
+    assert longer_count == count + 4 and longer["message"]["content"].startswith(plain["message"]["content"])
+    second = httpx.post(f"{server}/v1/encode", json={"input": tokens[1], "add_bos": False}).json()["input_ids"]
+    assert len(second) == 1
+    cut, cut_count = chat(stop_token_ids=second)
+    assert cut["finish_reason"] == "stop" and cut_count == 2 and cut["message"]["content"].strip() == tokens[0].strip()
+    word = tokens[1].strip()
+    without, _ = chat(stop=[word])
+    with_stop, _ = chat(stop=[word], include_stop_str_in_output=True)
+    assert word not in without["message"]["content"]
+    assert with_stop["message"]["content"] == without["message"]["content"] + word
+    banned, _ = chat(bad_words=[tokens[0].strip()])
+    assert not banned["message"]["content"].startswith(tokens[0].strip())
+    started = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite fruit is"}]
+    continued, _ = chat(started)
+    echoed, _ = chat(started, echo=True)
+    assert echoed["message"]["content"] == "My favourite fruit is" + continued["message"]["content"]
 
 
 def test_models_by_name(server):
