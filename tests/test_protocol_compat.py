@@ -83,7 +83,11 @@ def test_the_names_remembered_for_logging_are_bounded(caplog):
     ({"response_format": {"type": "regex_schema", "regex_schema": "[0-9]+"}},
      {"type": "regex_schema", "regex_schema": "[0-9]+"}),
     ({"guided_json": '{"type": "object"}'}, {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
-    ({"guided_regex": "a+"}, {"type": "regex_schema", "regex_schema": "a+"}),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[ ]?"},
+     {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}, "whitespace_pattern": "[ ]?"}),
+    ({"response_format": {"type": "json_object"}, "guided_whitespace_pattern": "[ ]?"},
+     {"type": "json_object", "whitespace_pattern": "[ ]?"}),
+    ({"guided_regex": "a+", "guided_whitespace_pattern": "[ ]?"}, {"type": "regex_schema", "regex_schema": "a+"}),
     ({"guided_choice": ["yes", "no"]}, {"type": "choice", "choice": ["yes", "no"]}),
     ({"guided_grammar": 'start: "x"'}, {"type": "grammar", "grammar": 'start: "x"'}),
     ({"structured_outputs": {"choice": ["a"]}}, {"type": "choice", "choice": ["a"]}),
@@ -92,6 +96,15 @@ def test_the_names_remembered_for_logging_are_bounded(caplog):
 ])
 def test_structured_output_spellings_map_to_one_response_format(fields, expected):
     assert response_format_of(ChatCompletionRequest.model_validate({"messages": "hi", **fields})) == expected
+
+
+def test_guided_whitespace_pattern_reaches_the_json_grammar():
+    from tidemind.chat.grammar import to_llguidance
+
+    body = ChatCompletionRequest.model_validate({"messages": "hi", "guided_json": {"type": "object"},
+                                                 "guided_whitespace_pattern": "[ ]?"})
+    grammar = json.loads(to_llguidance(response_format_of(body)))
+    assert grammar["grammars"][0]["json_schema"]["x-guidance"]["whitespace_pattern"] == "[ ]?"
 
 
 @pytest.mark.parametrize("fields, param", [
