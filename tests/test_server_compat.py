@@ -120,7 +120,7 @@ def test_langchain_request_shapes_get_answers_langchain_can_use(server, request_
 
 
 def test_langchain_itself_binds_tools_and_gets_structured_output(server):
-    """One run with the real package, when it is installed (CI relies on the recorded shapes above)."""
+    """LangChain itself (the test extra installs it; where it is absent, the recorded shapes above stand in)."""
     langchain_openai = pytest.importorskip("langchain_openai")
     from pydantic import BaseModel, Field
 
