@@ -147,6 +147,32 @@ def test_langchain_itself_binds_tools_and_gets_structured_output(server):
     assert isinstance(json.loads(raw.content), dict)
 
 
+def test_litellm_itself_chats_streams_calls_tools_and_gets_structured_output(server, monkeypatch):
+    """litellm's openai/ provider (not in the test extra: 22 more packages, boto3 and aiohttp among them;
+    skipped where it is absent)."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list
+    litellm = pytest.importorskip("litellm")
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+
+    common = dict(model=f"openai/{MODEL}", api_base=f"{server}/v1", api_key="none", temperature=0, max_tokens=60)
+    hello = [{"role": "user", "content": "Say hi."}]
+    whole = litellm.completion(messages=hello, **common).choices[0].message.content
+    streamed = [chunk.choices[0].delta.content or "" for chunk in litellm.completion(messages=hello, stream=True,
+                                                                                     **common)]
+    assert whole and "".join(streamed) == whole
+    called = litellm.completion(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS[:1],
+                                tool_choice="required", **{**common, "max_tokens": 120}).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(called.message.tool_calls[0].function.arguments), TOOLS[0]["function"]["parameters"])
+    city = litellm.completion(messages=[{"role": "user", "content": "A city in Japan, as JSON."}], response_format=City,
+                              **{**common, "max_tokens": 100}).choices[0].message.content
+    City.model_validate_json(city)
+
+
 def test_the_openai_sdk_parses_structured_output_retrieves_the_model_and_gets_tool_calls(server):
     import openai
     from pydantic import BaseModel, Field
