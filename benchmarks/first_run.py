@@ -1,7 +1,7 @@
 """A new user's first run: the README's first command, exactly as written, in a fresh clone with a fresh
 venv and an empty home directory (no pip, Hugging Face or tidemind caches), a question on stdin.
 
-usage: python benchmarks/first_run.py [--prompt TEXT] [--out benchmarks/results/first_run.json] [--keep]
+usage: python benchmarks/first_run.py [--runs 3] [--prompt TEXT] [--out benchmarks/results/first_run.json]
 
 The command's output is timestamped as it arrives. Install time: from the start to pip's last
 "Successfully installed" line (the last install step; `tidemind chat` starts right after it). Chat
@@ -67,13 +67,7 @@ def test_only_packages() -> set:
     return _names(project["optional-dependencies"]["test"]) - _names(project["dependencies"]) - {"tidemind"}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompt", default="What is the capital of France?")
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "first_run.json"))
-    parser.add_argument("--keep", action="store_true", help="keep the clone and its venv")
-    args = parser.parse_args()
-
+def one_run(prompt: str, keep: bool) -> dict:
     work = tempfile.mkdtemp(prefix="tidemind-first-run-")
     clone, home = os.path.join(work, "clone"), os.path.join(work, "home")
     os.mkdir(home)
@@ -84,7 +78,7 @@ def main() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHONPATH", "TIDEMIND_"))}
     env.update(HOME=home, PATH=os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if "/.venv/" not in p))
     load_before = os.getloadavg()
-    code, events = run_timestamped(command, clone, env, args.prompt + "\n")
+    code, events = run_timestamped(command, clone, env, prompt + "\n")
     load_after = os.getloadavg()
     if code != 0:
         tail = "".join(text for _, _, text in events)[-3000:]
@@ -93,11 +87,17 @@ def main() -> None:
     installed_at = max(t for t, _, text in events if "Successfully installed" in text)
     answer_events = [(t, text) for t, stream, text in events if stream == "out" and t > installed_at]
     freeze = subprocess.run([os.path.join(clone, ".venv", "bin", "pip"), "freeze"], capture_output=True,
-                            text=True, env=env).stdout.split()
+                            text=True, env=env).stdout.splitlines()
+    # the editable install's line names this machine's paths: keep only what it is
+    freeze = ["tidemind (editable)" if line.startswith("-e ") else line for line in freeze]
     venv_python = subprocess.run([os.path.join(clone, ".venv", "bin", "python"), "--version"], capture_output=True,
                                  text=True).stdout.split()[-1]
-    result = {
-        "command": command, "commit": commit, "prompt": args.prompt, "python": venv_python,
+    if keep:
+        print("kept", work, file=sys.stderr)
+    else:
+        shutil.rmtree(work)
+    return {
+        "command": command, "commit": commit, "prompt": prompt, "python": venv_python,
         "install_s": installed_at, "chat_to_first_answer_s": round(answer_events[0][0] - installed_at, 3),
         "start_to_first_answer_s": answer_events[0][0], "total_s": events[-1][0],
         "answer": "".join(text for _, text in answer_events),
@@ -106,14 +106,23 @@ def main() -> None:
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "cpus": os.cpu_count(),
     }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", default="What is the capital of France?")
+    parser.add_argument("--runs", type=int, default=1, help="fresh clones, one after the other")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "first_run.json"))
+    parser.add_argument("--keep", action="store_true", help="keep the clones and their venvs")
+    args = parser.parse_args()
+
+    runs = []
+    for _ in range(args.runs):
+        runs.append(one_run(args.prompt, args.keep))
+        print(json.dumps({k: v for k, v in runs[-1].items() if k != "packages"}))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(json.dumps({k: v for k, v in result.items() if k != "packages"}, indent=1))
-    if not args.keep:
-        shutil.rmtree(work)
-    else:
-        print("kept", work, file=sys.stderr)
+        json.dump({"runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":
