@@ -102,6 +102,28 @@ def test_model_name_picks_a_builtin_template_as_in_lmdeploy_0_3(caplog):
     assert TurbomindEngineConfig(model_name="qwen").lmdeploy_model_name == "qwen"
 
 
+def test_pipeline_takes_lmdeploys_arguments(monkeypatch):
+    """pipeline()'s own mapping (the Pipeline it builds is replaced: no model is loaded)."""
+    import tidemind.api as api
+
+    built = []
+    monkeypatch.setattr(api, "Pipeline", lambda *args: built.append(args))
+    api.pipeline("MODEL", tp=1, download_dir=None, block_size=32, session_len=512)
+    model_path, backend_config, _, chat_template = built[-1]
+    assert model_path == "MODEL" and chat_template is None
+    assert (backend_config.cache_block_seq_len, backend_config.session_len, backend_config.tp) == (32, 512, 1)
+    api.pipeline("MODEL", "llama3")  # LMDeploy 0.3: pipeline(model_path, model_name)
+    assert built[-1][3] == "llama3" and built[-1][1] is None
+    api.pipeline("MODEL", model_name="Llama3", backend_config=PytorchEngineConfig(session_len=256))
+    assert built[-1][3] == "llama3" and built[-1][1].session_len == 256
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        api.pipeline("MODEL", tp=2)
+    with pytest.raises(ValueError, match="not both"):
+        api.pipeline("MODEL", backend_config=EngineConfig(), tp=1)
+    with pytest.raises(TypeError, match="frobnicate"):
+        api.pipeline("MODEL", frobnicate=1)
+
+
 def test_sampling_settings_without_do_sample_are_noted_once(caplog, monkeypatch):
     import tidemind.config as config_module
 
