@@ -60,7 +60,7 @@ def _names(requirements) -> set:
     return {re.split(r"[<>=\[;@ ]", r)[0].strip().lower().replace("_", "-") for r in requirements}
 
 
-def test_only_packages() -> set:
+def packages_of_the_test_extra() -> set:
     """The packages the `test` extra names itself (its serve and bench extras share some with a plain install)."""
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         project = tomllib.load(f)["project"]
@@ -102,7 +102,7 @@ def one_run(prompt: str, keep: bool) -> dict:
         "start_to_first_answer_s": answer_events[0][0], "total_s": events[-1][0],
         "answer": "".join(text for _, text in answer_events),
         "packages": freeze, "num_packages": len(freeze),
-        "test_extra_packages_installed": sorted(_names(freeze) & test_only_packages()),
+        "test_extra_packages_installed": sorted(_names(freeze) & packages_of_the_test_extra()),
         "load_average_before_after": [round(load_before[0], 2), round(load_after[0], 2)],
         "cpus": os.cpu_count(),
     }
