@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .linear import LinearMethod, UnquantizedLinearMethod
+from .linear import LinearMethod, UnquantizedLinearMethod, onednn_linear
 
 
 class VocabEmbedding(nn.Module):
@@ -80,7 +80,7 @@ class LMHead(nn.Module):
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # hidden: [num_rows, hidden] -> [num_rows, vocab] float32
         if self.packed_weight is not None:
-            logits = torch.ops.mkldnn._linear_pointwise(hidden, self.packed_weight, None, "none", [], "")
+            logits = onednn_linear(hidden, self.packed_weight, None)
         else:
             owner = self.table_owner
             logits = owner.linear_method.apply(owner, hidden, None).float()

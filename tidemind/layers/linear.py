@@ -141,6 +141,28 @@ class UnquantizedLinearMethod(LinearMethod):
         return F.embedding(ids, layer.weight)
 
 
+def onednn_rows(num_rows: int) -> int:
+    """The row count a oneDNN matmul runs at: exact up to 16 (decode batches), then rounded up to a
+    multiple of 16 up to 256 and of 64 beyond. oneDNN compiles and caches a kernel per input shape
+    (up to 1,024, tens of KiB each): unbucketed, every new number of tokens in a step added one, and
+    a server's RSS crept up for as long as it ran (RELIABILITY.md, soak). The padded rows cost
+    little: at these sizes the matmul's time is mostly reading the weights."""
+    if num_rows <= 16:
+        return num_rows
+    step = 16 if num_rows <= 256 else 64
+    return -(-num_rows // step) * step
+
+
+def onednn_linear(x: torch.Tensor, packed_weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x [rows, in] @ packed W.T (+ bias) -> [rows, out], run at onednn_rows(rows) rows."""
+    rows = x.shape[0]
+    padded = onednn_rows(rows) if x.dim() == 2 else rows
+    if padded != rows:
+        x = torch.nn.functional.pad(x, (0, 0, 0, padded - rows))
+    out = torch.ops.mkldnn._linear_pointwise(x, packed_weight, bias, "none", [], "")
+    return out[:rows] if padded != rows else out
+
+
 class OneDNNPackedLinearMethod(UnquantizedLinearMethod):
     """Dense float32 weights on the CPU, repacked once into oneDNN's blocked layout.
 
@@ -157,7 +179,7 @@ class OneDNNPackedLinearMethod(UnquantizedLinearMethod):
         layer.weight = None
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, bias, "none", [], "")
+        return onednn_linear(x, layer.packed_weight, bias)
 
     def embedding(self, layer: nn.Module, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("oneDNN-packed weights keep no dense copy to look embedding rows up in")
