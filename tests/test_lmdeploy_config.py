@@ -55,7 +55,8 @@ def test_lmdeploy_names_map_to_tidemind_settings():
 
 
 @pytest.mark.parametrize("cls, kwargs, message", [
-    (PytorchEngineConfig, {"tp": 2}, "tensor parallelism is not implemented"),
+    (PytorchEngineConfig, {"distributed_executor_backend": "uni"}, "is not one of mp, ray"),
+    (TurbomindEngineConfig, {"nnodes": 2}, "distributed_executor_backend='ray'"),
     (TurbomindEngineConfig, {"quant_policy": 8}, "KV cache quantization (int8) is not implemented"),
     (TurbomindEngineConfig, {"quant_policy": 3}, "is not one of 0 (none), 4"),
     (PytorchEngineConfig, {"adapters": {"lora": "/path"}}, "LoRA adapters are not supported"),
@@ -116,9 +117,9 @@ def test_sampling_settings_without_do_sample_are_noted_once(caplog, monkeypatch)
 # ---------------------------------------------------------------------------------------- CLI
 def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(capsys, caplog):
     with caplog.at_level(logging.WARNING, logger="tidemind"):
-        assert main(["chat", "--backend", "turbomind", "--tp", "2"]) == 2
+        assert main(["chat", "--backend", "turbomind", "--tp", "0"]) == 2
     assert "one engine" in caplog.text
-    assert "tensor parallelism is not implemented" in capsys.readouterr().err
+    assert "tp=0 must be an integer >= 1" in capsys.readouterr().err
     assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "hf"]) == 2
     assert "KV cache quantization (int4)" in capsys.readouterr().err
     assert main(["chat", "--model-format", "gptq"]) == 2  # the bundled model is dense
