@@ -275,6 +275,14 @@ class Linear(nn.Module):
                           "other ranks' scales; use tp=1, or a checkpoint quantized without desc_act")
         return part
 
+    def reduce_input_max(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row maxima over this rank's input slice [rows, 1] -> over the whole input row (a MAX
+        all-reduce when row-parallel at tp > 1): what per-token activation quantization (W8A8) scales
+        by, so that every rank quantizes its slice with the scale tp 1 would use."""
+        if self.parallel == ROW and self.tp.size > 1:
+            return self.tp.all_reduce_max(values)
+        return values
+
     # ---- loading and forward ---------------------------------------------------------------------
     def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor,
                       shard_id: Optional[ShardId] = None) -> None:
