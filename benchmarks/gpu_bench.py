@@ -156,7 +156,8 @@ def l1(pipe) -> None:
     record(system="tidemind", workload="L1", prompt_tokens=L1_LEN, ttft_s=statistics.median(ttfts), runs=ttfts, cmd=CMD)
 
 
-def t1(pipe) -> None:
+def t1(pipe, **tags) -> list:
+    """T1 after a warm-up, T1_REP times; each rep recorded (with `tags`); returns their summaries."""
     engine = pipe.async_engine
     vocab = pipe.engine.model_config.vocab_size
     warm = t1_prompts(vocab, 64)
@@ -164,12 +165,14 @@ def t1(pipe) -> None:
     run_requests(engine, warm, GenerationConfig(max_new_tokens=16, ignore_eos=True))
     print(f"T1 warm-up (64 requests x 16 tokens) {time.perf_counter() - start:.1f}s", flush=True)
     prompts = t1_prompts(vocab, T1_N)
+    summaries = []
     for rep in range(int(os.environ.get("T1_REP", 2))):
         before = pipe.engine.scheduler.num_preemptions
         stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
         print(f"T1 rep {rep}", stats.summary(), flush=True)
-        record(system="tidemind", workload="T1", rep=rep, requests=len(prompts),
-               preemptions=pipe.engine.scheduler.num_preemptions - before, cmd=CMD, **stats.summary())
+        summaries.append(dict(stats.summary(), preemptions=pipe.engine.scheduler.num_preemptions - before))
+        record(system="tidemind", workload="T1", rep=rep, requests=len(prompts), cmd=CMD, **tags, **summaries[-1])
+    return summaries
 
 
 def perf(model_dir: str) -> None:

@@ -17,6 +17,9 @@
 #   mk        the llama8b-shape bf16 model in /tmp/llama8b (the peers' mkmodel.py)
 #   peers     LMDeploy's PyTorch engine: D1, T1 twice (warm figure), on /tmp/llama8b
 #   perf      tidemind: start-up, KV tokens, D1, L1, T1 (twice) on /tmp/llama8b
+#   kvquant   tidemind with its KV cache bf16, int8 and int4 (quant_policy 0 / 8 / 4) on /tmp/llama8b: the
+#             decode and KV-write kernels, then per policy the KV tokens and T1 (twice), and their ratios
+#             to bf16 (benchmarks/gpu_kv_quant.py; needs mk; about 6 minutes: STAGES="setup mk kvquant")
 #   serve     tidemind: S1 at rate inf through its own api_server
 set -u
 T0=$(date +%s); DEADLINE=${DEADLINE:-570}; STAGES=${STAGES:-"setup gputests kernels mk perf"}
@@ -51,6 +54,7 @@ fi
 if has mk; then [ -f $MD/config.json ] && echo "model exists at $MD" || stage mk 200 python3 .peers/mkmodel.py $MD .peers/tok; fi
 has peers && LMD_T1_REP=2 stage peers ${PEERS_LIM:-300} python3 .peers/lmd_bench.py $MD 2
 has perf && stage perf ${PERF_LIM:-240} python3 benchmarks/gpu_bench.py perf $MD
+has kvquant && TAILN=${TAILN:-14} stage kvquant ${KVQUANT_LIM:-420} python3 benchmarks/gpu_kv_quant.py $MD
 has serve && stage serve ${SERVE_LIM:-150} python3 benchmarks/gpu_bench.py serve $MD
 echo "=== total $(( $(date +%s) - T0 ))s"
 [ -f .peers/summarize.py ] && python3 .peers/summarize.py $OUT/results.jsonl

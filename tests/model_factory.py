@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from tidemind.attention.base import layout_from_lists
+from tidemind.attention.kv_cache import LayerKVCache
 
 VOCAB = 256
 _BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
@@ -131,7 +132,8 @@ class PagedKV:
         # masked) wrecks the output. Not NaN: masked slots still enter P @ V with weight 0, and
         # 0 * NaN would poison correct code too.
         gen = torch.Generator().manual_seed(seed + 1)
-        self.kv_caches = [(torch.randn(shape, generator=gen) * 1e3).to(dtype) for _ in range(model_config.num_layers)]
+        self.kv_caches = [LayerKVCache((torch.randn(shape, generator=gen) * 1e3).to(dtype))
+                          for _ in range(model_config.num_layers)]
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: Dict[int, List[int]] = {}
         self.lengths: Dict[int, int] = {}

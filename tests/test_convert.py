@@ -97,3 +97,8 @@ def test_convert_cli_refuses_what_it_cannot_do(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().err
     assert main(["convert", str(tmp_path / "out"), "--dst-path", str(tmp_path / "again")]) == 2
     assert "pre-fused already" in capsys.readouterr().err
+    config_path = tmp_path / "source" / "config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
+                                       "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32}}))
+    assert main(["convert", source, "--dst-path", str(tmp_path / "again")]) == 2
+    assert "is quantized (awq)" in capsys.readouterr().err

@@ -1,5 +1,11 @@
 """The GPU engine against the torch reference on tiny random models: the Triton attention backend
-and kernels, eager and CUDA-graph decode, one request at a time and batched, with chunked prefill.
+and kernels, eager and CUDA-graph decode, one request at a time and batched, with chunked prefill,
+unquantized and with an int8 / int4 KV cache (quant_policy: the same policy on both sides, so both
+store the same bytes and read the same dequantized values, except where a value lies within float32
+noise of a rounding boundary: the two paths' norms and rotary differ in the last bits, so such a
+value lands one step (1/255 or 1/15 of its row's range) apart; rare, but it moves a log-probability
+by up to ~1e-3 (int8: 6.6e-4 seen on the tiny Gemma 3) or 17 times that (int4), hence their
+tolerances).
 In float32 the greedy tokens must be identical and the log-probabilities equal to ~1e-4 (different
 summation orders only); in bfloat16 the logprobs agree to bf16 rounding (the greedy paths may part
 at a near-tie, so only the first token is compared).
@@ -50,10 +56,10 @@ def model_dir(request, tmp_path_factory):
     return path
 
 
-def _generate(model_dir, dtype, backend, eager, prompts, max_batch_size=8, max_prefill=48):
+def _generate(model_dir, dtype, backend, eager, prompts, max_batch_size=8, max_prefill=48, quant_policy=0):
     config = EngineConfig(device=DEVICE, dtype=dtype, attention_backend=backend, eager_mode=eager,
                           max_batch_size=max_batch_size, max_prefill_token_num=max_prefill,
-                          cache_block_seq_len=16, session_len=200)
+                          cache_block_seq_len=16, session_len=200, quant_policy=quant_policy)
     with pipeline(model_dir, backend_config=config) as pipe:
         sinks = []
         for prompt in prompts:
@@ -87,6 +93,15 @@ def test_float32_triton_equals_reference_eager_and_in_graphs(model_dir):
         triton = _generate(model_dir, "float32", "triton", eager, PROMPTS)
         assert [t for t, _ in triton] == [t for t, _ in reference], f"eager={eager}"
         _assert_logprobs_close(triton, reference, atol=2e-4)
+
+
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_float32_triton_equals_reference_with_a_quantized_kv_cache(model_dir, quant_policy):
+    reference = _generate(model_dir, "float32", "reference", True, PROMPTS, quant_policy=quant_policy)
+    for eager in MODES:
+        triton = _generate(model_dir, "float32", "triton", eager, PROMPTS, quant_policy=quant_policy)
+        assert [t for t, _ in triton] == [t for t, _ in reference], f"eager={eager}"
+        _assert_logprobs_close(triton, reference, atol={8: 2e-3, 4: 3e-2}[quant_policy])
 
 
 def test_batch_size_and_chunking_never_change_greedy_tokens(model_dir):

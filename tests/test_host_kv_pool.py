@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from tidemind.runner import swap as swap_module
+from tidemind.attention.kv_cache import LayerKVCache
 from tidemind.runner.swap import HostKVPool, _runs
 
 
@@ -11,6 +12,10 @@ def _caches(num_layers=3, num_blocks=10):
     torch.manual_seed(0)
     # [2, num_blocks, block_size, kv_heads, head_dim] per layer
     return [torch.randn(2, num_blocks, 4, 2, 8) for _ in range(num_layers)]
+
+
+def _pool(num_blocks, caches):
+    return HostKVPool(num_blocks, [LayerKVCache(c) for c in caches])
 
 
 def test_runs_of_consecutive_ids():
@@ -21,7 +26,7 @@ def test_runs_of_consecutive_ids():
 def test_blocks_swapped_out_come_back_into_other_blocks_with_every_layer():
     caches = _caches()
     before = [c.clone() for c in caches]
-    pool = HostKVPool(6, caches)
+    pool = _pool(6, caches)
     assert pool.host.data_ptr() != caches[0].data_ptr() and pool.host.shape == (6, 3, 2, 4, 2, 8)
     pool.apply([(2, 0), (5, 1), (7, 4)], [])
     for c in caches:
@@ -36,7 +41,7 @@ def test_blocks_swapped_out_come_back_into_other_blocks_with_every_layer():
 def test_swap_outs_of_a_step_read_blocks_before_its_swap_ins_overwrite_them():
     caches = _caches()
     before = [c.clone() for c in caches]
-    pool = HostKVPool(4, caches)
+    pool = _pool(4, caches)
     pool.apply([(1, 2)], [])  # host 2 holds block 1's KV
     pool.apply([(3, 0)], [(2, 3)])  # block 3 goes out and, in the same step, receives host 2
     for c, b in zip(caches, before):
@@ -50,7 +55,7 @@ def test_large_swaps_go_in_bounded_batches(monkeypatch):
     monkeypatch.setattr(swap_module, "_MAX_BLOCKS_PER_COPY", 3)
     caches = _caches(num_blocks=10)
     before = [c.clone() for c in caches]
-    pool = HostKVPool(10, caches)
+    pool = _pool(10, caches)
     pool.apply([(b, 9 - b) for b in range(8)], [])
     pool.apply([], [(9 - b, (b + 1) % 10) for b in range(8)])
     for c, b in zip(caches, before):
@@ -59,7 +64,7 @@ def test_large_swaps_go_in_bounded_batches(monkeypatch):
 
 
 def test_no_pool_without_swap_space():
-    assert HostKVPool.create(0, _caches()) is None
+    assert HostKVPool.create(0, [LayerKVCache(c) for c in _caches()]) is None
 
 
 @pytest.mark.gpu
@@ -67,7 +72,7 @@ def test_no_pool_without_swap_space():
 def test_gpu_pool_is_pinned_and_round_trips():
     caches = [c.cuda() for c in _caches()]
     before = [c.clone() for c in caches]
-    pool = HostKVPool(4, caches)
+    pool = _pool(4, caches)
     assert pool.host.is_pinned()
     pool.apply([(1, 0), (2, 1)], [])
     pool.apply([], [(0, 6), (1, 7)])

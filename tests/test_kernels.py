@@ -279,7 +279,7 @@ def test_paged_prefill_attention(dtype, seq_lens, query_lens, num_heads, num_kv_
 def test_paged_prefill_attention_small_tiles(monkeypatch, dtype, seq_lens, query_lens, window):
     """16 x 16 tiles: at test sizes, query tiles cover many key tiles, so every run of the key loop
     (window edge, unmasked middle, diagonal) is exercised with windows off the tile grid."""
-    monkeypatch.setattr(prefill_attention, "_config", lambda head_dim, dtype: (16, 16, 4, 1))
+    monkeypatch.setattr(prefill_attention, "_config", lambda *args: (16, 16, 4, 1))
     run_prefill(dtype, seq_lens, query_lens, 4, 2, 64, 16, window)
 
 

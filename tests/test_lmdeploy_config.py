@@ -52,12 +52,12 @@ def test_lmdeploy_names_map_to_tidemind_settings():
     assert (both.enable_prefix_caching, both.num_cpu_blocks) == (False, 8)
     turbo = TurbomindEngineConfig(cache_block_seq_len=16, model_format="hf", quant_policy=0, tp=1)
     assert (turbo.cache_block_seq_len, turbo.model_format) == (16, "hf")
+    assert TurbomindEngineConfig(quant_policy=8).quant_policy == 8 and PytorchEngineConfig(quant_policy=4).quant_policy == 4
 
 
 @pytest.mark.parametrize("cls, kwargs, message", [
     (PytorchEngineConfig, {"distributed_executor_backend": "uni"}, "is not one of mp, ray"),
     (TurbomindEngineConfig, {"nnodes": 2}, "distributed_executor_backend='ray'"),
-    (TurbomindEngineConfig, {"quant_policy": 8}, "KV cache quantization (int8) is not implemented"),
     (TurbomindEngineConfig, {"quant_policy": 3}, "is not one of 0 (none), 4"),
     (PytorchEngineConfig, {"adapters": {"lora": "/path"}}, "LoRA adapters are not supported"),
     (PytorchEngineConfig, {"dp": 2}, "data parallelism is not implemented"),

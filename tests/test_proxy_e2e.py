@@ -137,9 +137,9 @@ def test_e2e_errors_pass_through_and_unknown_models_get_404(cluster):
     with pytest.raises(openai.NotFoundError) as missing:
         cluster.client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "hi"}])
     assert missing.value.body["code"] == "model_not_found"
-    direct = httpx.post(f"{cluster.a}/v1/completions", json={"model": cluster.model, "prompt": "x", "max_tokens": 0})
+    direct = httpx.post(f"{cluster.a}/v1/completions", json={"model": cluster.model, "prompt": "x", "max_tokens": -1})
     proxied = httpx.post(f"{cluster.proxy}/v1/completions", json={"model": cluster.model, "prompt": "x",
-                                                                 "max_tokens": 0})
+                                                                 "max_tokens": -1})
     assert proxied.status_code == direct.status_code == 400 and proxied.json() == direct.json()
     encoded = httpx.post(f"{cluster.proxy}/v1/encode", json={"input": "hello world"}, timeout=30)
     assert encoded.json() == httpx.post(f"{cluster.b}/v1/encode", json={"input": "hello world"}).json()

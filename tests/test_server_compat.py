@@ -298,6 +298,8 @@ def test_best_of_returns_the_samples_with_the_best_mean_log_probability(server):
     assert best["choices"][0]["text"] == max(all_three, key=mean)["text"]
     bad = httpx.post(f"{server}/v1/completions", json={**common, "best_of": 2, "n": 3})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "best_of"
+    nothing = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 0})
+    assert nothing.status_code == 400 and "echo" in nothing.json()["error"]["message"]
 
 
 def test_logit_bias_bans_and_forces_tokens(server):

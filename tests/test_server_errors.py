@@ -177,8 +177,8 @@ def test_models_lists_the_limits(server, client):
     card = httpx.get(f"{server}/v1/models", headers=AUTH).json()["data"][0]
     limits = card["tidemind"]["limits"]
     assert limits == {**limits, "max_tokens": SESSION_LEN - 1, "prompt_tokens": SESSION_LEN - 1, "n": 16,
-                      "logprobs": 20, "top_logprobs": 20, "stop_sequences": 32, "stop_sequence_chars": 256,
-                      "request_bytes": MAX_REQUEST_BYTES}
+                      "choices": 256, "logprobs": 20, "top_logprobs": 20, "stop_sequences": 32,
+                      "stop_sequence_chars": 256, "request_bytes": MAX_REQUEST_BYTES}
     # the longest SmolLM2 token is a newline and 80 spaces
     assert card["max_model_len"] == SESSION_LEN and limits["prompt_chars"] == (SESSION_LEN - 1) * 81
     assert client.models.list().data[0].model_extra["tidemind"]["limits"] == limits
@@ -234,6 +234,22 @@ def test_max_tokens_over_the_limit_is_a_400_naming_it(server, client):
         client.chat.completions.create(model="tiny", n=17, **CHAT)
     with pytest.raises(openai.BadRequestError, match="at most 256 characters"):
         client.chat.completions.create(model="tiny", stop=["x" * 257], **CHAT)
+
+
+def test_more_choices_than_the_limit_are_refused_before_any_runs(server, client):
+    # A body of 200,000 one-letter prompts (1 MB) would be 200,000 engine requests, all submitted
+    # from the event loop: the server would stop answering for seconds, its memory would grow by GBs.
+    started = time.time()
+    with pytest.raises(openai.BadRequestError,
+                       match=r"200000 prompts x 1 samples \(n or best_of\) are 200000 choices, more than 256"):
+        client.completions.create(model="tiny", prompt=["a"] * 200_000, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="17 prompts x 16 samples") as caught:
+        client.completions.create(model="tiny", prompt=[[1, 2]] * 17, n=16, max_tokens=1)
+    assert caught.value.body["param"] == "prompt" and "GET /v1/models" in caught.value.body["message"]
+    assert time.time() - started < 10
+    assert len(client.completions.create(model="tiny", prompt=[[1, 2]] * 16, n=16, max_tokens=1).choices) == 256
+    m = wait_idle(server)
+    assert m["tidemind_kv_cache_blocks_free"] == m["tidemind_kv_cache_blocks_total"]
 
 
 # ---------------------------------------------------------------------- keys and limits

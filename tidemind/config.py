@@ -57,8 +57,9 @@ class EngineConfig:
         "HOST:PORT where tensor-parallel ranks meet (rank 0 listens there). Default: 127.0.0.1 and a "
         "free port (mp), or rank 0's node address and a free port there (ray)."))
     quant_policy: int = field(default=0, metadata=_help(
-        "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Only 0 is implemented "
-        "yet.", choices=QUANT_POLICIES))
+        "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Online, per token and "
+        "head, asymmetric, no calibration: about 1.9x (int8) or 3.8x (int4) the KV tokens of a 16-bit "
+        "cache in the same memory.", choices=QUANT_POLICIES))
     rope_scaling_factor: float = field(default=0.0, metadata=_help(
         "LMDeploy TurboMind's dynamic NTK RoPE scaling factor. Only 0 (the rope scaling of the model's "
         "config.json) is implemented yet."))
@@ -144,9 +145,6 @@ def _check_engine_capabilities(config: EngineConfig) -> None:
                f"dist_init_addr={config.dist_init_addr!r} is not HOST:PORT (e.g. 10.0.0.1:29500)")
     _check(config.quant_policy in QUANT_POLICIES,
            f"quant_policy={config.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
-    if config.quant_policy != 0:
-        raise ValueError(f"quant_policy={config.quant_policy}: KV cache quantization (int{config.quant_policy}) is not "
-                         f"implemented in tidemind yet; use quant_policy=0")
     _check(config.rope_scaling_factor == 0,
            f"rope_scaling_factor={config.rope_scaling_factor!r}: dynamic NTK RoPE scaling is not implemented in "
            f"tidemind (positions keep the frequencies config.json gives); to run past the trained context, use a "

@@ -108,6 +108,10 @@ def convert(model: Optional[str], dst_path: str, dtype: str = "auto", tp: int = 
     hf_config = read_hf_config(resolved.path)
     if is_prefused(hf_config):
         raise ValueError(f"{model!r} is pre-fused already (written by `tidemind convert`): load it as it is")
+    method = (hf_config.get("quantization_config") or {}).get("quant_method")
+    if method:  # their layers repack weights once loaded: the loaded state is no checkpoint
+        raise ValueError(f"{model!r} is quantized ({method}): `tidemind convert` writes dense checkpoints; load the "
+                         f"quantized one as it is")
     dst_path = _check_destination(dst_path, resolved.path)
     if tp > 1:
         check_tensor_parallel(resolved.path, tp)

@@ -21,6 +21,8 @@ from typing import Any, ClassVar, Optional
 import numpy as np
 import torch
 
+from .kv_cache import LayerKVCache
+
 
 @dataclass(frozen=True)
 class AttentionSpec:
@@ -68,12 +70,14 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: Any) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: Any) -> torch.Tensor:
         """Write the new tokens' keys and values into kv_cache, then attend.
 
         query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim]
-        (last dims contiguous, rows may be strided views); kv_cache
-        [2, num_blocks, block_size, num_kv_heads, head_dim] -> [num_tokens, num_heads, head_dim]
+        (last dims contiguous, rows may be strided views); kv_cache: this layer's cache (data
+        [2, num_blocks, block_size, num_kv_heads, head_dim], or quantized with its scales: the
+        keys and values are quantized as they are written and every read sees them dequantized,
+        the new tokens' own included) -> [num_tokens, num_heads, head_dim]
         """
 
 

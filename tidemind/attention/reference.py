@@ -1,5 +1,6 @@
-"""The torch attention backend: gather the paged blocks, then torch's SDPA. It is the definition
-the Triton backend is tested against and the execution path on the CPU."""
+"""The torch attention backend: gather the paged blocks (dequantizing them when the cache is
+quantized), then torch's SDPA. It is the definition the Triton backend is tested against and the
+execution path on the CPU."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from ..kernels import reference
 from .base import AttentionBackend, AttentionSpec, StepLayout
+from .kv_cache import LayerKVCache
 
 
 @dataclass
@@ -29,9 +31,10 @@ class ReferenceAttentionBackend(AttentionBackend):
         return ReferenceMetadata(layout=layout, block_tables=layout.block_tables.long())
 
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: ReferenceMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: ReferenceMetadata) -> torch.Tensor:
         layout = metadata.layout
-        reference.write_kv_cache_split(key, value, kv_cache[0], kv_cache[1], layout.slot_mapping)
+        reference.write_kv_cache_split(key, value, kv_cache.key, kv_cache.value, layout.slot_mapping,
+                                       **kv_cache.quant_args())
         num_decodes = layout.num_decodes
         if num_decodes:
             decoded = self._decode(spec, query[:num_decodes], kv_cache, metadata)
@@ -48,41 +51,51 @@ class ReferenceAttentionBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def _decode(spec: AttentionSpec, query: torch.Tensor, kv_cache: torch.Tensor,
+    def _decode(spec: AttentionSpec, query: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: ReferenceMetadata) -> torch.Tensor:
         # One query per sequence: gather every decode sequence's keys once, padded to the longest.
         layout = metadata.layout
         num_decodes = layout.num_decodes
         length = int(layout.seq_lens_host[:num_decodes].max())
         tables = metadata.block_tables[:num_decodes]
-        k = reference.gather_kv(kv_cache[0], tables, length)  # [S, KVH, length, D]
-        v = reference.gather_kv(kv_cache[1], tables, length)
+        k, v = _gather(kv_cache, tables, length, query.dtype)  # [S, KVH, length, D] each
         q = query.unsqueeze(2)  # [S, H, 1, D]
         mask = _decode_mask(metadata, length, spec.sliding_window, q.dtype)
-        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), scale=spec.scale, enable_gqa=True,
-                                              attn_mask=mask)
+        attn = F.scaled_dot_product_attention(q, k, v, scale=spec.scale, enable_gqa=True, attn_mask=mask)
         return attn.squeeze(2)
 
     @staticmethod
     def _prefill(spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 kv_cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
+                 kv_cache: LayerKVCache, table: torch.Tensor, length: int) -> torch.Tensor:
         # query [q_len, H, D] at positions [length - q_len, length) -> [q_len, H, D]
         q_len = query.shape[0]
         q = query.transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
         window = spec.sliding_window
         if length == q_len and (window is None or length <= window):
-            # The whole sequence is new: plain causal attention over the new keys.
-            k = key.transpose(0, 1).unsqueeze(0)
-            v = value.transpose(0, 1).unsqueeze(0)
+            # The whole sequence is new: plain causal attention over the new keys, as the cache
+            # stores them (read back dequantized when it is quantized).
+            if kv_cache.quant_policy:
+                k, v = _gather(kv_cache, table, length, q.dtype)
+            else:
+                k = key.transpose(0, 1).unsqueeze(0)
+                v = value.transpose(0, 1).unsqueeze(0)
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=spec.scale, enable_gqa=True)
         else:
-            k = reference.gather_kv(kv_cache[0], table, length).to(q.dtype)
-            v = reference.gather_kv(kv_cache[1], table, length).to(q.dtype)
+            k, v = _gather(kv_cache, table, length, q.dtype)
             query_pos = torch.arange(length - q_len, length, device=query.device)
             visible = reference.visible_keys(query_pos, length, window)  # [q_len, length]
             attn = F.scaled_dot_product_attention(q, k, v, attn_mask=visible[None, None], scale=spec.scale,
                                                   enable_gqa=True)
         return attn.squeeze(0).transpose(0, 1)
+
+
+def _gather(kv_cache: LayerKVCache, tables: torch.Tensor, length: int,
+            dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(keys, values) [S, KVH, length, D] of the first `length` positions of the tables' sequences,
+    dequantized or cast to dtype."""
+    bits = kv_cache.quant_policy
+    return (reference.gather_kv_dequant(kv_cache.key, kv_cache.key_scales, tables, length, bits, dtype),
+            reference.gather_kv_dequant(kv_cache.value, kv_cache.value_scales, tables, length, bits, dtype))
 
 
 def _decode_mask(metadata: ReferenceMetadata, length: int, sliding_window: Optional[int],

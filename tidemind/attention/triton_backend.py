@@ -1,6 +1,7 @@
 """The Triton attention backend: the KV-write, paged decode and paged prefill kernels of
 tidemind/kernels, reading every per-step value from device tensors, so decode steps can run inside
-CUDA graphs.
+CUDA graphs. A quantized cache (LayerKVCache with scales) passes its scales and bit width to the same
+three launchers, which quantize on write and dequantize K / V tiles on load.
 
 Per step (build_metadata, once, before the layers) the layout is split into its two groups:
     decode group  rows [0, num_decodes): one query each, paged_decode_attention
@@ -19,6 +20,7 @@ from ..kernels.decode_attention import paged_decode_attention
 from ..kernels.kv_cache import write_kv_cache
 from ..kernels.prefill_attention import paged_prefill_attention
 from .base import AttentionBackend, AttentionSpec, StepLayout
+from .kv_cache import LayerKVCache
 
 
 @dataclass
@@ -56,17 +58,19 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonMetadata(layout=layout, num_decodes=layout.num_decodes, decode_max_seq_len=layout.max_seq_len)
 
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: torch.Tensor, metadata: TritonMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: TritonMetadata) -> torch.Tensor:
         layout = metadata.layout
-        key_cache, value_cache = kv_cache[0], kv_cache[1]
-        write_kv_cache(key, value, key_cache, value_cache, layout.slot_mapping)
+        key_cache, value_cache, quant = kv_cache.key, kv_cache.value, kv_cache.quant_args()
+        write_kv_cache(key, value, key_cache, value_cache, layout.slot_mapping, **quant)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [T, H, D]
         nd = metadata.num_decodes
         if nd:
             paged_decode_attention(query[:nd], key_cache, value_cache, layout.block_tables[:nd], layout.seq_lens[:nd],
-                                   spec.scale, spec.sliding_window, metadata.decode_max_seq_len, out=out[:nd])
+                                   spec.scale, spec.sliding_window, metadata.decode_max_seq_len, out=out[:nd],
+                                   **quant)
         if metadata.prefill_seq_lens is not None:
             paged_prefill_attention(query[nd:], key_cache, value_cache, metadata.prefill_block_tables,
                                     metadata.prefill_seq_lens, metadata.prefill_query_start_loc,
-                                    metadata.prefill_max_query_len, spec.scale, spec.sliding_window, out=out[nd:])
+                                    metadata.prefill_max_query_len, spec.scale, spec.sliding_window, out=out[nd:],
+                                    **quant)
         return out

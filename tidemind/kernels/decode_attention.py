@@ -15,6 +15,11 @@ writes its unnormalized (max, sum, acc) and _decode_reduce_kernel merges them pe
 The split count depends only on host values (B, KVH, max_seq_len, the window, the SM count), so
 the launch can be captured in a CUDA graph.
 
+With kv_bits 8 / 4 (quant_policy) the caches hold uint8 rows and (scale, zero) pairs
+(attention/kv_cache.py): tiles are dequantized to float32 as they are loaded (kv_cache.load_kv_tile),
+then cast to the query's dtype like unquantized ones; KV_BITS is a constexpr, so the unquantized
+kernel is compiled exactly as before.
+
 Reference: kernels/reference.py (paged_decode_attention).
 """
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from .kv_cache import check_kv_cache, load_kv_tile
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -42,9 +49,10 @@ def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, 
                    query_batch_stride, query_head_stride, out_batch_stride, out_head_stride,
                    cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
                    num_heads, qk_scale, window,
+                   key_scales_ptr, value_scales_ptr, scales_block_stride, scales_slot_stride, scales_head_stride,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -74,14 +82,18 @@ def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, 
         block_ids = tl.load(table + positions // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
         offsets = (block_ids * cache_block_stride + (positions % BLOCK_SIZE) * cache_slot_stride
                    + kv_head * cache_head_stride)  # [BLOCK_N]
-        k = tl.load(key_cache_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+        scale_offsets = offsets  # not read unquantized
+        if KV_BITS != 0:
+            scale_offsets = (block_ids * scales_block_stride + (positions % BLOCK_SIZE) * scales_slot_stride
+                             + kv_head * scales_head_stride)  # [BLOCK_N]
+        k = load_kv_tile(key_cache_ptr, key_scales_ptr, offsets, scale_offsets, key_mask, HEAD_DIM, KV_BITS, True)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N]
         s = tl.where(key_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(value_cache_ptr + offsets[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+        v = load_kv_tile(value_cache_ptr, value_scales_ptr, offsets, scale_offsets, key_mask, HEAD_DIM, KV_BITS, True)
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
@@ -139,24 +151,24 @@ def num_kv_splits(batch: int, num_kv_heads: int, max_keys: int, device: torch.de
     return max(1, min(by_length, by_occupancy, _MAX_SPLITS))
 
 
-def _config(head_dim: int, dtype: torch.dtype):
+def _config(head_dim: int, dtype: torch.dtype, kv_bits: int = 0):
     """(BLOCK_N, num_warps, num_stages): K and V tiles of BLOCK_N x head_dim per pipeline stage;
-    the fastest of those tried on an H200 (BLOCK_N 16..128, 4 / 8 warps, 2 / 3 stages)."""
+    the fastest of those tried on an H200 (BLOCK_N 16..128, 4 / 8 warps, 2 / 3 stages). Quantized
+    caches at head_dim 256 dequantize [64, 256] tiles in registers: 8 warps, as they compile for
+    sm_90 without spills (benchmarks/compile_sm90.py; not yet timed on the GPU)."""
     if dtype == torch.float32:
         return (64, 4, 2) if head_dim <= 64 else (32, 4, 2)
+    if kv_bits and head_dim > 128:
+        return 64, 8, 2
     return (64, 4, 3) if head_dim <= 128 else (64, 4, 2)
 
 
-def _check(query, key_cache, value_cache, block_tables, seq_lens, out) -> None:
+def _check(query, key_cache, value_cache, block_tables, seq_lens, out, key_scales, value_scales, kv_bits) -> None:
     if query.dim() != 3 or query.dtype not in _DTYPES or query.stride(2) != 1:
         raise ValueError(f"paged_decode_attention: query must be [B, H, D] of {_DTYPES} with a contiguous last "
                          f"dim, got {query.dtype} {tuple(query.shape)} strides {query.stride()}")
     batch, num_heads, head_dim = query.shape
-    if key_cache.dim() != 4 or value_cache.shape != key_cache.shape or key_cache.shape[3] != head_dim:
-        raise ValueError(f"paged_decode_attention: key_cache {tuple(key_cache.shape)} and value_cache "
-                         f"{tuple(value_cache.shape)} must be [num_blocks, block_size, KVH, {head_dim}]")
-    if not (key_cache.is_contiguous() and value_cache.is_contiguous()) or key_cache.dtype not in _DTYPES:
-        raise ValueError(f"paged_decode_attention: caches must be contiguous, of {_DTYPES}")
+    check_kv_cache("paged_decode_attention", key_cache, value_cache, head_dim, key_scales, value_scales, kv_bits)
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if num_heads % num_kv_heads or num_heads // num_kv_heads > 64:
         raise ValueError(f"paged_decode_attention: {num_heads} query heads are not a multiple (<= 64x) of "
@@ -183,15 +195,19 @@ def _check(query, key_cache, value_cache, block_tables, seq_lens, out) -> None:
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: Optional[int] = None, max_seq_len: Optional[int] = None,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, key_scales: Optional[torch.Tensor] = None,
+                           value_scales: Optional[torch.Tensor] = None, kv_bits: int = 0) -> torch.Tensor:
     """Attention of each sequence's last token (position seq_lens[b] - 1) over its cached keys.
 
     query: [B, H, D] (last dim contiguous); key_cache, value_cache: [num_blocks, block_size, KVH, D]
     contiguous; block_tables: [B, W]; seq_lens: [B] (0: a padding row, output zeros);
     sliding_window w: keys j > seq_len - 1 - w only; max_seq_len: host upper bound of seq_lens that,
-    with the window, sizes the split count (None: W * block_size). Returns out [B, H, D] in query's dtype.
+    with the window, sizes the split count (None: W * block_size). kv_bits 8 / 4: the caches are
+    uint8 [..., D * kv_bits / 8] with (scale, zero) pairs in key_scales / value_scales
+    [num_blocks, block_size, KVH, 2] float16 (kv_cache.write_kv_cache). Returns out [B, H, D] in
+    query's dtype.
     """
-    _check(query, key_cache, value_cache, block_tables, seq_lens, out)
+    _check(query, key_cache, value_cache, block_tables, seq_lens, out, key_scales, value_scales, kv_bits)
     batch, num_heads, head_dim = query.shape
     block_size, num_kv_heads = key_cache.shape[1], key_cache.shape[2]
     if out is None:
@@ -203,21 +219,26 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     max_keys = min(max_seq_len, sliding_window) if sliding_window is not None else max_seq_len
     num_splits = num_kv_splits(batch, num_kv_heads, max_keys, query.device)
     group = num_heads // num_kv_heads
-    block_n, num_warps, num_stages = _config(head_dim, query.dtype)  # K/V are cast to query's dtype
+    block_n, num_warps, num_stages = _config(head_dim, query.dtype, kv_bits)  # K/V: cast to query's dtype
     if num_splits > 1:
         partial_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         partial_max_sum = torch.empty((2, batch, num_heads, num_splits), dtype=torch.float32, device=query.device)
         partial_max, partial_sum = partial_max_sum[0], partial_max_sum[1]
     else:
         partial_acc = partial_max = partial_sum = out  # not read: the kernel writes out directly
+    if kv_bits:
+        scale_strides = key_scales.stride()[:3]
+    else:
+        key_scales = value_scales = key_cache  # not read
+        scale_strides = (0, 0, 0)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, out, partial_acc, partial_max, partial_sum,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        num_heads, float(scale) * _LOG2E, int(sliding_window or 0),
+        num_heads, float(scale) * _LOG2E, int(sliding_window or 0), key_scales, value_scales, *scale_strides,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_BITS=kv_bits, num_warps=num_warps,
         num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](

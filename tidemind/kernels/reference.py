@@ -89,13 +89,19 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def write_kv_cache_split(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
-                         value_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+                         value_cache: torch.Tensor, slot_mapping: torch.Tensor, key_scales: Optional[torch.Tensor] = None,
+                         value_scales: Optional[torch.Tensor] = None, kv_bits: int = 0) -> None:
     """Store the new tokens' keys and values in their cache slots; slots < 0 are skipped (padding).
 
     key, value: [num_tokens, num_kv_heads, head_dim]
-    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    key_cache, value_cache: [num_blocks, block_size, num_kv_heads, head_dim] (kv_bits 0 or 8) or
+        [..., head_dim // 2] (kv_bits 4): the rows as quantize_kv packs them when kv_bits is not 0,
+        with their (scale, zero) in key_scales, value_scales [num_blocks, block_size, num_kv_heads, 2]
     slot_mapping: [num_tokens] int32/int64, slot = block_id * block_size + offset in block
     """
+    if kv_bits:
+        (key, key_scale_zero), (value, value_scale_zero) = quantize_kv(key, kv_bits), quantize_kv(value, kv_bits)
+        write_kv_cache_split(key_scale_zero, value_scale_zero, key_scales, value_scales, slot_mapping)
     num_kv_heads, head_dim = key_cache.shape[-2:]
     slots = slot_mapping.long()
     if bool((slots < 0).any()):
@@ -103,6 +109,64 @@ def write_kv_cache_split(key: torch.Tensor, value: torch.Tensor, key_cache: torc
         key, value, slots = key[keep], value[keep], slots[keep]
     key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(key_cache.dtype))
     value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(value_cache.dtype))
+
+
+# ---- KV cache quantization (quant_policy 8 / 4): the layout is described in attention/kv_cache.py ----
+
+FLOAT16_MAX = 65504.0
+FLOAT16_TINY = 2.0 ** -24  # float16's smallest subnormal
+# Relative margin taken before rounding (scale, zero) to float16, whose rounding error is at most
+# 2^-11 of a normal value: 2^-11 + 2^-20 (the 2^-20 also covers float32's roundings on the way), so
+# zero rounds to <= min(x) and scale to >= (max(x) - zero) / qmax. Two powers of two: |x| times
+# each is exact, so a fused multiply-add computes the same zero.
+KV_MARGIN_HIGH = 2.0 ** -11
+KV_MARGIN_LOW = 2.0 ** -20
+
+
+def kv_scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) of rows whose values lie in [lo, hi]: float32 tensors holding float16 values,
+    with zero <= lo and zero + qmax * scale >= hi (rows within float16's range). The Triton twin
+    (kernels/kv_cache.py) makes the same float32 operations in the same order."""
+    qmax = 2 ** bits - 1
+    zero = lo - lo.abs() * KV_MARGIN_HIGH - lo.abs() * KV_MARGIN_LOW - FLOAT16_TINY
+    zero = zero.clamp(-FLOAT16_MAX, FLOAT16_MAX).to(torch.float16).float()
+    scale = (hi - zero) * ((1 + KV_MARGIN_HIGH + KV_MARGIN_LOW) / qmax) + FLOAT16_TINY
+    return scale.clamp(max=FLOAT16_MAX).to(torch.float16).float(), zero
+
+
+def quantize_kv(x: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Quantize each row of x [..., head_dim] asymmetrically to `bits` (8 or 4) bits.
+
+    Returns (packed uint8 [..., head_dim] (8) or [..., head_dim // 2] (4: element j in the low
+    nibble of byte j, element j + head_dim / 2 in its high nibble), scale_zero float16 [..., 2]).
+    Every element comes back by dequantize_kv within scale / 2 of its value.
+    """
+    qmax = 2 ** bits - 1
+    xf = x.float()
+    scale, zero = kv_scale_zero(xf.amin(-1), xf.amax(-1), bits)
+    q = torch.floor((xf - zero[..., None]) / scale[..., None] + 0.5).clamp_(0, qmax).to(torch.uint8)
+    if bits == 4:
+        half = x.shape[-1] // 2
+        q = q[..., :half] | (q[..., half:] << 4)
+    return q, torch.stack((scale, zero), dim=-1).to(torch.float16)
+
+
+def dequantize_kv(packed: torch.Tensor, scale_zero: torch.Tensor, bits: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """quantize_kv's inverse: q * scale + zero in float32, cast to dtype -> [..., head_dim]."""
+    q = torch.cat((packed & 15, packed >> 4), dim=-1) if bits == 4 else packed
+    scale_zero = scale_zero.float()
+    return (q.float() * scale_zero[..., 0:1] + scale_zero[..., 1:2]).to(dtype)
+
+
+def gather_kv_dequant(cache: torch.Tensor, scales: Optional[torch.Tensor], block_tables: torch.Tensor, length: int,
+                      kv_bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """gather_kv of a possibly quantized cache, dequantized (or cast) to dtype:
+    [S, num_kv_heads, length, head_dim]. scales: [num_blocks, block_size, num_kv_heads, 2] when kv_bits."""
+    gathered = gather_kv(cache, block_tables, length)
+    if not kv_bits:
+        return gathered.to(dtype)
+    return dequantize_kv(gathered, gather_kv(scales, block_tables, length), kv_bits, dtype)
 
 
 def gather_kv(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
@@ -135,7 +199,8 @@ def visible_keys(query_pos: torch.Tensor, length: int, sliding_window: Optional[
 def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, scale: float,
                            sliding_window: Optional[int] = None, max_seq_len: Optional[int] = None,
-                           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           out: Optional[torch.Tensor] = None, key_scales: Optional[torch.Tensor] = None,
+                           value_scales: Optional[torch.Tensor] = None, kv_bits: int = 0) -> torch.Tensor:
     """Attention of each sequence's last token over its cached keys.
 
     query: [B, H, D], the token at position seq_lens[b] - 1 (its K/V already cached);
@@ -143,13 +208,15 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
     valid block id, padding included); seq_lens: [B] (0 for a padding row, whose output is zeros);
     max_seq_len: host upper bound of seq_lens (None: W * block_size), the length gathered here.
     Query head h reads kv head h // (H // KVH). A window w keeps keys j > seq_len - 1 - w.
+    kv_bits 8 / 4: the caches are quantized (write_kv_cache_split), their scales in key_scales /
+    value_scales, and are dequantized as they are gathered.
     Returns out [B, H, D] in query's dtype (written into `out` when given).
     """
     block_size = key_cache.shape[1]
     length = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     length = max(1, min(length, block_tables.shape[1] * block_size))
-    k = gather_kv(key_cache, block_tables, length).to(query.dtype)  # [B, KVH, length, D]
-    v = gather_kv(value_cache, block_tables, length).to(query.dtype)
+    k = gather_kv_dequant(key_cache, key_scales, block_tables, length, kv_bits, query.dtype)  # [B, KVH, length, D]
+    v = gather_kv_dequant(value_cache, value_scales, block_tables, length, kv_bits, query.dtype)
     last = seq_lens.long() - 1  # [B] position of the query
     visible = visible_keys(last, length, sliding_window)  # [B, length]
     mask = torch.zeros(visible.shape, dtype=query.dtype, device=query.device).masked_fill_(~visible, float("-inf"))
@@ -166,7 +233,8 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
 def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                             block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                             max_query_len: int, scale: float, sliding_window: Optional[int] = None,
-                            out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                            out: Optional[torch.Tensor] = None, key_scales: Optional[torch.Tensor] = None,
+                            value_scales: Optional[torch.Tensor] = None, kv_bits: int = 0) -> torch.Tensor:
     """Causal attention of S sequences' new tokens over their whole cached context (chunked prefill).
 
     query: [T, H, D], rows query_start_loc[s] .. query_start_loc[s + 1] belong to sequence s, which
@@ -177,8 +245,9 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
 
     query row j of s sits at position seq_len - q_len + j and sees keys i <= its position (and,
     with a window w, i > position - w). block_tables: [S, W]; query_start_loc: [S + 1];
-    max_query_len: unused here (the kernel's grid size). Rows of `out` past query_start_loc[S] are
-    left as they are. Returns out [T, H, D] in query's dtype.
+    max_query_len: unused here (the kernel's grid size); kv_bits, key_scales, value_scales: as in
+    paged_decode_attention. Rows of `out` past query_start_loc[S] are left as they are.
+    Returns out [T, H, D] in query's dtype.
     """
     if out is None:
         out = torch.empty_like(query)
@@ -189,8 +258,9 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
         if end == start:
             continue
         q = query[start:end].transpose(0, 1).unsqueeze(0)  # [1, H, q_len, D]
-        k = gather_kv(key_cache, block_tables[s:s + 1], length).to(q.dtype)  # [1, KVH, length, D]
-        v = gather_kv(value_cache, block_tables[s:s + 1], length).to(q.dtype)
+        table = block_tables[s:s + 1]
+        k = gather_kv_dequant(key_cache, key_scales, table, length, kv_bits, q.dtype)  # [1, KVH, length, D]
+        v = gather_kv_dequant(value_cache, value_scales, table, length, kv_bits, q.dtype)
         if length == end - start and (sliding_window is None or length <= sliding_window):
             attn = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
         else:

@@ -8,14 +8,16 @@ import torch
 from torch import nn
 
 from ..attention.base import AttentionBackend, AttentionSpec
+from ..attention.kv_cache import LayerKVCache
 
 
 class Attention(nn.Module):
     """Attention of new tokens over the paged KV cache; q/k already rotated by the caller.
 
     forward: q [num_tokens, num_heads * head_dim], k and v [num_tokens, num_kv_heads * head_dim]
-    (views of one fused qkv output are fine), kv_cache [2, num_blocks, block_size, num_kv_heads,
-    head_dim], the backend's metadata of the step -> [num_tokens, num_heads * head_dim]
+    (views of one fused qkv output are fine), this layer's kv_cache (attention/kv_cache.py: the
+    paged data and, when quantized, its scales), the backend's metadata of the step
+    -> [num_tokens, num_heads * head_dim]
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -26,7 +28,7 @@ class Attention(nn.Module):
         self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self.backend = backend
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: Any) -> torch.Tensor:
         num_tokens = q.shape[0]
         spec = self.spec

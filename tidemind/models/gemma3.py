@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ..attention.kv_cache import LayerKVCache
 from ..layers.attention import Attention
 from ..layers.context import BuildContext
 from ..layers.norm import RMSNorm
@@ -74,7 +75,7 @@ class Gemma3Attention(nn.Module):
                               scale=query_pre_attn_scalar ** -0.5, backend=ctx.attention_backend,
                               sliding_window=sliding_window)
 
-    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:
         num_tokens = hidden.shape[0]
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
@@ -99,7 +100,7 @@ class Gemma3DecoderLayer(nn.Module):
         self.post_feedforward_layernorm = RMSNorm(hidden, eps, weight_offset=1.0, kernels=kernels)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: dict,
-                kv_cache: torch.Tensor, meta) -> Tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: LayerKVCache, meta) -> Tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
         else:

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..layers.activation import GatedActivation
+from ..attention.kv_cache import LayerKVCache
 from ..layers.attention import Attention
 from ..layers.context import BuildContext
 from ..layers.embedding import LMHead, VocabEmbedding
@@ -92,7 +93,7 @@ class LlamaAttention(nn.Module):
                               scale=args.head_dim ** -0.5, backend=ctx.attention_backend,
                               sliding_window=sliding_window)
 
-    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: torch.Tensor,
+    def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.rotary_embedding(q, k, *rope)
@@ -120,7 +121,7 @@ class LlamaDecoderLayer(nn.Module):
                             bias=args.mlp_bias)
 
     def forward(self, hidden: torch.Tensor, residual: Optional[torch.Tensor], rope: Tuple[torch.Tensor, ...],
-                kv_cache: torch.Tensor, meta) -> Tuple[torch.Tensor, torch.Tensor]:
+                kv_cache: LayerKVCache, meta) -> Tuple[torch.Tensor, torch.Tensor]:
         # hidden, residual: [T, hidden]; residual is None before the first layer
         if residual is None:
             hidden, residual = self.input_layernorm(hidden), hidden
@@ -238,7 +239,7 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     # ---- the model contract -------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: List[torch.Tensor],
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: List[LayerKVCache],
                 meta) -> torch.Tensor:
         # input_ids, positions: [T] int32 or int64; meta: the attention backend's metadata of the step
         # -> hidden [T, hidden]

@@ -4,7 +4,9 @@ A decode step of B sequences replays the graph of the smallest captured size >= 
 the runner's static step buffers (step_inputs.StepBuffers): prepare_step() pads rows B..size-1 on
 the host (token 0 at position 0, cache slot -1 so nothing is written, seq_len 0 so nothing is read)
 and uploads them with the step's own rows, so a replay only reads what that one copy sent. The
-graphs share one memory pool, captured largest first so the pool is sized by the largest.
+graphs share one memory pool, captured largest first so the pool is sized by the largest. A quantized
+KV cache changes nothing here: its scales are device tensors beside its data, read and written by
+the same captured kernels, and no launcher reads device data on the host.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from ..attention.base import AttentionBackend, StepLayout
+from ..attention.kv_cache import LayerKVCache
 from .step_inputs import StepBuffers
 
 logger = logging.getLogger("tidemind")
@@ -41,7 +44,7 @@ def graph_layout(buffers: StepBuffers, batch_size: int, block_size: int, max_mod
 
 
 class DecodeGraphs:
-    def __init__(self, model: torch.nn.Module, attention: AttentionBackend, kv_caches: List[torch.Tensor],
+    def __init__(self, model: torch.nn.Module, attention: AttentionBackend, kv_caches: List[LayerKVCache],
                  buffers: StepBuffers, block_size: int, max_model_len: int, device: torch.device):
         self.model = model
         self.attention = attention

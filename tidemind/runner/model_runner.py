@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..attention import create_attention_backend, resolve_attention_backend
+from ..attention.kv_cache import LayerKVCache
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
@@ -28,7 +29,7 @@ from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
 from .input_batch import InputBatch
-from .kv_cache import KVCacheSpec, allocate_kv_cache, plan_kv_cache
+from .kv_cache import KVCacheSpec, allocate_kv_cache, kv_bytes_per_token, plan_kv_cache
 from .prompt_logprobs import PromptLogprobs
 from .sampler import Sampler
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
@@ -67,7 +68,7 @@ class ModelRunner:
         self.sampler = Sampler()
         self.prompt_logprobs = PromptLogprobs()
         self.kv_spec: Optional[KVCacheSpec] = None
-        self.kv_caches: List[torch.Tensor] = []
+        self.kv_caches: List[LayerKVCache] = []
         self.host_kv: Optional[HostKVPool] = None  # the KV swap pool, if any
         self.batch: Optional[InputBatch] = None
         self.buffers: Optional[StepBuffers] = None
@@ -83,6 +84,7 @@ class ModelRunner:
                                        budget_source=f"{spec.budget_source}; the least of {self.tp.size} ranks")
         self.kv_spec = spec
         self.kv_caches = allocate_kv_cache(spec, cache_config, self.dtype, self.device)
+        self._log_kv_dtype(spec, cache_config)
         self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
@@ -104,6 +106,17 @@ class ModelRunner:
         _, num_kv_heads = kv_heads_of_rank(config.num_attention_heads, config.num_kv_heads, self.tp.rank,
                                            self.tp.size)
         return dataclasses.replace(config, num_kv_heads=num_kv_heads)
+
+    def _log_kv_dtype(self, spec: KVCacheSpec, cache_config) -> None:
+        per_token = kv_bytes_per_token(cache_config, self.dtype, spec.quant_policy)
+        if not spec.quant_policy:
+            logger.info("KV cache dtype %s: %d bytes a token, %d tokens", spec.kv_dtype, per_token, spec.num_tokens)
+            return
+        unquantized = kv_bytes_per_token(cache_config, self.dtype, 0)
+        logger.info("KV cache dtype %s (quant_policy %d: per token and head, asymmetric, float16 scale and zero): "
+                    "%d bytes a token, %.3fx the tokens of %s in the same memory; %d tokens", spec.kv_dtype,
+                    spec.quant_policy, per_token, unquantized / per_token, str(self.dtype).replace("torch.", ""),
+                    spec.num_tokens)
 
     def capture_graphs(self, max_batch_size: int) -> Optional[float]:
         """Capture decode steps as CUDA graphs (GPU and a graph-capable attention backend only).

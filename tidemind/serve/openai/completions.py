@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from .errors import OpenAIError, request_id
 from .extensions import check_grammar, refuse_unsupported, request_config, response_format_of, structured_param
 from .generation import Sample, collect_samples, respond, safe_logprob, submit_all, top_entries
-from .limits import check_max_tokens, check_prompt_chars
+from .limits import check_choices, check_max_tokens, check_prompt_chars
 from .protocol import COMPLETIONS_DEFAULT_MAX_TOKENS, CompletionRequest
 from .streaming import UsageOptions, output_events, usage
 
@@ -81,6 +81,9 @@ class _Plan:
             raise OpenAIError(400, "best_of > n cannot be streamed (the best are known at the end): remove stream",
                               param="best_of")
         self.echo = bool(body.echo)
+        if max_tokens == 0 and not self.echo:
+            raise OpenAIError(400, "max_tokens: 0 generates nothing; ask for at least 1 token, or set echo "
+                                   "(with logprobs) to score the prompt", param="max_tokens")
         self.num_top = body.logprobs
         self.prompt_logprobs = self.num_top if self.echo and self.num_top is not None else None
         # echo with max_tokens=0: one token is generated (its prefill computes the prompt's
@@ -108,6 +111,8 @@ async def completions(state, body: CompletionRequest, request: Request) -> Respo
                               if v is not None), (COMPLETIONS_DEFAULT_MAX_TOKENS, "max_tokens"))
     check_max_tokens(state.limits, max_tokens, param)
     plan = _Plan(body, max_tokens)
+    single = isinstance(body.prompt, str) or isinstance(body.prompt[0], int)
+    check_choices(state.limits, 1 if single else len(body.prompt), plan.best_of)
     response_format = response_format_of(body)
     check_grammar(response_format, structured_param(body))
     check_text_chars(state, body.prompt, "prompt")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .errors import LIMITS_HINT, OpenAIError
-from .protocol import MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, ServerLimits
+from .protocol import MAX_CHOICES, MAX_N, MAX_STOP_CHARS, MAX_STOP_SEQUENCES, MAX_TOP_LOGPROBS, ServerLimits
 
 
 def server_limits(max_total_tokens: int, max_token_chars: int, max_request_bytes: Optional[int]) -> ServerLimits:
@@ -15,8 +15,8 @@ def server_limits(max_total_tokens: int, max_token_chars: int, max_request_bytes
     tokens stand for at most `max_token_chars` characters each."""
     max_prompt_tokens = max_total_tokens - 1  # an answer needs room for one token at least
     return ServerLimits(max_tokens=max_total_tokens - 1, prompt_tokens=max_prompt_tokens,
-                        prompt_chars=max_prompt_tokens * max_token_chars, n=MAX_N, logprobs=MAX_TOP_LOGPROBS,
-                        top_logprobs=MAX_TOP_LOGPROBS, stop_sequences=MAX_STOP_SEQUENCES,
+                        prompt_chars=max_prompt_tokens * max_token_chars, n=MAX_N, choices=MAX_CHOICES,
+                        logprobs=MAX_TOP_LOGPROBS, top_logprobs=MAX_TOP_LOGPROBS, stop_sequences=MAX_STOP_SEQUENCES,
                         stop_sequence_chars=MAX_STOP_CHARS, request_bytes=max_request_bytes)
 
 
@@ -25,6 +25,16 @@ def check_max_tokens(limits: ServerLimits, max_tokens: Optional[int], param: str
         raise OpenAIError(400, f"{param}: at most {limits.max_tokens}, the server's session length minus one "
                                f"prompt token ({LIMITS_HINT}); leave it out to answer up to the session length",
                           param=param)
+
+
+def check_choices(limits: ServerLimits, num_prompts: int, n: int) -> None:
+    """Refuse, before anything is tokenized or submitted, a request for more choices (engine
+    requests: prompts x n samples, best_of's when larger) than `limits.choices`: they would all be submitted at once, from the event
+    loop, and a body of small prompts holds millions."""
+    if num_prompts * n > limits.choices:
+        raise OpenAIError(400, f"prompt: {num_prompts} prompts x {n} samples (n or best_of) are {num_prompts * n} choices, more than "
+                               f"{limits.choices} per request ({LIMITS_HINT}): send the prompts in several requests",
+                          param="prompt")
 
 
 def check_prompt_chars(limits: ServerLimits, num_chars: int, param: str) -> None:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from pydantic_core import PydanticCustomError
 
 MAX_N = 16  # choices per prompt; each is one engine request
+MAX_CHOICES = 256  # choices of one request (completions: prompts x n), submitted at once
 MAX_TOP_LOGPROBS = 20  # GenerationConfig.logprobs' bound
 MAX_STOP_SEQUENCES = 32
 MAX_STOP_CHARS = 256  # per stop sequence: the detokenizer holds back up to this much text
@@ -156,8 +157,9 @@ class SamplingFields(_Body):
     temperature: Optional[float] = Field(None, ge=0, le=2, description="0 is greedy; default 1")
     top_p: Optional[float] = Field(None, gt=0, le=1)
     n: Optional[int] = Field(None, ge=1, le=MAX_N, description="choices per prompt")
-    max_tokens: Optional[int] = Field(None, ge=0, description="chat: default up to the session length; "
-                                                              f"completions: default {COMPLETIONS_DEFAULT_MAX_TOKENS}")
+    max_tokens: Optional[int] = Field(None, ge=0, description="chat: >= 1, default up to the session length; "
+                                                              f"completions: default {COMPLETIONS_DEFAULT_MAX_TOKENS}, "
+                                                              f"0 only with echo")
     stop: Optional[Stop] = None
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
@@ -223,6 +225,7 @@ class NamedToolChoice(_Request):
 
 
 class ChatCompletionRequest(SamplingFields):
+    max_tokens: Optional[int] = Field(None, ge=1, description="default: up to the session length")
     messages: Union[Annotated[str, Field(min_length=1)], Annotated[List[ChatMessage], Field(min_length=1)]] = Field(
         description="the conversation; a string is one user message (LMDeploy's form)")
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="preferred over max_tokens")
@@ -441,6 +444,7 @@ class ServerLimits(BaseModel):
     prompt_chars: int = Field(description="characters of a prompt, refused before tokenizing: prompt_tokens x "
                                           "the characters of the tokenizer's longest token")
     n: int
+    choices: int = Field(description="choices of one request: completions' prompts x n")
     logprobs: int = Field(description="completions' logprobs (top alternatives per token)")
     top_logprobs: int = Field(description="chat's top_logprobs")
     stop_sequences: int = Field(description="entries of stop")

@@ -1,0 +1,142 @@
+"""Compile the KV-cache and attention Triton kernels for an H200 (sm_90) on a machine without a GPU,
+and report each variant's registers, spills and shared memory (cuobjdump on the cubin).
+
+    python benchmarks/compile_sm90.py            # every variant below; exit code 1 if one fails
+
+Triton's interpreter (the CPU tests) checks what a kernel computes, not what the GPU compiler
+accepts (tl.dot shapes, constexpr use, layouts) nor what it costs (register spills). This script
+calls the real launchers with CPU tensors of the real shapes, catches each kernel launch before it
+runs (JITFunction.run), and compiles that launch -- signature, constexprs, warps and stages -- with
+Triton's own ptxas for sm_90. Must run without TRITON_INTERPRET (it unsets it).
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton._C.libtriton import native_specialize_impl  # noqa: E402
+from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
+
+_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+
+
+def captured_launches(launch) -> list:
+    """[(kernel, bound arguments, launch options)] of every kernel launch `launch()` makes."""
+    launches = []
+
+    def capture(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs.pop(k) for k in _LAUNCH_OPTIONS if k in kwargs}
+        launches.append((self, self.signature.bind(*args, **kwargs).arguments, options))
+
+    original = JITFunction.run
+    JITFunction.run = capture
+    try:
+        launch()
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def compile_launch(kernel, arguments: dict, options: dict):
+    """triton.compile of one launch, specialized as JITFunction.run would (ints equal to 1 become
+    constants; pointers and ints divisible by 16 say so)."""
+    signature, constexprs, attrs = {}, {}, {}
+    for index, param in enumerate(kernel.params):
+        value = arguments[param.name]
+        if param.is_constexpr:
+            signature[param.name], constexprs[(index,)] = "constexpr", value
+            continue
+        kind, spec = native_specialize_impl(BaseBackend, value, False, not param.do_not_specialize,
+                                            not param.do_not_specialize_on_alignment)
+        signature[param.name] = kind
+        if kind == "constexpr":
+            constexprs[(index,)] = spec
+        elif isinstance(spec, str):
+            attrs[(index,)] = BaseBackend.parse_attr(spec)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resource_usage(compiled) -> str:
+    """cuobjdump's 'REG:.. STACK:.. SHARED:.. ...' line of the compiled cubin."""
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    return next((line.strip() for line in out.splitlines() if "REG:" in line), "?")
+
+
+def quantized_cache(num_blocks, block_size, num_kv_heads, head_dim, bits, dtype):
+    """(key_cache, value_cache, quant kwargs) of the layout attention/kv_cache.py describes."""
+    if not bits:
+        cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim, dtype=dtype)
+        return cache[0], cache[1], {}
+    cache = torch.zeros(2, num_blocks, block_size, num_kv_heads, head_dim * bits // 8, dtype=torch.uint8)
+    scales = torch.zeros(2, num_blocks, block_size, num_kv_heads, 2, dtype=torch.float16)
+    return cache[0], cache[1], {"key_scales": scales[0], "value_scales": scales[1], "kv_bits": bits}
+
+
+def variants():
+    """(name, launch) pairs: the model shapes the engine runs (llama8b, Gemma 3, SmolLM2), bf16."""
+    dtype = torch.bfloat16
+    for bits in (0, 8, 4):
+        for heads, kv_heads, head_dim, window in ((32, 8, 128, None), (4, 1, 256, 512), (9, 3, 64, None)):
+            key_cache, value_cache, quant = quantized_cache(8, 64, kv_heads, head_dim, bits, dtype)
+            tables = torch.zeros(4, 8, dtype=torch.int32)
+            seq_lens = torch.full((4,), 300, dtype=torch.int32)
+            shape = f"H{heads}/KVH{kv_heads} D{head_dim} int{bits or 16}"
+
+            def write(kv_heads=kv_heads, head_dim=head_dim, key_cache=key_cache, value_cache=value_cache,
+                      quant=quant):
+                key = torch.zeros(4, kv_heads, head_dim, dtype=dtype)
+                kv_cache.write_kv_cache(key, key, key_cache, value_cache, torch.zeros(4, dtype=torch.int32), **quant)
+
+            def decode(heads=heads, head_dim=head_dim, key_cache=key_cache, value_cache=value_cache, quant=quant,
+                       tables=tables, seq_lens=seq_lens, window=window):
+                query = torch.zeros(4, heads, head_dim, dtype=dtype)
+                decode_attention.paged_decode_attention(query, key_cache, value_cache, tables, seq_lens, 0.1, window,
+                                                        300, **quant)
+
+            def prefill(heads=heads, head_dim=head_dim, key_cache=key_cache, value_cache=value_cache, quant=quant,
+                        tables=tables, seq_lens=seq_lens, window=window):
+                query = torch.zeros(400, heads, head_dim, dtype=dtype)
+                starts = torch.tensor([0, 100, 200, 300, 400], dtype=torch.int32)
+                prefill_attention.paged_prefill_attention(query, key_cache, value_cache, tables, seq_lens, starts,
+                                                          100, 0.1, window, **quant)
+
+            yield f"write_kv_cache   {shape}", write
+            yield f"decode (split)   {shape}", decode
+            yield f"prefill          {shape}", prefill
+
+
+def main() -> int:
+    assert reference  # the layout's definition; imported so a broken reference fails here too
+    failures = 0
+    for name, launch in variants():
+        for kernel, arguments, options in captured_launches(launch):
+            start = time.perf_counter()
+            try:
+                usage = resource_usage(compile_launch(kernel, arguments, options))
+            except Exception as e:  # report every variant, then fail
+                failures += 1
+                usage = f"FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            print(f"{name}  {kernel.__name__:<30} {options}  {time.perf_counter() - start:5.1f} s  {usage}",
+                  flush=True)
+    print("all compiled" if not failures else f"{failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
