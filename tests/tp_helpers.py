@@ -91,3 +91,21 @@ def run_ranks(size: int, jobs: List[Tuple[str, str, str]], toks: Sequence[int],
 def tp1_logits(path: str, toks: Sequence[int]) -> torch.Tensor:
     model, model_config = load_model(path, torch.float32, CPU)
     return steps_logits(model, model_config, TPGroup(), toks)
+
+
+def tiny_tp_model(path: str) -> str:
+    """A tiny random Llama (4 query heads on 2 kv heads, intermediate 96: splits over 2 ranks) with a
+    word-level tokenizer ("t0 t5 t17" are token ids 0, 5, 17), for tests of the engine and server at
+    tp 2 that start in seconds."""
+    from model_factory import make_hf_model, save_tiny_tokenizer
+
+    make_hf_model("llama", path, seed=5)
+    save_tiny_tokenizer(path)
+    return path
+
+
+def tiny_prompts(count: int, length: int = 12, seed: int = 7) -> List[str]:
+    """Texts of `count` random prompts for the tiny tokenizer (ids 3..249: never BOS / EOS / pad)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [" ".join(f"t{i}" for i in torch.randint(3, 250, (length + k,), generator=gen).tolist())
+            for k in range(count)]

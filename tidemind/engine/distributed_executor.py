@@ -11,6 +11,7 @@ config.distributed_timeout; a rank that exits, raises or misses it makes the exe
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -61,7 +62,7 @@ class DistributedExecutor(Executor):
         if self.size > 1:  # refuse a model that does not split before any process starts
             check_tensor_parallel(model_path, self.size, config.model_format)
         start = time.perf_counter()
-        infos = self._start(model_path, config)
+        infos = self._start(model_path, plain_engine_config(config))
         info = infos[0]
         self.model_config = info.model_config
         self.device_type = info.device_type
@@ -90,7 +91,7 @@ class DistributedExecutor(Executor):
 
     # ---- the Executor interface -------------------------------------------------------------------
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int):
-        specs = self._call_all("init_kv_cache", engine_config, session_len, max_batch_size)
+        specs = self._call_all("init_kv_cache", plain_engine_config(engine_config), session_len, max_batch_size)
         if len({spec.num_blocks for spec in specs}) != 1:  # init_kv_cache agrees on the least; never expected
             raise self._fail(f"the ranks sized different KV caches: {[spec.num_blocks for spec in specs]} blocks")
         return specs[0]
@@ -150,6 +151,15 @@ class DistributedExecutor(Executor):
                 except Exception:
                     logger.exception("a failure listener of the executor failed")
         return ExecutorDeadError(self._failure)
+
+
+def plain_engine_config(config: EngineConfig) -> EngineConfig:
+    """The EngineConfig itself, without a subclass: LMDeploy's config classes made for pipeline(**kwargs)
+    are built at run time and cannot be pickled to a worker by name; their extra arguments only
+    matter to the engine."""
+    if type(config) is EngineConfig:
+        return config
+    return EngineConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)})
 
 
 def rank_list(ranks: Sequence[int]) -> str:
