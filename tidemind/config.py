@@ -50,9 +50,10 @@ class EngineConfig:
         "'tidemind[ray]'). Unset at tp 1: the model runs in the engine's own process.",
         choices=EXECUTOR_BACKENDS))
     distributed_timeout: float = field(default=300.0, metadata=_help(
-        "Seconds the engine waits for a tensor-parallel rank to answer (a step, or a start-up phase: "
-        "loading, sizing the KV cache, capturing graphs) before it declares the rank hung, stops every "
-        "rank and fails its requests; also the collectives' timeout inside the ranks."))
+        "Seconds the engine waits for the tensor-parallel ranks to finish a step before it declares a "
+        "rank hung, stops every rank and fails every request (the api_server then exits). Start-up phases "
+        "(loading, sizing the KV cache, capturing graphs) may take max(this, 900) seconds; a rank that "
+        "dies is noticed at once."))
     dist_init_addr: Optional[str] = field(default=None, metadata=_help(
         "HOST:PORT where tensor-parallel ranks meet (rank 0 listens there). Default: 127.0.0.1 and a "
         "free port (mp), or rank 0's node address and a free port there (ray)."))

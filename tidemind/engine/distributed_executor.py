@@ -5,9 +5,12 @@ Both drive config.tp ranks, each a runner/worker.Worker, through the same calls 
 (every rank gets every call, so their collectives line up): start the ranks (each loads its slice of
 the model), init_kv_cache (each rank plans its cache, the ranks agree on the smallest with a MIN
 all-reduce, so all hold the same blocks), capture_graphs, then execute() every step: the step's
-SchedulerOutput out to every rank, rank 0's RunnerOutput back. Every wait for a rank is bounded by
-config.distributed_timeout; a rank that exits, raises or misses it makes the executor dead
-(ExecutorDeadError, listeners told once) and every rank is stopped: none is left behind.
+SchedulerOutput out to every rank, rank 0's RunnerOutput back. Every wait for a rank is bounded: a
+step (and close) by config.distributed_timeout, a start-up phase (loading, sizing the cache, capturing
+graphs: minutes for a large checkpoint) by startup_timeout(); a rank that exits, raises or misses it
+makes the executor dead (ExecutorDeadError, listeners told once) and every rank is stopped: none is
+left behind. A rank that dies is seen at once in any phase (its connection closes); the timeouts
+only bound hangs.
 """
 from __future__ import annotations
 
@@ -21,9 +24,11 @@ from typing import Callable, List, Optional, Sequence
 
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
+from ..runner.worker import STARTUP_CALLS, startup_timeout
 from .executor import Executor, ExecutorDeadError
 
 logger = logging.getLogger("tidemind")
+
 
 
 @dataclass
@@ -54,6 +59,7 @@ class DistributedExecutor(Executor):
 
         self.size = config.tp
         self.timeout_s = config.distributed_timeout
+        self.startup_timeout_s = startup_timeout(config)
         self.timing = StepTiming()
         self._failure: Optional[str] = None
         self._closing = False  # set by close(): ranks ending from then on are expected
@@ -88,6 +94,10 @@ class DistributedExecutor(Executor):
     @abstractmethod
     def _stop_ranks(self, graceful: bool) -> None:
         """End every rank: graceful after a close() they all answered, else killed at once."""
+
+    def timeout_of(self, method: str) -> float:
+        """How long a call of `method` may wait for the ranks (see the module docstring)."""
+        return self.startup_timeout_s if method in STARTUP_CALLS else self.timeout_s
 
     # ---- the Executor interface -------------------------------------------------------------------
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int):

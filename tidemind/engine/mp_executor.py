@@ -93,7 +93,8 @@ class MultiprocessExecutor(DistributedExecutor):
         for rank, proc in enumerate(self.procs):
             threading.Thread(target=self._watch, args=(rank, proc), name=f"tidemind-tp-watch-{rank}",
                              daemon=True).start()
-        return [info for info, _ in self._receive(range(self.size), "start-up (loading the model)")]
+        return [info for info, _ in self._receive(range(self.size), "start-up (loading the model)",
+                                                  self.timeout_of("init"))]
 
     def _check_devices(self, device_type: str) -> None:
         import torch
@@ -113,10 +114,10 @@ class MultiprocessExecutor(DistributedExecutor):
         except OSError:  # its socket is closed: the process is gone
             raise self._fail(f"tensor-parallel rank {rank} {self._exit_of(rank)}") from None
 
-    def _receive(self, ranks: Sequence[int], what: str) -> list:
+    def _receive(self, ranks: Sequence[int], what: str, timeout_s: float) -> list:
         """(result, seconds) of each rank in `ranks`, in order; any rank's error or death, or a wait
-        longer than the timeout, makes the executor dead."""
-        deadline = time.monotonic() + self.timeout_s
+        longer than timeout_s, makes the executor dead."""
+        deadline = time.monotonic() + timeout_s
         pending = set(ranks)
         results = {}
         rank_of = {conn: rank for rank, conn in enumerate(self.conns)}
@@ -127,7 +128,8 @@ class MultiprocessExecutor(DistributedExecutor):
             ready = wait(watched, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise self._fail(f"tensor-parallel rank(s) {rank_list(pending)} did not answer {what} within "
-                                 f"{self.timeout_s:g} s (--distributed-timeout): a rank hangs")
+                                 f"{timeout_s:g} s{' (--distributed-timeout)' if timeout_s == self.timeout_s else ''}"
+                                 f": a rank hangs (rank 0 answers a step once every rank has done its part)")
             for conn in ready:
                 rank = rank_of[conn]
                 try:
@@ -145,13 +147,13 @@ class MultiprocessExecutor(DistributedExecutor):
         payload = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         for rank in range(self.size):
             self._send_bytes(rank, payload)
-        return [result for result, _ in self._receive(range(self.size), method)]
+        return [result for result, _ in self._receive(range(self.size), method, self.timeout_of(method))]
 
     def _step(self, scheduled: SchedulerOutput) -> tuple:
         payload = pickle.dumps(("execute", (scheduled,)), protocol=pickle.HIGHEST_PROTOCOL)
         for rank in range(self.size):
             self._send_bytes(rank, payload)
-        return self._receive([0], "a step")[0]
+        return self._receive([0], "a step", self.timeout_s)[0]
 
     # ---- processes --------------------------------------------------------------------------------
     def _exit_of(self, rank: int) -> str:

@@ -35,6 +35,16 @@ from ..config import EngineConfig
 
 logger = logging.getLogger("tidemind")
 
+STARTUP_TIMEOUT_S = 900.0  # the least a start-up phase may take before a rank is declared hung
+STARTUP_CALLS = ("init", "init_kv_cache", "capture_graphs")  # Worker calls bounded by startup_timeout()
+
+
+def startup_timeout(config: EngineConfig) -> float:
+    """Seconds a rank may take for a start-up phase; also the ranks' collective timeout (torch.distributed
+    sets one per group), since ranks meet in a collective after loading at their own pace. A hang in a
+    step is still caught after distributed_timeout: the executor stops every rank then."""
+    return max(config.distributed_timeout, STARTUP_TIMEOUT_S)
+
 
 @dataclass(frozen=True)
 class WorkerInit:
@@ -80,7 +90,9 @@ class Worker:
         if init.num_threads:
             torch.set_num_threads(init.num_threads)
         dtype = resolve_dtype(config.dtype, checkpoint_dtype(init.model_path), device)
-        self.tp_group = init_tp_group(init.rank, init.size, init.dist_init_addr, device, config.distributed_timeout)
+        # the collectives' timeout: ranks meet after loading at their own pace (a hang in a step is the
+        # executor's to catch, after config.distributed_timeout)
+        self.tp_group = init_tp_group(init.rank, init.size, init.dist_init_addr, device, startup_timeout(config))
         self.runner = ModelRunner(init.model_path, device, dtype, config.attention_backend, config.model_format,
                                   tp_group=self.tp_group)
         self.info = WorkerInfo(self.runner.model_config, device.type,
