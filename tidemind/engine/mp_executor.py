@@ -84,9 +84,10 @@ class MultiprocessExecutor(DistributedExecutor):
         for rank in range(self.size):
             ours, theirs = socket.socketpair()
             with theirs:
+                # ranks > 0 load in silence: one loading bar (rank 0's), as at tp 1
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", "tidemind.engine.worker_process", "--fd", str(theirs.fileno())],
-                    pass_fds=(theirs.fileno(),), env=env))
+                    pass_fds=(theirs.fileno(),), env={**env, "TQDM_DISABLE": "1"} if rank else env))
             self.conns.append(Connection(ours.detach()))
             self._send(rank, ("init", (WorkerInit(rank, self.size, rank, address, model_path, config, threads,
                                                   level),)))
