@@ -1,10 +1,12 @@
 """The engine at tensor-parallel size 2 on the CPU (gloo, worker processes) on a tiny random Llama:
 greedy outputs through pipeline() equal tp 1's, batched and under preemption with chunked prefill
 (so that the ranks' KV caches, block tables and persistent batches stay in step through departures
-and re-admissions). Starts in seconds; the bundled models at tp > 1 are in test_tp_e2e.py."""
+and re-admissions), and `tidemind chat --tp 2`. Starts in seconds; the bundled models at tp > 1 are in test_tp_e2e.py."""
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 
 import pytest
 
@@ -57,3 +59,18 @@ def test_pipeline_takes_tp_as_a_keyword_like_lmdeploy(model):
     with pipeline(model, tp=2, dtype="float32", device="cpu", session_len=96) as pipe:
         assert pipe.engine.config.tp == 2
         assert [pipe(PROMPTS[0], GREEDY).token_ids] == _reference(model)[:1]
+
+
+def _chat(model: str, *flags: str) -> str:
+    """stdout of `tidemind chat MODEL ...` answering two lines (one answer per input line)."""
+    command = [sys.executable, "-m", "tidemind.cli.main", "chat", model, "--device", "cpu", "--dtype", "float32",
+               "--session-len", "96", "--chat-template", "base", *flags]
+    done = subprocess.run(command, input="\n".join(PROMPTS[:2]) + "\n", capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_chat_at_tp2_answers_like_tp1(model):
+    expected = _chat(model)
+    assert len(expected.split()) > 20
+    assert _chat(model, "--tp", "2") == expected
