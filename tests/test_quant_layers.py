@@ -153,7 +153,7 @@ def edit_config(path: str, **quantization_config) -> None:
     (dict(quant_method="fp8"), "quant_method='fp8', which tidemind cannot run; supported: awq, gptq, smooth_quant"),
     (dict(version="gemv"), "AWQ version 'gemv'"),
     (dict(bits=3), "bits=3"),
-    (dict(group_size=48), "group size 48 does not divide the 64 input features"),
+    (dict(group_size=48), "group size 48 does not divide the layer's 64 input features"),
 ])
 def test_unrunnable_quantization_config_is_refused(awq_dir, change, message):
     # QuantizationConfigError, or the loader's CheckpointError naming config.json around it where

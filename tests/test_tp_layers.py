@@ -168,7 +168,8 @@ def test_a_group_that_straddles_ranks_is_refused(tmp_path):
     write_awq(hf, str(tmp_path / "awq"), group=32)
     check_tensor_parallel(str(tmp_path / "awq"), 1)
     with pytest.raises(CheckpointError,
-                       match=r"group size 32 does not divide the 48 input features .*\(at tp=2 each rank holds 48"):
+                       match=r"at tp=2 each rank holds 48 of the layer's 96 input features .* group size 32 "
+                             r"does not divide the layer's 48 input features"):
         check_tensor_parallel(str(tmp_path / "awq"), 2)
 
 

@@ -221,10 +221,10 @@ class Linear(nn.Module):
         except ValueError as exc:
             if self.tp.size == 1 or self.parallel is None:
                 raise
-            raise TPError(f"{exc} (at tp={self.tp.size} each rank holds {self.input_size} of the layer's "
+            raise TPError(f"at tp={self.tp.size} each rank holds {self.input_size} of the layer's "
                           f"{self.full_input_size} input features and {self.output_sizes} of its "
-                          f"{self.full_output_sizes} output features: lower --tp, or quantize with a group size "
-                          f"that divides the rank's share)") from exc
+                          f"{self.full_output_sizes} output features, and this rank's shard cannot be built: {exc}; "
+                          f"lower --tp, or quantize with a group size that divides the rank's share") from exc
 
     # ---- tensor-parallel slicing (hooks QKVLinear overrides) ----------------------------------------
     def local_output_sizes(self) -> List[int]:

@@ -71,7 +71,7 @@ def check_group_shapes(prefix: str, input_size: int, output_sizes: Sequence[int]
     """Group-wise packed layouts need groups that tile the input features and every merged
     projection's outputs in whole words of `per_word` values."""
     require(input_size % group_size == 0,
-            f"{prefix}: group size {group_size} does not divide the {input_size} input features it holds; "
+            f"{prefix}: group size {group_size} does not divide the layer's {input_size} input features; "
             f"quantize with a group size that divides every layer's width (e.g. --w-group-size 64 or 32)")
     for size in output_sizes:
         require(size % per_word == 0, f"{prefix}: {size} output features are not a multiple of {per_word}, which "
