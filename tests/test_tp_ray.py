@@ -71,3 +71,11 @@ def test_a_ray_rank_that_dies_mid_step_fails_every_in_flight_request(cluster, mo
         assert all(out.finish_reason == "error" for out in finals)
         assert time.monotonic() - start < 30
         assert "rank 1" in pipe.async_engine.failure
+
+
+def test_ranks_the_cluster_cannot_place_are_refused_naming_its_resources(cluster, model):
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"cannot place 4 ranks of \{'CPU': 1\} within 3 s .*add nodes"):
+        pipeline(model, backend_config=_config(tp=4, distributed_executor_backend="ray", distributed_timeout=3))
+    assert time.monotonic() - start < 30
+    assert all(pg["state"] == "REMOVED" for pg in ray.util.placement_group_table().values())

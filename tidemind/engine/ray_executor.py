@@ -127,12 +127,14 @@ class RayExecutor(DistributedExecutor):
     def _place(self, ray, device_type: str):
         bundle = {"GPU": 1, "CPU": 1} if device_type == "cuda" else {"CPU": 1}
         group = ray.util.placement_group([dict(bundle) for _ in range(self.size)], strategy="PACK")
-        ready, _ = ray.wait([group.ready()], timeout=self.timeout_of("init"))
+        # placing is quick or impossible (until nodes join): bounded by the step timeout, not start-up's
+        ready, _ = ray.wait([group.ready()], timeout=self.timeout_s)
         if not ready:
             ray.util.remove_placement_group(group)
             raise RuntimeError(f"the Ray cluster cannot place {self.size} ranks of {bundle} within "
-                               f"{self.timeout_of('init'):g} s (cluster resources: {ray.cluster_resources()}): "
-                               f"add nodes (ray start --address HEAD:PORT on each), or lower --tp")
+                               f"{self.timeout_s:g} s (--distributed-timeout; cluster resources: "
+                               f"{ray.cluster_resources()}): add nodes (ray start --address HEAD:PORT on each), "
+                               f"or lower --tp")
         return group
 
     # ---- calls ------------------------------------------------------------------------------------
