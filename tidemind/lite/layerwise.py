@@ -142,6 +142,5 @@ class LayerRunner:
                 on_batch(start, stop)
             rope, meta = self._step_inputs(stop - start)
             hidden = states[start:stop].reshape(-1, states.shape[-1])
-            kv_cache = LayerKVCache(self.kv_cache[:, :stop - start])  # unquantized: calibration sees float KV
-            out, residual = layer(hidden, None, rope, kv_cache, meta)
+            out, residual = layer(hidden, None, rope, LayerKVCache(self.kv_cache[:, :stop - start]), meta)
             states[start:stop] = (out + residual).view(stop - start, self.seq_len, -1)
