@@ -10,6 +10,7 @@ Light imports only: nothing here loads torch, httpx or gradio.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import threading
 from typing import Iterator, Optional, Protocol, TextIO
@@ -110,6 +111,33 @@ def read_line(interactive: bool, stdin: TextIO = None) -> Optional[str]:
         return None
 
 
+class StopOnCtrlC:
+    """While an answer streams, the first Ctrl-C only asks it to stop (`pressed`): the stream is
+    then left between two chunks and closed normally. A KeyboardInterrupt raised at a random point
+    could land inside the HTTP client's connection pool while it holds its lock, and the cancel that
+    follows (a request on the same pool) then waited forever. A second Ctrl-C raises at once, for an
+    answer whose next chunk does not come. Off the main thread (no signal handlers there) it does
+    nothing."""
+
+    def __init__(self):
+        self.pressed = False
+        self._previous = None
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+
+    def __enter__(self) -> "StopOnCtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
 def stream_answer(conversation: Conversation, prompt: str, gen_config: GenerationConfig,
                   out: TextIO = None) -> None:
     """Write one answer to `out` as it arrives.
@@ -119,22 +147,30 @@ def stream_answer(conversation: Conversation, prompt: str, gen_config: Generatio
     """
     out = out or sys.stdout
     try:
-        for text in conversation.send(prompt, gen_config):
-            out.write(text)
-            out.flush()
+        with StopOnCtrlC() as ctrl_c:
+            answer = conversation.send(prompt, gen_config)
+            try:
+                for text in answer:
+                    out.write(text)
+                    out.flush()
+                    if ctrl_c.pressed:
+                        break
+            finally:
+                answer.close()  # a turn left early drops its stream
+        cancelled = ctrl_c.pressed
     except ChatTurnError as exc:
         out.write("\n")
         out.flush()
         print(f"[{exc}]", file=sys.stderr, flush=True)
         return
     except KeyboardInterrupt:
+        cancelled = True
+    if cancelled:
         conversation.cancel()
-        out.write("\n")
-        out.flush()
-        print("[cancelled]", file=sys.stderr, flush=True)
-        return
     out.write("\n")
     out.flush()
+    if cancelled:
+        print("[cancelled]", file=sys.stderr, flush=True)
 
 
 def run_chat_loop(conversation: Conversation, gen_config: GenerationConfig, interactive: bool) -> int:
