@@ -155,3 +155,33 @@ def test_rope_matches_reference(kernels):
     got_q, got_k = kernels.rope(q.clone(), k.clone(), positions, cache)
     torch.testing.assert_close(got_q, want_q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_cpu_attention_backend_matches_reference(window):
+    """Decodes and prefill chunks (a whole prompt, a chunk after cached tokens) in one step, grouped
+    query heads, blocks scattered over the cache; the new keys are written by the call itself."""
+    from tidemind.attention.base import AttentionSpec, layout_from_lists
+    from tidemind.attention.cpu_backend import CPUAttentionBackend
+    from tidemind.attention.kv_cache import LayerKVCache
+    from tidemind.attention.reference import ReferenceAttentionBackend
+
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim, block_size = 6, 2, 40, 4
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim ** -0.5, window)
+    query_lens, seq_lens = [1, 1, 9, 5], [13, 3, 9, 17]
+    free = torch.randperm(40, generator=gen).tolist()
+    tables = [[free.pop() for _ in range(-(-n // block_size))] for n in seq_lens]
+    layout = layout_from_lists(query_lens, seq_lens, tables, block_size, torch.device("cpu"))
+    t = sum(query_lens)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=gen)
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=1)
+    views = (q.view(t, heads, head_dim), k.view(t, kv_heads, head_dim), v.view(t, kv_heads, head_dim))
+    cache = torch.randn(2, 40, block_size, kv_heads, head_dim, generator=gen)
+    outs = []
+    for backend in (ReferenceAttentionBackend(), CPUAttentionBackend()):
+        kv = LayerKVCache(cache.clone())
+        outs.append((backend.forward(spec, *views, kv, backend.build_metadata(layout)), kv.data))
+    (want, want_cache), (got, got_cache) = outs
+    assert torch.equal(got_cache, want_cache)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

@@ -77,5 +77,11 @@ class InProcessExecutor(Executor):
         self.runner.close()
 
 
+def keep_gguf_quantized(model: Optional[str], config: EngineConfig) -> bool:
+    """Whether a GGUF `model` runs at its stored precision (runner/gguf_precision.py decides and logs)."""
+    from ..runner.gguf_precision import keep_gguf_quantized as decide
+    return decide(model, config.dtype, config.device)
+
+
 def create_executor(model_path: str, config: EngineConfig) -> Executor:
     return InProcessExecutor(model_path, config)

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .qformat import QFormat
+from .qformat import QFormat, describe_format
 
 _P, _I, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 
@@ -60,7 +60,7 @@ class PackedQWeight:
         return self.qs.numel() + self.scales.numel() * self.scales.element_size()
 
     def describe(self) -> str:
-        return f"{self.bits}-bit, group {self.group}, {str(self.scales.dtype).replace('torch.', '')} scales"
+        return describe_format(self.bits, self.group, self.scales.dtype == torch.float16)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,18 @@ class QFormat:
     scale_f16: bool
 
     def describe(self) -> str:
-        return f"{self.bits}-bit g{self.group} {'f16' if self.scale_f16 else 'f32'} scales"
+        return describe_format(self.bits, self.group, self.scale_f16)
+
+    def concat(self, other: "QFormat") -> "QFormat":
+        """This weight's rows, then other's, in one format (both must describe() alike)."""
+        if other.describe() != self.describe() or other.q.shape[1] != self.q.shape[1]:
+            raise ValueError(f"cannot stack {self.describe()} and {other.describe()} rows")
+        return QFormat(torch.cat([self.q, other.q]), torch.cat([self.d, other.d]), torch.cat([self.m, other.m]),
+                       self.bits, self.group, self.scale_f16)
+
+
+def describe_format(bits: int, group: int, scale_f16: bool) -> str:
+    return f"{bits}-bit g{group} {'f16' if scale_f16 else 'f32'} scales"
 
 
 def _halve_groups(x: torch.Tensor) -> torch.Tensor:
