@@ -12,7 +12,8 @@
 
 #include "tm_cpu.h"
 
-#define PAR_MIN (1 << 15)
+#define PAR_MIN (1 << 18)
+#define ATTN_PAR_MIN (1 << 21)  /* query-key pairs x head_dim x heads: see PAR_MIN_MACS in qlinear.c */
 #define KEY_CHUNK 32   /* keys per online-softmax step */
 #define MAX_HEAD_DIM 1024
 
@@ -214,7 +215,7 @@ void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int6
     const int64_t group = h / kvh, items = ntokens * h;
     int64_t shift = 0;
     while (((int64_t)1 << shift) < block_size) shift++;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && work * h * d >= PAR_MIN) schedule(dynamic, 1)
+#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && work * h * d >= ATTN_PAR_MIN) schedule(dynamic, 1)
     for (int64_t item = 0; item < items; item++) {
         const int64_t i = item / h, head = item % h, j = seq_of[i];
         const int64_t pos = seq_lens[j] - (query_start[j + 1] - i);

@@ -23,6 +23,10 @@
 
 #define MT 4        /* activation rows per inner step */
 #define MCHUNK 256  /* activation rows per pass over the weights (their int8 copy stays in cache) */
+/* Multiply-adds below which a call runs on the calling thread alone: one thread does a few
+ * million in 5-20 us, while waking a second costs microseconds and, on a machine whose cores are
+ * shared with other work, a descheduled thread holds the whole call up for a time slice (ms). */
+#define PAR_MIN_MACS (4 << 20)
 
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
@@ -346,6 +350,7 @@ void TM_FN(tm_qlinear)(const tm_qweight *w, const float *x, int64_t ldx, int64_t
     float *dx = (float *)tm_scratch(sizeof(float) * (size_t)(m * (k / 32)), 1);
     float *sx = (float *)tm_scratch(sizeof(float) * (size_t)(m * (k / 16)), 2);
     const tm_act a = {xq, dx, sx, k};
+    if ((double)ntiles * TM_TILE * (double)k * (double)m < (double)PAR_MIN_MACS) nthreads = 1;
     /* claims of a few tiles each: a thread that other work on the machine delays takes fewer */
     int64_t claim = ntiles / (16 * (nthreads > 0 ? nthreads : 1));
     if (claim < 1) claim = 1;
