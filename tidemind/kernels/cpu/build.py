@@ -28,9 +28,9 @@ logger = logging.getLogger("tidemind")
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 LIBRARY_NAME = "libtidemind_cpu.so"
 PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c")
-COMMON_SOURCES = ("common.c",)
+COMMON_SOURCES = ("common.c", "pool.c")
 HEADERS = ("tm_cpu.h",)
-CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
+CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
           "-Wall", "-Wextra", "-Wno-unused-parameter"]
 _X86_ISA_FLAGS: Dict[str, List[str]] = {
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
@@ -128,7 +128,7 @@ def build_library(cache_dir: str = None) -> str:
     try:
         _run_all(_compile_commands(cc, tmp), jobs=max(1, os.cpu_count() or 1))
         objects = sorted(os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".o"))
-        _run_all([[cc, "-shared", "-fopenmp", *objects, "-o", os.path.join(tmp, LIBRARY_NAME)]], jobs=1)
+        _run_all([[cc, "-shared", "-fopenmp", "-pthread", *objects, "-o", os.path.join(tmp, LIBRARY_NAME)]], jobs=1)
         try:
             os.rename(tmp, target)
         except OSError:

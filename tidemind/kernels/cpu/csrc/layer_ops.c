@@ -13,7 +13,7 @@
 #include "tm_cpu.h"
 
 #define PAR_MIN (1 << 18)
-#define ATTN_PAR_MIN (1 << 21)  /* query-key pairs x head_dim x heads: see PAR_MIN_MACS in qlinear.c */
+#define ATTN_PAR_MIN (1 << 16)  /* query-key pairs x head_dim x heads; attention runs on the pool (pool.c) */
 #define KEY_CHUNK 32   /* keys per online-softmax step */
 #define MAX_HEAD_DIM 1024
 
@@ -187,6 +187,36 @@ static void attend(const float *q, const kv_view *kv, int64_t head, int64_t lo, 
     for (int64_t e = 0; e < d; e++) out[e] = acc[e] * inv;
 }
 
+typedef struct {
+    const float *q;
+    int64_t ldq;
+    const float *k_cache, *v_cache;
+    const int32_t *seq_lens, *query_start, *block_tables;
+    int64_t bt_stride;
+    const int32_t *seq_of;  /* sequence of each query row */
+    int64_t h, group, kvh, d, block_shift;
+    float scale;
+    int64_t window;
+    float *out;
+    int64_t ldo;
+} attention_job;
+
+/* Task `item`: query row item / h, head item % h. */
+static void attention_task(void *arg, int64_t item) {
+    const attention_job *jb = (const attention_job *)arg;
+    const int64_t i = item / jb->h, head = item % jb->h, j = jb->seq_of[i];
+    const int64_t pos = jb->seq_lens[j] - (jb->query_start[j + 1] - i);
+    float *out = jb->out + i * jb->ldo + head * jb->d;
+    if (pos < 0) {  /* no key to attend (not a row the runner makes) */
+        memset(out, 0, sizeof(float) * jb->d);
+        return;
+    }
+    const int64_t lo = jb->window > 0 && pos - jb->window + 1 > 0 ? pos - jb->window + 1 : 0;
+    const kv_view kv = {jb->k_cache, jb->v_cache, jb->block_tables + j * jb->bt_stride, jb->block_shift, jb->kvh,
+                        jb->d};
+    attend(jb->q + i * jb->ldq + head * jb->d, &kv, head / jb->group, lo, pos, jb->scale, out);
+}
+
 /* Write the step's new keys and values into their cache slots (slot < 0: padding, skipped), then
  * attend every query row over its sequence's cached keys.
  *   q [t][h * d] (ldq), k and v [t][kvh * d] (ldk, ldv); cache [num_blocks][block_size][kvh][d]
@@ -212,19 +242,9 @@ void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int6
         for (int64_t i = query_start[j]; i < query_start[j + 1]; i++) seq_of[i] = (int32_t)j;
         work += (int64_t)(query_start[j + 1] - query_start[j]) * seq_lens[j];
     }
-    const int64_t group = h / kvh, items = ntokens * h;
     int64_t shift = 0;
     while (((int64_t)1 << shift) < block_size) shift++;
-#pragma omp parallel for num_threads(nthreads) if (nthreads > 1 && work * h * d >= ATTN_PAR_MIN) schedule(dynamic, 1)
-    for (int64_t item = 0; item < items; item++) {
-        const int64_t i = item / h, head = item % h, j = seq_of[i];
-        const int64_t pos = seq_lens[j] - (query_start[j + 1] - i);
-        if (pos < 0) {  /* no key to attend (not a row the runner makes) */
-            memset(out + i * ldo + head * d, 0, sizeof(float) * d);
-            continue;
-        }
-        const int64_t lo = window > 0 && pos - window + 1 > 0 ? pos - window + 1 : 0;
-        const kv_view kv = {k_cache, v_cache, block_tables + j * bt_stride, shift, kvh, d};
-        attend(q + i * ldq + head * d, &kv, head / group, lo, pos, scale, out + i * ldo + head * d);
-    }
+    attention_job job = {q, ldq, k_cache, v_cache, seq_lens, query_start, block_tables, bt_stride, seq_of, h,
+                         h / kvh, kvh, d, shift, scale, window, out, ldo};
+    tm_parallel(ntokens * h, attention_task, &job, work * h * d >= ATTN_PAR_MIN ? nthreads : 1);
 }

@@ -23,10 +23,9 @@
 
 #define MT 4        /* activation rows per inner step */
 #define MCHUNK 256  /* activation rows per pass over the weights (their int8 copy stays in cache) */
-/* Multiply-adds below which a call runs on the calling thread alone: one thread does a few
- * million in 5-20 us, while waking a second costs microseconds and, on a machine whose cores are
- * shared with other work, a descheduled thread holds the whole call up for a time slice (ms). */
-#define PAR_MIN_MACS (4 << 20)
+/* Multiply-adds below which a call runs on the calling thread alone (a few microseconds of work:
+ * less than handing tasks to another thread costs). */
+#define PAR_MIN_MACS (1 << 18)
 
 static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
@@ -342,6 +341,24 @@ static void run_tile(const tm_qweight *w, int64_t t, const tm_act *a, int64_t m0
     }
 }
 
+typedef struct {
+    const tm_qweight *w;
+    const tm_act *a;
+    int64_t m, claim, ngroups;  /* ngroups: claims of `claim` tiles per pass of MCHUNK rows */
+    float *y;
+    int64_t ldy;
+    const float *bias;
+} qlinear_job;
+
+/* Task i: tiles [claim g, claim (g + 1)) for the rows of pass i / ngroups. */
+static void qlinear_task(void *arg, int64_t i) {
+    const qlinear_job *j = (const qlinear_job *)arg;
+    const int64_t m0 = (i / j->ngroups) * MCHUNK, m1 = m0 + MCHUNK < j->m ? m0 + MCHUNK : j->m;
+    const int64_t t0 = (i % j->ngroups) * j->claim, ntiles = tm_tiles(j->w->n);
+    const int64_t t1 = t0 + j->claim < ntiles ? t0 + j->claim : ntiles;
+    for (int64_t t = t0; t < t1; t++) run_tile(j->w, t, j->a, m0, m1, j->y, j->ldy, j->bias);
+}
+
 /* y [m][n] (row stride ldy) = x [m][k] (row stride ldx) times the weight, plus bias (or NULL). */
 void TM_FN(tm_qlinear)(const tm_qweight *w, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy,
                        const float *bias, int nthreads) {
@@ -350,20 +367,14 @@ void TM_FN(tm_qlinear)(const tm_qweight *w, const float *x, int64_t ldx, int64_t
     float *dx = (float *)tm_scratch(sizeof(float) * (size_t)(m * (k / 32)), 1);
     float *sx = (float *)tm_scratch(sizeof(float) * (size_t)(m * (k / 16)), 2);
     const tm_act a = {xq, dx, sx, k};
+    for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, dx + i * (k / 32), sx + i * (k / 16));
     if ((double)ntiles * TM_TILE * (double)k * (double)m < (double)PAR_MIN_MACS) nthreads = 1;
-    /* claims of a few tiles each: a thread that other work on the machine delays takes fewer */
-    int64_t claim = ntiles / (16 * (nthreads > 0 ? nthreads : 1));
+    /* claims of a few tiles each, so that a thread other work on the machine delays takes fewer */
+    int64_t claim = nthreads > 1 ? ntiles / (8 * nthreads) : ntiles;
     if (claim < 1) claim = 1;
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < m; i++) quantize_row(x + i * ldx, k, xq + i * k, dx + i * (k / 32), sx + i * (k / 16));
-        for (int64_t m0 = 0; m0 < m; m0 += MCHUNK) {
-            const int64_t m1 = m - m0 < MCHUNK ? m : m0 + MCHUNK;
-#pragma omp for schedule(dynamic, claim) nowait
-            for (int64_t t = 0; t < ntiles; t++) run_tile(w, t, &a, m0, m1, y, ldy, bias);
-        }
-    }
+    const int64_t ngroups = (ntiles + claim - 1) / claim, passes = (m + MCHUNK - 1) / MCHUNK;
+    qlinear_job job = {w, &a, m, claim, ngroups, y, ldy, bias};
+    tm_parallel(passes * ngroups, qlinear_task, &job, nthreads);
 }
 
 /* The activation quantization alone (tests compare it with the torch definition). */

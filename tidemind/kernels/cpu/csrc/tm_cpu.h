@@ -54,6 +54,10 @@ typedef struct {
     int64_t k;
 } tm_act;
 
+/* fn(ctx, i) for i in [0, ntasks) over the calling thread and up to nthreads - 1 pool workers
+ * (pool.c: tasks are claimed one by one; a late worker never holds the call up). */
+void tm_parallel(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx, int nthreads);
+
 /* Scratch memory of the calling thread, grown on demand and kept (one engine thread calls). */
 void *tm_scratch(size_t bytes, int slot);
 
