@@ -157,17 +157,18 @@ def test_rope_matches_reference(kernels):
     torch.testing.assert_close(got_k, want_k, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 6])
-def test_cpu_attention_backend_matches_reference(window):
+@pytest.mark.parametrize("window, heads", [(None, 6), (6, 6), (None, 20)])
+def test_cpu_attention_backend_matches_reference(window, heads):
     """Decodes and prefill chunks (a whole prompt, a chunk after cached tokens) in one step, grouped
-    query heads, blocks scattered over the cache; the new keys are written by the call itself."""
+    query heads (3 a key head; 10, more than the kernel takes at once), blocks scattered over the
+    cache; the new keys are written by the call itself."""
     from tidemind.attention.base import AttentionSpec, layout_from_lists
     from tidemind.attention.cpu_backend import CPUAttentionBackend
     from tidemind.attention.kv_cache import LayerKVCache
     from tidemind.attention.reference import ReferenceAttentionBackend
 
     gen = torch.Generator().manual_seed(7)
-    heads, kv_heads, head_dim, block_size = 6, 2, 40, 4
+    kv_heads, head_dim, block_size = 2, 40, 4
     spec = AttentionSpec(heads, kv_heads, head_dim, head_dim ** -0.5, window)
     query_lens, seq_lens = [1, 1, 9, 5], [13, 3, 9, 17]
     free = torch.randperm(40, generator=gen).tolist()

@@ -146,45 +146,61 @@ static inline const float *kv_row(const kv_view *kv, const float *cache, int64_t
     return cache + (slot * kv->kvh + head) * kv->d;
 }
 
-/* One query row of one head over keys [lo, hi] (inclusive): online softmax in chunks of KEY_CHUNK
- * keys aligned to absolute positions, so the same query position always takes the same steps. */
-static void attend(const float *q, const kv_view *kv, int64_t head, int64_t lo, int64_t hi, float scale,
+#define GROUP_MAX 8  /* query heads attended together over one key / value head's rows */
+
+/* One query row of nh heads (q [nh][d], the heads sharing one key / value head) over keys [lo, hi]
+ * (inclusive): online softmax in chunks of KEY_CHUNK keys aligned to absolute positions, so the
+ * same query position always takes the same steps; each key and value row is read once for the
+ * nh heads. out [nh][d]. */
+static void attend(const float *q, int nh, const kv_view *kv, int64_t head, int64_t lo, int64_t hi, float scale,
                    float *out) {
     const int64_t d = kv->d;
-    float acc[MAX_HEAD_DIM], s[KEY_CHUNK];
-    float run_max = -INFINITY, total = 0.0f;
-    for (int64_t e = 0; e < d; e++) acc[e] = 0.0f;
+    float acc[GROUP_MAX][MAX_HEAD_DIM], s[GROUP_MAX][KEY_CHUNK], run_max[GROUP_MAX], total[GROUP_MAX];
+    for (int r = 0; r < nh; r++) {
+        run_max[r] = -INFINITY;
+        total[r] = 0.0f;
+        for (int64_t e = 0; e < d; e++) acc[r][e] = 0.0f;
+    }
     for (int64_t c0 = lo - lo % KEY_CHUNK; c0 <= hi; c0 += KEY_CHUNK) {
         const int64_t j0 = c0 > lo ? c0 : lo, j1 = c0 + KEY_CHUNK - 1 < hi ? c0 + KEY_CHUNK - 1 : hi;
         const int64_t n = j1 - j0 + 1;
-        float chunk_max = -INFINITY;
         for (int64_t j = 0; j < n; j++) {
             const float *kr = kv_row(kv, kv->k_cache, j0 + j, head);
-            float dot = 0.0f;
+            for (int r = 0; r < nh; r++) {
+                const float *qr = q + r * d;
+                float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
-            for (int64_t e = 0; e < d; e++) dot += q[e] * kr[e];
-            s[j] = dot * scale;
-            chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
+                for (int64_t e = 0; e < d; e++) dot += qr[e] * kr[e];
+                s[r][j] = dot * scale;
+            }
         }
-        const float new_max = chunk_max > run_max ? chunk_max : run_max;
-        const float alpha = run_max == -INFINITY ? 0.0f : tm_expf(run_max - new_max);
-        total *= alpha;
+        for (int r = 0; r < nh; r++) {
+            float chunk_max = -INFINITY;
+            for (int64_t j = 0; j < n; j++) chunk_max = s[r][j] > chunk_max ? s[r][j] : chunk_max;
+            const float new_max = chunk_max > run_max[r] ? chunk_max : run_max[r];
+            const float alpha = run_max[r] == -INFINITY ? 0.0f : tm_expf(run_max[r] - new_max);
+            total[r] *= alpha;
 #pragma omp simd
-        for (int64_t e = 0; e < d; e++) acc[e] *= alpha;
+            for (int64_t e = 0; e < d; e++) acc[r][e] *= alpha;
 #pragma omp simd
-        for (int64_t j = 0; j < n; j++) s[j] = tm_expf(s[j] - new_max);
+            for (int64_t j = 0; j < n; j++) s[r][j] = tm_expf(s[r][j] - new_max);
+            run_max[r] = new_max;
+        }
         for (int64_t j = 0; j < n; j++) {
             const float *vr = kv_row(kv, kv->v_cache, j0 + j, head);
-            const float p = s[j];
-            total += p;
+            for (int r = 0; r < nh; r++) {
+                const float p = s[r][j];
+                total[r] += p;
 #pragma omp simd
-            for (int64_t e = 0; e < d; e++) acc[e] += p * vr[e];
+                for (int64_t e = 0; e < d; e++) acc[r][e] += p * vr[e];
+            }
         }
-        run_max = new_max;
     }
-    const float inv = 1.0f / total;
+    for (int r = 0; r < nh; r++) {
+        const float inv = 1.0f / total[r];
 #pragma omp simd
-    for (int64_t e = 0; e < d; e++) out[e] = acc[e] * inv;
+        for (int64_t e = 0; e < d; e++) out[r * d + e] = acc[r][e] * inv;
+    }
 }
 
 typedef struct {
@@ -201,20 +217,24 @@ typedef struct {
     int64_t ldo;
 } attention_job;
 
-/* Task `item`: query row item / h, head item % h. */
+/* Task `item`: query row item / parts, heads [GROUP_MAX p, GROUP_MAX (p + 1)) of its key / value
+ * head's group (part p of that group), parts = kvh x (group / GROUP_MAX rounded up). */
 static void attention_task(void *arg, int64_t item) {
     const attention_job *jb = (const attention_job *)arg;
-    const int64_t i = item / jb->h, head = item % jb->h, j = jb->seq_of[i];
-    const int64_t pos = jb->seq_lens[j] - (jb->query_start[j + 1] - i);
-    float *out = jb->out + i * jb->ldo + head * jb->d;
+    const int64_t per_kv = (jb->group + GROUP_MAX - 1) / GROUP_MAX, parts = jb->kvh * per_kv;
+    const int64_t i = item / parts, kv_head = (item % parts) / per_kv, part = item % per_kv;
+    const int64_t first = kv_head * jb->group + part * GROUP_MAX;  /* first query head of the task */
+    const int nh = (int)(jb->group - part * GROUP_MAX < GROUP_MAX ? jb->group - part * GROUP_MAX : GROUP_MAX);
+    const int64_t j = jb->seq_of[i], pos = jb->seq_lens[j] - (jb->query_start[j + 1] - i);
+    float *out = jb->out + i * jb->ldo + first * jb->d;
     if (pos < 0) {  /* no key to attend (not a row the runner makes) */
-        memset(out, 0, sizeof(float) * jb->d);
+        memset(out, 0, sizeof(float) * jb->d * nh);
         return;
     }
     const int64_t lo = jb->window > 0 && pos - jb->window + 1 > 0 ? pos - jb->window + 1 : 0;
     const kv_view kv = {jb->k_cache, jb->v_cache, jb->block_tables + j * jb->bt_stride, jb->block_shift, jb->kvh,
                         jb->d};
-    attend(jb->q + i * jb->ldq + head * jb->d, &kv, head / jb->group, lo, pos, jb->scale, out);
+    attend(jb->q + i * jb->ldq + first * jb->d, nh, &kv, kv_head, lo, pos, jb->scale, out);
 }
 
 /* Write the step's new keys and values into their cache slots (slot < 0: padding, skipped), then
@@ -246,5 +266,6 @@ void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int6
     while (((int64_t)1 << shift) < block_size) shift++;
     attention_job job = {q, ldq, k_cache, v_cache, seq_lens, query_start, block_tables, bt_stride, seq_of, h,
                          h / kvh, kvh, d, shift, scale, window, out, ldo};
-    tm_parallel(ntokens * h, attention_task, &job, work * h * d >= ATTN_PAR_MIN ? nthreads : 1);
+    const int64_t parts = kvh * ((h / kvh + GROUP_MAX - 1) / GROUP_MAX);
+    tm_parallel(ntokens * parts, attention_task, &job, work * h * d >= ATTN_PAR_MIN ? nthreads : 1);
 }
