@@ -30,8 +30,8 @@ LIBRARY_NAME = "libtidemind_cpu.so"
 PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c")
 COMMON_SOURCES = ("common.c", "pool.c")
 HEADERS = ("tm_cpu.h",)
-CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
-          "-Wall", "-Wextra", "-Wno-unused-parameter"]
+CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno",
+          "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 _X86_ISA_FLAGS: Dict[str, List[str]] = {
     "avx512_vnni": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
                     "-mavx512vnni"],
