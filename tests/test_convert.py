@@ -58,8 +58,9 @@ def test_prefused_weights_load_into_another_dtype(tmp_path):
     fused, _ = load_model(str(tmp_path / "fused"), torch.float32, CPU)
     as_bfloat16, _ = load_model(str(tmp_path / "fused"), torch.bfloat16, CPU)  # another dtype: copied
     weight = fused.model.layers[0].self_attn.qkv_proj.weight
-    assert weight.dtype == torch.float32 and as_bfloat16.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.bfloat16
-    assert torch.equal(weight.bfloat16(), as_bfloat16.model.layers[0].self_attn.qkv_proj.weight)
+    weight_bfloat16 = as_bfloat16.model.layers[0].self_attn.qkv_proj.weight
+    assert weight.dtype == torch.float32 and weight_bfloat16.dtype == torch.bfloat16
+    assert torch.equal(weight.bfloat16(), weight_bfloat16)
 
 
 def test_damaged_prefused_directories_name_the_fix(tmp_path):

@@ -46,13 +46,15 @@ def test_every_lmdeploy_argument_at_its_default_is_accepted(key, cls, defaults):
 def test_lmdeploy_names_map_to_tidemind_settings():
     config = PytorchEngineConfig(block_size=32, device_type="cpu", session_len=1024, max_batch_size=8,
                                  cache_max_entry_count=0.5, num_gpu_blocks=10, eager_mode=True)
-    assert (config.cache_block_seq_len, config.device, config.session_len, config.max_batch_size) == (32, "cpu", 1024, 8)
+    assert (config.cache_block_seq_len, config.device) == (32, "cpu")
+    assert (config.session_len, config.max_batch_size) == (1024, 8)
     assert (config.cache_max_entry_count, config.num_gpu_blocks, config.eager_mode) == (0.5, 10, True)
     both = PytorchEngineConfig(enable_prefix_caching=False, num_cpu_blocks=8, eviction_type="copy")
     assert (both.enable_prefix_caching, both.num_cpu_blocks) == (False, 8)
     turbo = TurbomindEngineConfig(cache_block_seq_len=16, model_format="hf", quant_policy=0, tp=1)
     assert (turbo.cache_block_seq_len, turbo.model_format) == (16, "hf")
-    assert TurbomindEngineConfig(quant_policy=8).quant_policy == 8 and PytorchEngineConfig(quant_policy=4).quant_policy == 4
+    assert TurbomindEngineConfig(quant_policy=8).quant_policy == 8
+    assert PytorchEngineConfig(quant_policy=4).quant_policy == 4
 
 
 @pytest.mark.parametrize("cls, kwargs, message", [
@@ -100,6 +102,28 @@ def test_model_name_picks_a_builtin_template_as_in_lmdeploy_0_3(caplog):
     assert TurbomindEngineConfig(model_name="qwen").lmdeploy_model_name == "qwen"
 
 
+def test_pipeline_takes_lmdeploys_arguments(monkeypatch):
+    """pipeline()'s own mapping (the Pipeline it builds is replaced: no model is loaded)."""
+    import tidemind.api as api
+
+    built = []
+    monkeypatch.setattr(api, "Pipeline", lambda *args: built.append(args))
+    api.pipeline("MODEL", tp=1, download_dir=None, block_size=32, session_len=512)
+    model_path, backend_config, _, chat_template = built[-1]
+    assert model_path == "MODEL" and chat_template is None
+    assert (backend_config.cache_block_seq_len, backend_config.session_len, backend_config.tp) == (32, 512, 1)
+    api.pipeline("MODEL", "llama3")  # LMDeploy 0.3: pipeline(model_path, model_name)
+    assert built[-1][3] == "llama3" and built[-1][1] is None
+    api.pipeline("MODEL", model_name="Llama3", backend_config=PytorchEngineConfig(session_len=256))
+    assert built[-1][3] == "llama3" and built[-1][1].session_len == 256
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        api.pipeline("MODEL", tp=2)
+    with pytest.raises(ValueError, match="not both"):
+        api.pipeline("MODEL", backend_config=EngineConfig(), tp=1)
+    with pytest.raises(TypeError, match="frobnicate"):
+        api.pipeline("MODEL", frobnicate=1)
+
+
 def test_sampling_settings_without_do_sample_are_noted_once(caplog, monkeypatch):
     import tidemind.config as config_module
 
@@ -114,14 +138,22 @@ def test_sampling_settings_without_do_sample_are_noted_once(caplog, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------- CLI
-def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(capsys, caplog):
+def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(capsys, caplog, monkeypatch):
+    import tidemind.serve.openai.launch as launch
+
+    def served():  # a refusal that went missing must fail this test, not leave a server running in it
+        raise AssertionError("the api_server started serving")
+
+    monkeypatch.setattr(launch, "_server_class", served)
     with caplog.at_level(logging.WARNING, logger="tidemind"):
         assert main(["chat", "--backend", "turbomind", "--tp", "2"]) == 2
     assert "one engine" in caplog.text
     assert "tensor parallelism is not implemented" in capsys.readouterr().err
-    assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "hf"]) == 2
-    assert "KV cache quantization (int4)" in capsys.readouterr().err
-    assert main(["chat", "--model-format", "gptq"]) == 2  # the bundled model is dense
+    assert main(["serve", "api_server", "--backend", "pytorch", "--tp", "2", "--quant-policy", "8"]) == 2
+    assert "tensor parallelism is not implemented" in capsys.readouterr().err
+    assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "awq"]) == 2  # a dense model
+    assert "--model-format awq was given but" in capsys.readouterr().err
+    assert main(["chat", "--model-format", "gptq"]) == 2
     assert "--model-format gptq was given but" in capsys.readouterr().err
 
 

@@ -83,14 +83,28 @@ def test_the_names_remembered_for_logging_are_bounded(caplog):
     ({"response_format": {"type": "regex_schema", "regex_schema": "[0-9]+"}},
      {"type": "regex_schema", "regex_schema": "[0-9]+"}),
     ({"guided_json": '{"type": "object"}'}, {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}),
-    ({"guided_regex": "a+"}, {"type": "regex_schema", "regex_schema": "a+"}),
+    ({"guided_json": {"type": "object"}, "guided_whitespace_pattern": "[ ]?"},
+     {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}, "whitespace_pattern": "[ ]?"}),
+    ({"response_format": {"type": "json_object"}, "guided_whitespace_pattern": "[ ]?"},
+     {"type": "json_object", "whitespace_pattern": "[ ]?"}),
+    ({"guided_regex": "a+", "guided_whitespace_pattern": "[ ]?"}, {"type": "regex_schema", "regex_schema": "a+"}),
     ({"guided_choice": ["yes", "no"]}, {"type": "choice", "choice": ["yes", "no"]}),
     ({"guided_grammar": 'start: "x"'}, {"type": "grammar", "grammar": 'start: "x"'}),
     ({"structured_outputs": {"choice": ["a"]}}, {"type": "choice", "choice": ["a"]}),
-    ({"structured_outputs": {"json": {"type": "array"}}}, {"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}),
+    ({"structured_outputs": {"json": {"type": "array"}}},
+     {"type": "json_schema", "json_schema": {"schema": {"type": "array"}}}),
 ])
 def test_structured_output_spellings_map_to_one_response_format(fields, expected):
     assert response_format_of(ChatCompletionRequest.model_validate({"messages": "hi", **fields})) == expected
+
+
+def test_guided_whitespace_pattern_reaches_the_json_grammar():
+    from tidemind.chat.grammar import to_llguidance
+
+    body = ChatCompletionRequest.model_validate({"messages": "hi", "guided_json": {"type": "object"},
+                                                 "guided_whitespace_pattern": "[ ]?"})
+    grammar = json.loads(to_llguidance(response_format_of(body)))
+    assert grammar["grammars"][0]["json_schema"]["x-guidance"]["whitespace_pattern"] == "[ ]?"
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -175,7 +189,8 @@ def test_forced_call_grammars_compile_and_name_the_functions():
 def test_hermes_messages_offer_the_tools_and_replay_calls_and_results():
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     out = hermes_messages(messages, TOOLS)
     assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.\n\n# Tools")
@@ -206,7 +221,8 @@ def test_a_template_that_writes_hermes_calls_renders_tools_itself(tmp_path):
     assert template.writes_hermes_tool_calls
     messages = [{"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": "", "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
     prompt = prompt_with_tools(template, messages, TOOLS)
     assert prompt.startswith("<tools>") and '"name": "get_weather"' in prompt

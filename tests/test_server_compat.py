@@ -1,8 +1,9 @@
 """`tidemind serve api_server` (bundled SmolLM2) against what real clients send: LMDeploy's APIClient
 0.17.0 and 0.3.0, guidellm's streaming requests and LangChain's ChatOpenAI (request bodies recorded in
 tests/fixtures/clients/), structured output over a set of schemas, tool calls (forced by the grammar,
-streamed whole), completions' echo with prompt log-probabilities, best_of, logit_bias, the 16-token
-completions default and GET /v1/models/{model}. A second server runs with --strict-fields."""
+streamed whole), completions' echo with prompt log-probabilities, best_of, logit_bias, LMDeploy's and
+vLLM's sampling fields, the 16-token completions default and GET /v1/models/{model}. A second server
+(--strict-fields, a 128-token session) refuses unknown fields and shows chat's default length."""
 from __future__ import annotations
 
 import json
@@ -119,7 +120,7 @@ def test_langchain_request_shapes_get_answers_langchain_can_use(server, request_
 
 
 def test_langchain_itself_binds_tools_and_gets_structured_output(server):
-    """One run with the real package, when it is installed (CI relies on the recorded shapes above)."""
+    """LangChain itself (the test extra installs it; where it is absent, the recorded shapes above stand in)."""
     langchain_openai = pytest.importorskip("langchain_openai")
     from pydantic import BaseModel, Field
 
@@ -144,6 +145,32 @@ def test_langchain_itself_binds_tools_and_gets_structured_output(server):
     # json_mode promises JSON, not the schema: what the model puts in it is its own business
     raw = llm.with_structured_output(City, method="json_mode", include_raw=True).invoke(question)["raw"]
     assert isinstance(json.loads(raw.content), dict)
+
+
+def test_litellm_itself_chats_streams_calls_tools_and_gets_structured_output(server, monkeypatch):
+    """litellm's openai/ provider (not in the test extra: 22 more packages, boto3 and aiohttp among them;
+    skipped where it is absent)."""
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list
+    litellm = pytest.importorskip("litellm")
+    from pydantic import BaseModel, Field
+
+    class City(BaseModel):
+        name: str = Field(max_length=30)
+        country: str = Field(max_length=30)
+
+    common = dict(model=f"openai/{MODEL}", api_base=f"{server}/v1", api_key="none", temperature=0, max_tokens=60)
+    hello = [{"role": "user", "content": "Say hi."}]
+    whole = litellm.completion(messages=hello, **common).choices[0].message.content
+    streamed = [chunk.choices[0].delta.content or "" for chunk in litellm.completion(messages=hello, stream=True,
+                                                                                     **common)]
+    assert whole and "".join(streamed) == whole
+    called = litellm.completion(messages=[{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS[:1],
+                                tool_choice="required", **{**common, "max_tokens": 120}).choices[0]
+    assert called.finish_reason == "tool_calls" and called.message.tool_calls[0].function.name == "get_weather"
+    jsonschema.validate(json.loads(called.message.tool_calls[0].function.arguments), TOOLS[0]["function"]["parameters"])
+    city = litellm.completion(messages=[{"role": "user", "content": "A city in Japan, as JSON."}], response_format=City,
+                              **{**common, "max_tokens": 100}).choices[0].message.content
+    City.model_validate_json(city)
 
 
 def test_the_openai_sdk_parses_structured_output_retrieves_the_model_and_gets_tool_calls(server):
@@ -206,7 +233,8 @@ def test_structured_answers_always_parse_and_validate(server, schema, prompt, sp
 def test_regex_choice_grammar_and_json_object(server):
     def ask(**fields):
         body = {"messages": [{"role": "user", "content": "Answer."}], "max_tokens": 60, "temperature": 0, **fields}
-        return httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()["choices"][0]["message"]["content"]
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()
+        return answer["choices"][0]["message"]["content"]
 
     assert re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", ask(guided_regex=r"[0-9]{4}-[0-9]{2}-[0-9]{2}"))
     assert ask(guided_choice=["alpha", "beta"]) in ("alpha", "beta")
@@ -262,7 +290,7 @@ def test_a_tool_result_conversation_and_tool_choice_none(server):
 
 
 # ---------------------------------------------------------------------------------------- the rest of the surface
-def test_completions_default_to_16_tokens_and_chat_to_the_session(server):
+def test_completions_default_to_16_tokens(server):
     completion = httpx.post(f"{server}/v1/completions", json={"prompt": "Once upon a time", "ignore_eos": True},
                             timeout=300).json()
     assert completion["usage"]["completion_tokens"] == 16 and completion["choices"][0]["finish_reason"] == "length"
@@ -303,13 +331,45 @@ def test_best_of_returns_the_samples_with_the_best_mean_log_probability(server):
 
 
 def test_logit_bias_bans_and_forces_tokens(server):
-    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1, "temperature": 0, "logprobs": True}
+    body = {"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 1, "temperature": 0,
+            "logprobs": True}
     first = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()["choices"][0]
     token = first["logprobs"]["content"][0]["token"]
     token_id = httpx.post(f"{server}/v1/encode", json={"input": token, "add_bos": False}).json()["input_ids"][0]
     banned = httpx.post(f"{server}/v1/chat/completions", json={**body, "logit_bias": {str(token_id): -100}},
                         timeout=300).json()["choices"][0]
     assert banned["logprobs"]["content"][0]["token"] != token
+
+
+def test_lmdeploy_and_vllm_sampling_fields_are_honoured(server):
+    """min_tokens, stop_token_ids, include_stop_str_in_output, bad_words and chat's echo, each against the
+    plain greedy answer to the same question."""
+    def chat(messages=None, **fields):
+        body = {"messages": messages or [{"role": "user", "content": "Name a fruit."}], "temperature": 0,
+                "max_tokens": 24, **fields}
+        answer = httpx.post(f"{server}/v1/chat/completions", json=body, timeout=300).json()
+        return answer["choices"][0], answer["usage"]["completion_tokens"]
+
+    plain, count = chat(logprobs=True)
+    tokens = [entry["token"] for entry in plain["logprobs"]["content"]]
+    assert plain["finish_reason"] == "stop" and count >= 3, plain  # the checks below need a short answer
+    longer, longer_count = chat(min_tokens=count + 4, max_tokens=count + 4)  # the end of the answer is banned
+    assert longer_count == count + 4 and longer["message"]["content"].startswith(plain["message"]["content"])
+    second = httpx.post(f"{server}/v1/encode", json={"input": tokens[1], "add_bos": False}).json()["input_ids"]
+    assert len(second) == 1
+    cut, cut_count = chat(stop_token_ids=second)
+    assert cut["finish_reason"] == "stop" and cut_count == 2 and cut["message"]["content"].strip() == tokens[0].strip()
+    word = tokens[1].strip()
+    without, _ = chat(stop=[word])
+    with_stop, _ = chat(stop=[word], include_stop_str_in_output=True)
+    assert word not in without["message"]["content"]
+    assert with_stop["message"]["content"] == without["message"]["content"] + word
+    banned, _ = chat(bad_words=[tokens[0].strip()])
+    assert not banned["message"]["content"].startswith(tokens[0].strip())
+    started = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "My favourite fruit is"}]
+    continued, _ = chat(started)
+    echoed, _ = chat(started, echo=True)
+    assert echoed["message"]["content"] == "My favourite fruit is" + continued["message"]["content"]
 
 
 def test_models_by_name(server):
@@ -326,10 +386,29 @@ def test_unknown_fields_are_logged_once_per_name(server, server_log):
     assert log.count("'frobnicate_xyz' is not known") == 1 and "empty_one" not in log
 
 
-def test_strict_fields_refuse_unknown_fields_with_a_value(tmp_path):
-    with api_server("--session-len", "256", "--strict-fields", "--model-name", MODEL,
-                    log_path=str(tmp_path / "strict.log")) as url:
-        refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "frobnicate": 1})
-        assert refused.status_code == 400 and "frobnicate" in refused.json()["error"]["message"]
-        for request in recorded("lmdeploy_0.17.0.json")[:1]:
-            assert send(url, request).status_code == 200  # its only unknown field is an empty one
+SHORT_SESSION = 128
+
+
+@pytest.fixture(scope="module")
+def strict_short_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("strict") / "strict.log"
+    with api_server("--session-len", str(SHORT_SESSION), "--strict-fields", "--model-name", MODEL,
+                    log_path=str(log)) as url:
+        yield url
+
+
+def test_strict_fields_refuse_unknown_fields_with_a_value(strict_short_server):
+    url = strict_short_server
+    refused = httpx.post(f"{url}/v1/chat/completions", json={"messages": "hi", "max_tokens": 2, "frobnicate": 1})
+    assert refused.status_code == 400 and "frobnicate" in refused.json()["error"]["message"]
+    for request in recorded("lmdeploy_0.17.0.json")[:1]:
+        assert send(url, request).status_code == 200  # its only unknown field is an empty one
+
+
+def test_chat_without_max_tokens_runs_to_the_end_of_the_session(strict_short_server):
+    """Chat's default, as LMDeploy's: no max_tokens means the rest of the session (not 16, as on completions)."""
+    body = {"messages": [{"role": "user", "content": "Count from one to a thousand."}], "ignore_eos": True}
+    answer = httpx.post(f"{strict_short_server}/v1/chat/completions", json=body, timeout=300).json()
+    usage = answer["usage"]
+    assert usage["prompt_tokens"] + usage["completion_tokens"] == SHORT_SESSION, usage
+    assert usage["completion_tokens"] > 16 and answer["choices"][0]["finish_reason"] == "length"

@@ -69,10 +69,12 @@ def run_rows(batch: InputBatch, request_ids, steps: int, seed: int = 0):
 
 # Bounded grammars only: random logits, unlike a model, never choose to end an unbounded string.
 @pytest.mark.parametrize("response_format, check", [
-    ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, lambda text: jsonschema.validate(json.loads(text), SCHEMA)),
+    ({"type": "json_schema", "json_schema": {"schema": SCHEMA}},
+     lambda text: jsonschema.validate(json.loads(text), SCHEMA)),
     ({"type": "regex_schema", "regex_schema": "[0-9]{3}-[a-z]{2}"}, lambda text: __import__("re").fullmatch(
         "[0-9]{3}-[a-z]{2}", text) or pytest.fail(text)),
-    ({"type": "choice", "choice": ["red", "green", "blue"]}, lambda text: text in ("red", "green", "blue") or pytest.fail(text)),
+    ({"type": "choice", "choice": ["red", "green", "blue"]},
+     lambda text: text in ("red", "green", "blue") or pytest.fail(text)),
 ])
 def test_random_logits_under_a_grammar_give_answers_in_the_grammar(model_dir, tokenizer, response_format, check):
     batch = InputBatch(8, 512, 8, GrammarCompiler(model_dir, VOCAB))

@@ -25,6 +25,7 @@ from typing import AsyncIterator, Callable, Deque, Dict, Iterator, List, Optiona
 from ..config import GenerationConfig
 from ..messages import RequestOutput
 from .engine import Engine
+from .host_heap import IDLE_BEFORE_TRIM_S, trim_host_heap
 
 logger = logging.getLogger("tidemind")
 
@@ -206,8 +207,7 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._closed and not self._inbox and not self.engine.has_unfinished_requests():
-                    self._wake.wait()
+                self._wait_for_work()
                 if self._closed:
                     self.engine.abort_all("the engine was closed")
                     self._dispatch(self.engine.step())
@@ -217,6 +217,15 @@ class AsyncEngine:
             for command in commands:
                 self._apply(command)
             self._dispatch(self.engine.step())
+
+    def _wait_for_work(self) -> None:
+        """Hold `_wake` and wait for a command or unfinished work. Once per idle spell, after
+        IDLE_BEFORE_TRIM_S, the host heap's free pages go back to the OS (host_heap.py)."""
+        trimmed = False
+        while not self._closed and not self._inbox and not self.engine.has_unfinished_requests():
+            if not self._wake.wait(timeout=None if trimmed else IDLE_BEFORE_TRIM_S):
+                trim_host_heap()
+                trimmed = True
 
     def _apply(self, command: Command) -> None:
         if isinstance(command, AbortRequest):

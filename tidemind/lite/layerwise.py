@@ -21,6 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 from ..attention.base import layout_from_lists
+from ..attention.kv_cache import LayerKVCache
 from ..layers.context import BuildContext
 from ..loader.checkpoint import model_class_for, read_hf_config, safetensors_files
 from ..models.weights import load_checkpoint_weights
@@ -141,5 +142,5 @@ class LayerRunner:
                 on_batch(start, stop)
             rope, meta = self._step_inputs(stop - start)
             hidden = states[start:stop].reshape(-1, states.shape[-1])
-            out, residual = layer(hidden, None, rope, self.kv_cache[:, :stop - start], meta)
+            out, residual = layer(hidden, None, rope, LayerKVCache(self.kv_cache[:, :stop - start]), meta)
             states[start:stop] = (out + residual).view(stop - start, self.seq_len, -1)

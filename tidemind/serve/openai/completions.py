@@ -54,7 +54,8 @@ def _prompt_logprobs(state, ids: Sequence[int], entries, num_top: int) -> dict:
         text = state.token(token_id)
         tokens.append(text)
         values.append(None if entry is None else safe_logprob(entry[token_id]))
-        tops.append(None if entry is None else {state.token(t): safe_logprob(v) for t, v in top_entries(entry, num_top)})
+        tops.append(None if entry is None
+                    else {state.token(t): safe_logprob(v) for t, v in top_entries(entry, num_top)})
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

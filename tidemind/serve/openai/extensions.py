@@ -153,7 +153,8 @@ def _structured_outputs(spec) -> dict:
         return {"type": "json_schema", "json_schema": {"schema": _schema(spec.json_, "structured_outputs")}}
     if key == "json_object":
         return {"type": "json_object"}
-    return {"regex": {"type": "regex_schema", "regex_schema": spec.regex}, "choice": {"type": "choice", "choice": spec.choice},
+    return {"regex": {"type": "regex_schema", "regex_schema": spec.regex},
+            "choice": {"type": "choice", "choice": spec.choice},
             "grammar": {"type": "grammar", "grammar": spec.grammar}}[key]
 
 
