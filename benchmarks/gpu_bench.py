@@ -132,7 +132,8 @@ def check(gguf: str, device: str = "cuda") -> None:
         print(f"{mode}: {len(prompts) - len(differ)}/{len(prompts)} identical to graphs one at a time", flush=True)
 
 
-def d1(pipe) -> None:
+def d1(pipe, **tags) -> dict:
+    """D1 after a warm-up, median of 3 (recorded with `tags`); returns the median."""
     engine = pipe.async_engine
     prompt = [random_prompt(pipe.engine.model_config.vocab_size)]
     run_requests(engine, prompt, GenerationConfig(max_new_tokens=32, ignore_eos=True))  # warm-up
@@ -142,7 +143,8 @@ def d1(pipe) -> None:
         runs.append(dict(ttft_s=stats.ttft_s[0], decode_tok_s=stats.decode_tok_s(), total_s=stats.wall_s))
         print("D1 run", runs[-1], flush=True)
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    record(system="tidemind", workload="D1", runs=runs, cmd=CMD, **med)
+    record(system="tidemind", workload="D1", runs=runs, cmd=CMD, **tags, **med)
+    return med
 
 
 def l1(pipe) -> None:

@@ -90,8 +90,9 @@ def test_convert_cli_refuses_what_it_cannot_do(tmp_path, capsys):
     (tmp_path / "taken" / "x").write_text("x")
     assert main(["convert", source, "--dst-path", str(tmp_path / "taken")]) == 2
     assert "not an empty directory" in capsys.readouterr().err
-    assert main(["convert", source, "--dst-path", str(tmp_path / "out"), "--tp", "2"]) == 2
-    assert "tensor parallelism" in capsys.readouterr().err
+    # 4 attention heads: tp 3 cannot split them (the format itself serves every tp: tensors are whole)
+    assert main(["convert", source, "--dst-path", str(tmp_path / "out"), "--tp", "3"]) == 2
+    assert "num_attention_heads=4 is not divisible by tp=3" in capsys.readouterr().err
     # LMDeploy 0.3's form: convert MODEL_NAME MODEL_PATH
     assert main(["convert", "llama2", source, "--dst-path", str(tmp_path / "out")]) == 0
     assert "wrote" in capsys.readouterr().err

@@ -58,7 +58,8 @@ def test_lmdeploy_names_map_to_tidemind_settings():
 
 
 @pytest.mark.parametrize("cls, kwargs, message", [
-    (PytorchEngineConfig, {"tp": 2}, "tensor parallelism is not implemented"),
+    (PytorchEngineConfig, {"distributed_executor_backend": "uni"}, "is not one of mp, ray"),
+    (TurbomindEngineConfig, {"nnodes": 2}, "distributed_executor_backend='ray'"),
     (TurbomindEngineConfig, {"quant_policy": 3}, "is not one of 0 (none), 4"),
     (PytorchEngineConfig, {"adapters": {"lora": "/path"}}, "LoRA adapters are not supported"),
     (PytorchEngineConfig, {"dp": 2}, "data parallelism is not implemented"),
@@ -116,8 +117,10 @@ def test_pipeline_takes_lmdeploys_arguments(monkeypatch):
     assert built[-1][3] == "llama3" and built[-1][1] is None
     api.pipeline("MODEL", model_name="Llama3", backend_config=PytorchEngineConfig(session_len=256))
     assert built[-1][3] == "llama3" and built[-1][1].session_len == 256
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        api.pipeline("MODEL", tp=2)
+    api.pipeline("MODEL", tp=2, distributed_executor_backend="ray")  # tensor parallelism: docs/DISTRIBUTED.md
+    assert (built[-1][1].tp, built[-1][1].distributed_executor_backend) == (2, "ray")
+    with pytest.raises(ValueError, match="tp=0 must be an integer >= 1"):
+        api.pipeline("MODEL", tp=0)
     with pytest.raises(ValueError, match="not both"):
         api.pipeline("MODEL", backend_config=EngineConfig(), tp=1)
     with pytest.raises(TypeError, match="frobnicate"):
@@ -146,11 +149,12 @@ def test_engine_verbs_take_lmdeploy_flags_and_refuse_what_tidemind_cannot_do(cap
 
     monkeypatch.setattr(launch, "_server_class", served)
     with caplog.at_level(logging.WARNING, logger="tidemind"):
-        assert main(["chat", "--backend", "turbomind", "--tp", "2"]) == 2
+        assert main(["chat", "--backend", "turbomind", "--tp", "0"]) == 2
     assert "one engine" in caplog.text
-    assert "tensor parallelism is not implemented" in capsys.readouterr().err
+    assert "tp=0 must be an integer >= 1" in capsys.readouterr().err
+    # the bundled SmolLM2's 9 heads do not split over 2 ranks: refused before any worker starts
     assert main(["serve", "api_server", "--backend", "pytorch", "--tp", "2", "--quant-policy", "8"]) == 2
-    assert "tensor parallelism is not implemented" in capsys.readouterr().err
+    assert "num_attention_heads=9 is not divisible by tp=2" in capsys.readouterr().err
     assert main(["serve", "api_server", "--quant-policy", "4", "--model-format", "awq"]) == 2  # a dense model
     assert "--model-format awq was given but" in capsys.readouterr().err
     assert main(["chat", "--model-format", "gptq"]) == 2

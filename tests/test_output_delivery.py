@@ -4,6 +4,7 @@ stand-in engine returns scripted outputs."""
 from __future__ import annotations
 
 import threading
+import types
 
 from tidemind.engine.async_engine import AsyncEngine, LoopSink
 from tidemind.messages import RequestOutput
@@ -24,6 +25,7 @@ class ScriptedEngine:
         self.expected = expected
         self.added = 0
         self.stepped = threading.Event()
+        self.executor = types.SimpleNamespace(add_failure_listener=lambda callback: None)  # never dies alone
 
     def validate_request(self, *args):
         pass

@@ -19,6 +19,7 @@ ATTENTION_BACKENDS = ("auto", "reference", "triton", "cpu")
 # hf: a dense checkpoint; the others: the quant_method its config.json must record
 MODEL_FORMATS = ("hf", "awq", "gptq", "smooth_quant")
 QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
+EXECUTOR_BACKENDS = ("mp", "ray")  # how tensor-parallel ranks run: processes here, or Ray actors
 
 
 def _help(text: str, **extra) -> dict:
@@ -40,8 +41,22 @@ class EngineConfig:
     device: str = field(default="auto", metadata=_help(
         "Where the model runs: auto (cuda when a GPU is visible, else cpu), cuda or cpu.", choices=DEVICES))
     tp: int = field(default=1, metadata=_help(
-        "Tensor-parallel size: the devices one model is split over. tidemind runs a model on one device "
-        "today, so only 1 is accepted."))
+        "Tensor-parallel size: the devices (GPUs, or CPU worker processes) one model is split over, one "
+        "rank each; the model's attention heads (and intermediate size) must divide by it. Collectives "
+        "run over NCCL on GPUs and gloo on the CPU."))
+    distributed_executor_backend: Optional[str] = field(default=None, metadata=_help(
+        "How tensor-parallel ranks run: mp (one worker process per rank on this machine; the default "
+        "when tp > 1) or ray (one Ray actor per rank, placed over a Ray cluster's nodes: pip install "
+        "'tidemind[ray]'). Unset at tp 1: the model runs in the engine's own process.",
+        choices=EXECUTOR_BACKENDS))
+    distributed_timeout: float = field(default=300.0, metadata=_help(
+        "Seconds the engine waits for the tensor-parallel ranks to finish a step before it declares a "
+        "rank hung, stops every rank and fails every request (the api_server then exits). Start-up phases "
+        "(loading, sizing the KV cache, capturing graphs) may take max(this, 900) seconds; a rank that "
+        "dies is noticed at once."))
+    dist_init_addr: Optional[str] = field(default=None, metadata=_help(
+        "HOST:PORT where tensor-parallel ranks meet (rank 0 listens there). Default: 127.0.0.1 and a "
+        "free port (mp), or rank 0's node address and a free port there (ray)."))
     quant_policy: int = field(default=0, metadata=_help(
         "KV cache quantization as in LMDeploy: 0 (none), 8 (int8) or 4 (int4). Online, per token and "
         "head, asymmetric, no calibration: about 1.9x (int8) or 3.8x (int4) the KV tokens of a 16-bit "
@@ -120,9 +135,16 @@ class EngineConfig:
 def _check_engine_capabilities(config: EngineConfig) -> None:
     """Refuse, naming what is missing, the settings this build of tidemind cannot run (LMDeploy's
     tp, quant_policy and model_format take them; scripts written for it pass them)."""
-    _check(isinstance(config.tp, int) and config.tp >= 1, f"tp={config.tp!r} must be an integer >= 1")
-    _check(config.tp == 1, f"tp={config.tp}: tensor parallelism is not implemented in tidemind yet (a model "
-                           f"runs on one device); use tp=1, on a device with room for the whole model")
+    _check(isinstance(config.tp, int) and not isinstance(config.tp, bool) and config.tp >= 1,
+           f"tp={config.tp!r} must be an integer >= 1")
+    _check(config.distributed_executor_backend in (None,) + EXECUTOR_BACKENDS,
+           f"distributed_executor_backend={config.distributed_executor_backend!r} is not one of "
+           f"{', '.join(EXECUTOR_BACKENDS)} (mp: worker processes on this machine; ray: actors on a Ray cluster)")
+    _check(config.distributed_timeout > 0, f"distributed_timeout={config.distributed_timeout} must be > 0 seconds")
+    if config.dist_init_addr is not None:
+        host, sep, port = config.dist_init_addr.rpartition(":")
+        _check(bool(sep and host and port.isdigit() and int(port) <= 65535),
+               f"dist_init_addr={config.dist_init_addr!r} is not HOST:PORT (e.g. 10.0.0.1:29500)")
     _check(config.quant_policy in QUANT_POLICIES,
            f"quant_policy={config.quant_policy!r} is not one of 0 (none), 4 (int4 KV cache), 8 (int8 KV cache)")
     _check(config.rope_scaling_factor == 0,

@@ -52,13 +52,14 @@ def _device(value: str) -> str:
     return value
 
 
-_ONE_DEVICE = "tidemind runs a model on one device; for more throughput run one api_server per device behind " \
-              "`tidemind serve proxy`"
+_TP_ONLY = "tidemind splits a model over devices by tensor parallelism only (tp=N, one rank per device; across " \
+              "nodes with distributed_executor_backend='ray'); for more throughput run one api_server per device " \
+              "(or per tp group) behind `tidemind serve proxy`"
 _DEFAULT_ROLE = ("Hybrid", "EngineRole.Hybrid", 0, None)
 
 
 def _parallel(what: str) -> Only:
-    return Only((1, None), f"{what} is not implemented in tidemind: {_ONE_DEVICE}")
+    return Only((1, None), f"{what} is not implemented in tidemind: {_TP_ONLY}")
 
 
 # Union of LMDeploy 0.3 and current (0.18) arguments that EngineConfig does not have itself.
@@ -96,9 +97,8 @@ _RULES: Dict[str, Any] = {
     "enable_eplb": Note(False, "it balances experts of MoE models over devices"),
     "enable_mp_engine": Note(False, "the engine runs in a thread of the calling process"),
     "mp_engine_backend": Note("mp", "the engine runs in a thread of the calling process"),
-    "distributed_executor_backend": Note(None, "one device needs no distributed executor"),
-    "communicator": Note("nccl", "one device needs no communicator"),
-    "moe_a2a_backend": Note("auto", "one device needs no all-to-all"),
+    "communicator": Note("nccl", "tensor-parallel ranks talk over NCCL on GPUs and gloo on the CPU"),
+    "moe_a2a_backend": Note("auto", "tidemind serves no MoE models: there is no all-to-all"),
     "async_": Note(1, "the engine always runs beside its callers"),
     "language_model_only": Note(False, "tidemind serves text models only"),
     "logprobs_mode": Note(None, "log-probabilities are always those of the raw logits"),
@@ -108,7 +108,7 @@ _RULES: Dict[str, Any] = {
     "dllm_unmasking_strategy": Note("low_confidence_dynamic", "it configures diffusion language models"),
     "dllm_denoising_steps": Note(None, "it configures diffusion language models"),
     "dllm_confidence_threshold": Note(0.85, "it configures diffusion language models"),
-    "devices": Only((None, [0], (0,)), _ONE_DEVICE),
+    "devices": Only((None, [0], (0,)), _TP_ONLY),
     # ---- settings asking for something tidemind cannot do
     "dp": _parallel("data parallelism"), "ep": _parallel("expert parallelism"),
     "cp": _parallel("context parallelism"), "nnodes": _parallel("running over several nodes"),
@@ -116,8 +116,7 @@ _RULES: Dict[str, Any] = {
     "attn_cp_size": _parallel("attention parallelism"), "attn_dp_size": _parallel("attention parallelism"),
     "mlp_tp_size": _parallel("MLP parallelism"), "mlp_dp_size": _parallel("MLP parallelism"),
     "moe_tp_size": _parallel("MoE parallelism"), "outer_dp_size": _parallel("data parallelism"),
-    "dp_rank": Only((0,), _ONE_DEVICE), "node_rank": Only((0,), _ONE_DEVICE),
-    "dist_init_addr": Only((None,), _ONE_DEVICE),
+    "dp_rank": Only((0,), _TP_ONLY), "node_rank": Only((0,), _TP_ONLY),
     "adapters": Only((None, {}), "LoRA adapters are not supported by tidemind; merge the adapter into the model's "
                                  "weights (e.g. with peft's merge_and_unload) and load that directory"),
     "custom_module_map": Only((None, {}), "tidemind builds models from its own registry (`tidemind list` shows "

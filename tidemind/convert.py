@@ -95,9 +95,11 @@ def _check_destination(dst_path: str, source: str) -> str:
     return dst_path
 
 
-def convert(model: Optional[str], dst_path: str, dtype: str = "auto") -> ConvertResult:
-    """Write MODEL (a directory, a .gguf file or a bundled name) as a pre-fused directory."""
-    from .loader.checkpoint import load_model, read_hf_config
+def convert(model: Optional[str], dst_path: str, dtype: str = "auto", tp: int = 1) -> ConvertResult:
+    """Write MODEL (a directory, a .gguf file or a bundled name) as a pre-fused directory. Tensors are
+    stored whole (tensor-parallel ranks take their slices when they load it); tp > 1 checks that the
+    model splits over that many ranks first."""
+    from .loader.checkpoint import check_tensor_parallel, load_model, read_hf_config
     from .loader.prefused import FORMAT_KEY, format_marker, is_prefused
     from .loader.resolve import resolve_model
 
@@ -111,6 +113,8 @@ def convert(model: Optional[str], dst_path: str, dtype: str = "auto") -> Convert
         raise ValueError(f"{model!r} is quantized ({method}): `tidemind convert` writes dense checkpoints; load the "
                          f"quantized one as it is")
     dst_path = _check_destination(dst_path, resolved.path)
+    if tp > 1:
+        check_tensor_parallel(resolved.path, tp)
     stored = _stored_dtype(dtype, hf_config)
     loaded, _ = load_model(resolved.path, _DTYPES[stored], torch.device("cpu"))
     tensors = {name: param.detach().contiguous() for name, param in loaded.named_parameters()}

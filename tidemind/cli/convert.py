@@ -21,7 +21,10 @@ def add_commands(commands) -> None:
     p.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="dtype of the stored tensors (default auto: the checkpoint's own; float32 loads "
                         "without any conversion on the CPU)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; tidemind runs on one device: 1")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size the directory is meant for: checked (the model must split over it); "
+                        "the format stores whole tensors and each rank takes its slice at load, so it serves "
+                        "every --tp")
     p.add_argument("--model-format", default=None, choices=MODEL_FORMATS,
                    help="what MODEL must be (this build converts dense hf checkpoints)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -35,7 +38,7 @@ def run_convert(args: argparse.Namespace) -> int:
     if len(args.model) > 2:
         raise ValueError(f"convert takes one MODEL (or LMDeploy's MODEL_NAME MODEL_PATH), got {args.model}")
     EngineConfig(tp=args.tp, model_format=args.model_format)  # refuses what tidemind cannot do, naming it
-    result = convert(args.model[-1], args.dst_path, args.dtype)
+    result = convert(args.model[-1], args.dst_path, args.dtype, tp=args.tp)
     print(f"wrote {result.dst_path}: {result.num_tensors} tensors, {result.num_bytes / 2**20:.1f} MiB "
           f"{result.dtype}, in {result.seconds:.1f} s", file=sys.stderr)
     return 0

@@ -12,6 +12,11 @@ def add_commands(commands) -> None:
     p = commands.add_parser("list", help="chat templates, supported architectures and bundled models")
     p.set_defaults(handler=run_list, verb_parser=p)
     p = commands.add_parser("check_env", help="versions, devices and the backend tidemind will use")
+    p.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                   help="the device to report on, as the engine's --device picks it (default: auto)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="report whether this many tensor-parallel ranks can run here, and over which collective "
+                        "backend (default: 1)")
     p.set_defaults(handler=run_check_env, verb_parser=p)
 
 
@@ -57,6 +62,35 @@ def _cpu_kernels_status() -> str:
         return f"unavailable, GGUF files run dequantized: {str(exc).splitlines()[0]}"
 
 
+def _tensor_parallel_rows(device: str, tp: int) -> list:
+    """What `--tp N` would use here: the collective backend (NCCL on GPUs, gloo on the CPU), whether
+    torch has it, whether N ranks fit on this machine's devices, and the Ray executor's status."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from ..runner.distributed import collective_backend
+
+    device_type = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    backend = collective_backend(device_type)
+    available = dist.is_available() and (dist.is_nccl_available() if backend == "nccl" else dist.is_gloo_available())
+    rows = [("collective backend", f"{backend} for --tp > 1 on {device_type} "
+                                   f"({'available' if available else 'NOT available in this torch build'})")]
+    if device_type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        fits = count >= tp
+        where = f"{count} CUDA device(s) here, one rank each"
+    else:
+        fits, where = True, f"{tp} worker process(es) sharing {os.cpu_count()} CPU core(s)"
+    verdict = "fits on this machine" if fits else "needs more devices: --distributed-executor-backend ray over nodes"
+    rows.append((f"--tp {tp}", f"{verdict} ({where})"))
+    ray = importlib.util.find_spec("ray") is not None
+    rows.append(("ray executor", f"ray {_version('ray')} (--distributed-executor-backend ray)" if ray else
+                 "not installed (pip install 'tidemind[ray]' for --distributed-executor-backend ray)"))
+    return rows
+
+
 def run_check_env(args: argparse.Namespace) -> int:
     import torch
 
@@ -78,6 +112,7 @@ def run_check_env(args: argparse.Namespace) -> int:
         rows.append(("CUDA", "not available"))
         rows.append(("backend", "cpu (dtype auto: float32; a GGUF at its stored precision)"))
     rows.append(("CPU kernels", _cpu_kernels_status()))
+    rows += _tensor_parallel_rows(args.device, args.tp)
     for model in BUNDLED_MODELS:
         rows.append((f"bundled {model.name}", _bundled_status(model)))
     width = max(len(k) for k, _ in rows)

@@ -9,7 +9,9 @@ The engine contains the failures of single requests and single steps itself (eng
 engine thread cannot go on (an exception outside that containment, e.g. while recovering from a
 failed step), the AsyncEngine is dead: `failure` says why, every caller waiting on a request gets a
 final error output at once, new submissions raise EngineDeadError, and the on_failure callbacks run
-(the server uses one to report unhealthy and exit), never a silent hang.
+(the server uses one to report unhealthy and exit), never a silent hang. An executor that dies
+while the engine thread idles (a tensor-parallel rank's process ended) wakes the thread, which dies
+the same way.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import AsyncIterator, Callable, Deque, Dict, Iterator, List, Optiona
 from ..config import GenerationConfig
 from ..messages import RequestOutput
 from .engine import Engine
-from .host_heap import IDLE_BEFORE_TRIM_S, trim_host_heap
+from .executor import ExecutorDeadError
 
 logger = logging.getLogger("tidemind")
 
@@ -93,6 +95,8 @@ class AsyncEngine:
         self._closed = False
         self.failure: Optional[str] = None  # set once the engine thread died; then nothing runs
         self.on_failure: List[Callable[[str], None]] = []
+        self._executor_failure: Optional[str] = None  # the executor died on its own (engine thread wakes)
+        engine.executor.add_failure_listener(self._executor_failed)
         self._thread = threading.Thread(target=self._run, name="tidemind-engine", daemon=True)
         self._thread.start()
 
@@ -184,7 +188,12 @@ class AsyncEngine:
             self._loop()
         except BaseException as exc:  # the engine cannot go on: fail everyone now, never hang
             logger.critical("the engine thread died", exc_info=True)
-            self._die(f"{type(exc).__name__} in the engine thread")
+            self._die(str(exc) if isinstance(exc, ExecutorDeadError) else f"{type(exc).__name__} in the engine thread")
+
+    def _executor_failed(self, reason: str) -> None:  # called in the executor's thread
+        with self._wake:
+            self._executor_failure = reason
+            self._wake.notify()
 
     def _die(self, reason: str) -> None:
         with self._wake:
@@ -207,7 +216,11 @@ class AsyncEngine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                self._wait_for_work()
+                while (not self._closed and not self._inbox and not self.engine.has_unfinished_requests()
+                       and self._executor_failure is None):
+                    self._wake.wait()
+                if self._executor_failure is not None and not self._closed:
+                    raise ExecutorDeadError(self._executor_failure)
                 if self._closed:
                     self.engine.abort_all("the engine was closed")
                     self._dispatch(self.engine.step())
@@ -217,15 +230,6 @@ class AsyncEngine:
             for command in commands:
                 self._apply(command)
             self._dispatch(self.engine.step())
-
-    def _wait_for_work(self) -> None:
-        """Hold `_wake` and wait for a command or unfinished work. Once per idle spell, after
-        IDLE_BEFORE_TRIM_S, the host heap's free pages go back to the OS (host_heap.py)."""
-        trimmed = False
-        while not self._closed and not self._inbox and not self.engine.has_unfinished_requests():
-            if not self._wake.wait(timeout=None if trimmed else IDLE_BEFORE_TRIM_S):
-                trim_host_heap()
-                trimmed = True
 
     def _apply(self, command: Command) -> None:
         if isinstance(command, AbortRequest):

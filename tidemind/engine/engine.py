@@ -5,7 +5,9 @@ new request is read-only and may run in the caller's thread.
 
 Failures stay contained: an exception while turning one request's token into its output fails
 that request alone; an exception while executing a step fails the requests of that step (their
-blocks are freed, the runner forgets them) and the engine goes on with the others. Each failure is
+blocks are freed, the runner forgets them) and the engine goes on with the others, unless the
+executor itself is dead (ExecutorDeadError: a tensor-parallel rank died, hung or failed), which
+propagates: nothing can run any more. Each failure is
 logged with the request ids; callers get finish_reason "error" with a message that names no
 internal detail.
 """
@@ -24,7 +26,7 @@ from ..messages import RequestOutput
 from ..core.block_manager import BlockManager
 from ..core.request import Request
 from ..core.scheduler import Scheduler
-from .executor import create_executor, keep_gguf_quantized
+from .executor import ExecutorDeadError, create_executor, keep_gguf_quantized
 from .faults import FAULTS
 
 logger = logging.getLogger("tidemind")
@@ -179,6 +181,8 @@ class Engine:
         try:
             FAULTS.check("execute")
             runner_output = self.executor.execute(scheduled)
+        except ExecutorDeadError:
+            raise  # no step can run any more: the engine thread stops (async_engine.py)
         except Exception:
             request_ids = list(scheduled.num_scheduled_tokens)
             logger.exception("engine step failed; failing its requests %s", request_ids)

@@ -1,16 +1,24 @@
 """The seam between the engine and the model runner(s).
 
 The engine hands each step's SchedulerOutput to an executor and gets a RunnerOutput back; it never
-touches tensors. InProcessExecutor drives one ModelRunner in this process; executors that drive
-worker processes (one runner per tensor-parallel rank, or Ray actors across machines) sit behind
-the same interface, sending each step's contract to every rank. torch is imported only when an
-executor is created, so the engine's own modules stay importable without it.
+touches tensors. InProcessExecutor drives one ModelRunner in this process (the default at tp 1);
+MultiprocessExecutor (engine/mp_executor.py) drives one worker process per tensor-parallel rank on
+this machine, RayExecutor (engine/ray_executor.py) one Ray actor per rank across a cluster: both send
+each step's contract to every rank and return rank 0's output (engine/distributed_executor.py).
+torch is imported only when an executor is created, so the engine's own modules stay importable
+without it.
+
+A failed step of the in-process runner fails that step's requests and the engine goes on. An
+executor whose ranks can no longer run (one died, hung past --distributed-timeout, or raised: its
+peers' states can no longer be trusted to agree) raises ExecutorDeadError from then on, which the
+engine does not contain: the engine thread stops and every caller gets an error (async_engine.py).
+It also tells its failure listeners at once, so an idle engine notices a rank that died.
 """
 from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..config import EngineConfig, ModelConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
@@ -19,6 +27,12 @@ if TYPE_CHECKING:
     from ..runner.kv_cache import KVCacheSpec
 
 logger = logging.getLogger("tidemind")
+
+BACKENDS = ("mp", "ray")  # EngineConfig.distributed_executor_backend
+
+
+class ExecutorDeadError(RuntimeError):
+    """The executor's ranks cannot run steps any more (a worker died, hung or failed)."""
 
 
 class Executor(ABC):
@@ -41,6 +55,10 @@ class Executor(ABC):
     @abstractmethod
     def close(self) -> None:
         ...
+
+    def add_failure_listener(self, callback: Callable[[str], None]) -> None:
+        """Call callback(reason), from any thread, should the executor die on its own (a worker rank
+        exiting while no step runs). An in-process executor cannot die apart from its caller."""
 
 
 class InProcessExecutor(Executor):
@@ -80,8 +98,21 @@ class InProcessExecutor(Executor):
 def keep_gguf_quantized(model: Optional[str], config: EngineConfig) -> bool:
     """Whether a GGUF `model` runs at its stored precision (runner/gguf_precision.py decides and logs)."""
     from ..runner.gguf_precision import keep_gguf_quantized as decide
+    if config.tp > 1:  # the gguf method has no tensor-parallel shards: a GGUF runs dequantized there
+        return False
     return decide(model, config.dtype, config.device)
 
 
 def create_executor(model_path: str, config: EngineConfig) -> Executor:
-    return InProcessExecutor(model_path, config)
+    """The in-process executor at tp 1 unless a distributed backend is named; else the backend's
+    executor ("mp" when none is named)."""
+    backend = config.distributed_executor_backend
+    if backend is None and config.tp == 1:
+        return InProcessExecutor(model_path, config)
+    if backend == "ray":
+        from .ray_executor import RayExecutor
+
+        return RayExecutor(model_path, config)
+    from .mp_executor import MultiprocessExecutor
+
+    return MultiprocessExecutor(model_path, config)

@@ -192,6 +192,18 @@ def _context_for(ctx: Optional[BuildContext], quantization: Optional[Quantizatio
     return ctx
 
 
+def check_tensor_parallel(path: str, tp: int, model_format: Optional[str] = None) -> None:
+    """Raise (naming the config.json value and the tp values that would work) unless the model in
+    `path` splits over tp ranks: builds rank 0's slice on the meta device, which checks head counts,
+    intermediate sizes and quantization group sizes against tp without loading a weight."""
+    from ..layers.parallel import ShapeOnlyTPGroup
+
+    hf_config = read_hf_config(path)
+    ctx = BuildContext(quantization=quantization_of(hf_config, path, model_format),
+                       tp_group=ShapeOnlyTPGroup(0, tp))
+    _build_on_meta(model_class_for(hf_config, path), hf_config, os.path.join(path, "config.json"), ctx)
+
+
 def process_weights_after_loading(model: torch.nn.Module) -> None:
     """Let every layer's method repack its loaded weights for the device's kernels."""
     for module in model.modules():

@@ -10,7 +10,9 @@ tied weights stored once. Its config.json is the source's plus
 
 Loading it needs no name mapping and no shard copies: each tensor is its parameter. On the CPU, in
 the stored dtype, the memory-mapped tensor itself becomes the parameter (the file's pages, read on
-first use, private to the process: no copy at all); elsewhere it is copied once into place.
+first use, private to the process: no copy at all); elsewhere it is copied once into place. A
+tensor-parallel rank holds a slice of most parameters: its module's weight_loader cuts the stored
+(whole) tensor to that slice, merged projections shard by shard.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Dict, Iterable, Tuple
 import torch
 from torch import nn
 
+from ..layers.linear import WeightShapeError, default_weight_loader
 from .errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -55,12 +58,20 @@ def load_prefused(model: nn.Module, weights: Iterable[Tuple[str, torch.Tensor]],
             raise CheckpointError(f"{path!r} holds tensor {name!r}, which the model has no parameter for: the "
                                   f"directory was converted from another model or by another tidemind version; "
                                   f"convert the original model again")
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if getattr(getattr(module, "tp", None), "size", 1) > 1:  # this rank's slice of the stored tensor
+            try:
+                getattr(module, "weight_loader", default_weight_loader)(param, tensor, None)
+            except WeightShapeError as exc:
+                raise CheckpointError(f"{path!r}: tensor {name!r}: {exc}; convert the original model again") from None
+            loaded.add(name)
+            continue
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"{path!r}: tensor {name!r} has shape {tuple(tensor.shape)}, the model expects "
                                   f"{tuple(param.shape)}; convert the original model again")
         if param.device.type == "cpu" and tensor.dtype == param.dtype:
-            module_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(module_name), attr, nn.Parameter(tensor, requires_grad=False))
+            setattr(module, attr, nn.Parameter(tensor, requires_grad=False))
         else:
             param.data.copy_(tensor)
         loaded.add(name)

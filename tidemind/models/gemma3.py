@@ -20,10 +20,9 @@ from torch import nn
 from ..attention.kv_cache import LayerKVCache
 from ..layers.attention import Attention
 from ..layers.context import BuildContext
-from ..layers.linear import Linear, QKVLinear
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters_from_config
-from .llama import BlockArgs, GatedMLP, LlamaForCausalLM
+from .llama import BlockArgs, GatedMLP, LlamaForCausalLM, attention_projections
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -69,14 +68,12 @@ class Gemma3Attention(nn.Module):
         super().__init__()
         self.head_dim = args.head_dim
         self.rotary_embedding = ctx.kernels.rotary_embedding
-        self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                                  bias=args.qkv_bias, linear_method=ctx.linear_method(f"{prefix}.qkv_proj"))
-        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
-                             linear_method=ctx.linear_method(f"{prefix}.o_proj"))
+        self.qkv_proj, self.o_proj = attention_projections(args, ctx, prefix)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
-        self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=query_pre_attn_scalar ** -0.5,
-                              backend=ctx.attention_backend, sliding_window=sliding_window)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, args.head_dim,
+                              scale=query_pre_attn_scalar ** -0.5, backend=ctx.attention_backend,
+                              sliding_window=sliding_window)
 
     def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:

@@ -20,7 +20,8 @@ from ..attention.kv_cache import LayerKVCache
 from ..layers.attention import Attention
 from ..layers.context import BuildContext
 from ..layers.embedding import LMHead, VocabEmbedding
-from ..layers.linear import Linear, MergedLinear, QKVLinear
+from ..layers.linear import ROW, Linear, MergedLinear, QKVLinear
+from ..layers.parallel import divide
 from ..layers.norm import RMSNorm
 from ..layers.rotary import RotaryEmbedding, rope_parameters_from_config
 from .weights import LLAMA_STACKED_RULES, NameMapper, load_checkpoint_weights
@@ -58,6 +59,9 @@ class BlockArgs:
 class GatedMLP(nn.Module):
     """down_proj(act(gate_proj(x)) * up_proj(x)) with gate and up in one matmul.
 
+    Tensor-parallel: gate_up column-parallel (each rank its intermediate / tp features of gate and
+    of up), down row-parallel (its all-reduce is the MLP's one collective).
+
     forward: [num_tokens, hidden] -> [num_tokens, hidden]
     """
 
@@ -66,9 +70,9 @@ class GatedMLP(nn.Module):
         super().__init__()
         self.gate_up_proj = MergedLinear(hidden_size, [intermediate_size, intermediate_size], bias=bias,
                                          shard_names=("gate", "up"),
-                                         linear_method=ctx.linear_method(f"{prefix}.gate_up_proj"))
+                                         linear_method=ctx.linear_method(f"{prefix}.gate_up_proj"), tp=ctx.tp_group)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias,
-                                linear_method=ctx.linear_method(f"{prefix}.down_proj"))
+                                linear_method=ctx.linear_method(f"{prefix}.down_proj"), parallel=ROW, tp=ctx.tp_group)
         self.act_fn = GatedActivation(hidden_act, ctx.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,23 +80,33 @@ class GatedMLP(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """forward: hidden [T, hidden], rope (positions [T], cos/sin table) -> [T, hidden]."""
+    """forward: hidden [T, hidden], rope (positions [T], cos/sin table) -> [T, hidden].
+
+    Tensor-parallel: this rank's query heads and their kv heads (qkv_proj column-parallel, attention
+    over them alone), o_proj row-parallel: the attention block's one all-reduce."""
 
     def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext, prefix: str):
         super().__init__()
         self.rotary_embedding = ctx.kernels.rotary_embedding
-        self.qkv_proj = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads,
-                                  bias=args.qkv_bias, linear_method=ctx.linear_method(f"{prefix}.qkv_proj"))
-        self.o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
-                             linear_method=ctx.linear_method(f"{prefix}.o_proj"))
-        self.attn = Attention(args.num_heads, args.num_kv_heads, args.head_dim, scale=args.head_dim ** -0.5,
-                              backend=ctx.attention_backend, sliding_window=sliding_window)
+        self.qkv_proj, self.o_proj = attention_projections(args, ctx, prefix)
+        self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, args.head_dim,
+                              scale=args.head_dim ** -0.5, backend=ctx.attention_backend,
+                              sliding_window=sliding_window)
 
     def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
         q, k = self.rotary_embedding(q, k, *rope)
         return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+
+
+def attention_projections(args: BlockArgs, ctx: BuildContext, prefix: str) -> Tuple[QKVLinear, Linear]:
+    """(qkv_proj, o_proj) of an attention block: column- and row-parallel over ctx.tp_group."""
+    qkv = QKVLinear(args.hidden_size, args.head_dim, args.num_heads, args.num_kv_heads, bias=args.qkv_bias,
+                    linear_method=ctx.linear_method(f"{prefix}.qkv_proj"), tp=ctx.tp_group)
+    o_proj = Linear(args.num_heads * args.head_dim, args.hidden_size, bias=args.o_bias,
+                    linear_method=ctx.linear_method(f"{prefix}.o_proj"), parallel=ROW, tp=ctx.tp_group)
+    return qkv, o_proj
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -136,9 +150,11 @@ class LlamaForCausalLM(nn.Module):
         self.config = self.model_config(hf_config)
         args = self.block_args(hf_config)
         self.head_dim = args.head_dim
+        if self.ctx.tp_size > 1:  # the sizes tensor parallelism splits, named as config.json names them
+            divide(args.intermediate_size, self.ctx.tp_size, "intermediate_size")
         layers = [self.build_layer(args, i) for i in range(self.config.num_layers)]
         embed = VocabEmbedding(self.config.vocab_size, args.hidden_size, scale=self.embedding_scale(hf_config),
-                               linear_method=self.ctx.linear_method("model.embed_tokens"))
+                               linear_method=self.ctx.linear_method("model.embed_tokens"), tp=self.ctx.tp_group)
         self.model = LlamaModel(layers, embed, RMSNorm(args.hidden_size, args.rms_norm_eps,
                                                        weight_offset=self.norm_weight_offset,
                                                        kernels=self.ctx.kernels))
@@ -146,7 +162,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = LMHead(self.config.vocab_size, args.hidden_size,
                               tied_to=embed if self.tie_word_embeddings else None,
                               softcap=self.logit_softcap(hf_config),
-                              linear_method=None if self.tie_word_embeddings else self.ctx.linear_method("lm_head"))
+                              linear_method=None if self.tie_word_embeddings else self.ctx.linear_method("lm_head"),
+                              tp=self.ctx.tp_group)
         self.rotary_emb = self.build_rotary(hf_config, args.head_dim)
 
     # ---- per-architecture hooks -------------------------------------------------------------

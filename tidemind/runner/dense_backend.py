@@ -3,7 +3,6 @@ packed once into oneDNN's blocked layout). "auto" is resolved once, at start-up.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 from torch import nn
@@ -14,10 +13,6 @@ from ..layers.linear import Linear, OneDNNPackedLinearMethod, UnquantizedLinearM
 logger = logging.getLogger("tidemind")
 
 DENSE_BACKENDS = ("torch", "onednn")
-# oneDNN keeps one primitive (a compiled kernel, tens of KiB) per matmul shape, 1,024 by default: a
-# server's RSS crept up with every new number of tokens in a step (RELIABILITY.md, soak). This many
-# holds the shapes a server repeats (decode batch sizes, common chunk lengths).
-ONEDNN_PRIMITIVE_CACHE_CAPACITY = 256
 
 
 def resolve_dense_backend(name: str, device: torch.device, dtype: torch.dtype) -> str:
@@ -27,10 +22,9 @@ def resolve_dense_backend(name: str, device: torch.device, dtype: torch.dtype) -
                  and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     if name == "onednn" and not onednn_ok:
         raise ValueError("the onednn dense backend needs the CPU, float32 and a torch built with oneDNN")
-    resolved = name if name != "auto" else ("onednn" if onednn_ok else "torch")
-    if resolved == "onednn":  # read by oneDNN at its first primitive (the weights' packing); the operator's value wins
-        os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_PRIMITIVE_CACHE_CAPACITY))
-    return resolved
+    if name == "auto":
+        return "onednn" if onednn_ok else "torch"
+    return name
 
 
 def apply_dense_backend(model: nn.Module, backend: str) -> None:

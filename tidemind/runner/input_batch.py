@@ -30,7 +30,7 @@ from .structured_output import GrammarCompiler, GrammarState
 
 class InputBatch:
     def __init__(self, max_num_reqs: int, max_model_len: int, max_blocks_per_req: int,
-                 grammars: Optional[GrammarCompiler] = None):
+                 grammars: Optional[GrammarCompiler] = None, samples: bool = True):
         self.max_num_reqs = max_num_reqs
         self.max_model_len = max_model_len
         self.max_blocks_per_req = max_blocks_per_req
@@ -42,7 +42,10 @@ class InputBatch:
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.plain_greedy = np.zeros(max_num_reqs, dtype=bool)
         self.params: List[Optional[SamplingParams]] = [None] * max_num_reqs
-        self.grammars = grammars  # None: requests with a grammar cannot run here
+        self.grammars = grammars  # None: requests with a grammar cannot run here (where this batch samples)
+        # False on tensor-parallel ranks other than 0: they never sample (rank 0 sends them its
+        # tokens), so rows keep no grammar state
+        self.samples = samples
         self.grammar: List[Optional[GrammarState]] = [None] * max_num_reqs
         self.num_grammar_rows = 0  # rows whose grammar is set: the step pays for grammars only when > 0
         self._row_of: Dict[int, int] = {}
@@ -83,7 +86,7 @@ class InputBatch:
         params = new.sampling
         self.params[row] = params
         self.plain_greedy[row] = params.is_greedy and params.logprobs is None and not params.needs_logits_processing
-        if params.grammar is not None:
+        if params.grammar is not None and self.samples:
             if self.grammars is None:
                 raise RuntimeError(f"request {new.request_id} asks for a grammar; this runner has no GrammarCompiler")
             self.grammar[row] = self.grammars.state(params.grammar, params.stop_token_ids, new.output_token_ids)

@@ -1,7 +1,16 @@
 """Everything of a step that touches tensors: the model on its device, the KV cache, the runner's
-persistent batch, the step's inputs, CUDA graphs and sampling."""
+persistent batch, the step's inputs, CUDA graphs and sampling.
+
+Under tensor parallelism one ModelRunner runs per rank (runner/worker.py), each with its slice of
+the model and the KV cache of its kv heads, fed the same step contract. Every rank computes the
+step's logits (the LM head all-gathers them); rank 0 alone samples and broadcasts the token ids,
+which every rank appends to its batch. So ranks never disagree on a token (no two samplers to keep
+bit-identical), grammars and the sampler's host work run once, and only rank 0's RunnerOutput is
+used; the cost is one broadcast of the sampled ids per step.
+"""
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import List, Optional
 
@@ -15,6 +24,7 @@ from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
 from ..layers.context import BuildContext
 from ..layers.quantization.gguf import GGUFConfig
+from ..layers.parallel import SINGLE_RANK, TPGroup, kv_heads_of_rank
 from ..loader import load_model, read_quantization
 from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
@@ -38,10 +48,11 @@ class ModelRunner:
     """
 
     def __init__(self, model_path: str, device: torch.device, dtype: torch.dtype, attention_backend: str = "auto",
-                 model_format: Optional[str] = None):
+                 model_format: Optional[str] = None, tp_group: TPGroup = SINGLE_RANK):
         self.model_path = model_path  # GrammarCompiler reads the tokenizer from it (structured output)
         self.device = device
         self.dtype = dtype
+        self.tp = tp_group
         quantization = read_quantization(model_path, model_format)
         # GGUF weights at stored precision run on the C kernels: attention and layer ops join them
         backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path),
@@ -50,7 +61,7 @@ class ModelRunner:
         # reference; the quantization method is the one the checkpoint's config.json records.
         self.build_context = BuildContext(kernels=kernel_set(backend_name),
                                           attention_backend=create_attention_backend(backend_name),
-                                          quantization=quantization)
+                                          quantization=quantization, tp_group=tp_group)
         logger.info("attention backend: %s; layer kernels: %s", backend_name, self.build_context.kernels.name)
         self.model, self.model_config = load_model(model_path, dtype, device, self.build_context)
         self.dense_backend = resolve_dense_backend("auto", device, dtype)
@@ -69,27 +80,42 @@ class ModelRunner:
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> KVCacheSpec:
         """Size and allocate the KV cache (after the weights, from the memory left), then the batch
         state and step buffers for sequences of at most min(session_len, cache tokens) tokens."""
-        self.kv_spec = spec = plan_kv_cache(self.model_config, engine_config, self.dtype, self.device,
-                                            session_len, max_batch_size)
-        self.kv_caches = allocate_kv_cache(spec, self.model_config, self.dtype, self.device)
-        self._log_kv_dtype(spec)
+        cache_config = self.rank_cache_config()
+        spec = plan_kv_cache(cache_config, engine_config, self.dtype, self.device, session_len, max_batch_size)
+        if self.tp.size > 1:  # every rank must hold the same blocks: the smallest cache any rank can afford
+            spec = dataclasses.replace(spec, num_blocks=self.tp.min_int(spec.num_blocks),
+                                       budget_source=f"{spec.budget_source}; the least of {self.tp.size} ranks")
+        self.kv_spec = spec
+        self.kv_caches = allocate_kv_cache(spec, cache_config, self.dtype, self.device)
+        self._log_kv_dtype(spec, cache_config)
         self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
         max_blocks = -(-max_model_len // spec.block_size)
+        samples = self.tp.rank == 0  # other ranks never sample: they keep no grammar state
         self.batch = InputBatch(max_batch_size, max_model_len, max_blocks,
-                                GrammarCompiler(self.model_path, self.model_config.vocab_size))
+                                GrammarCompiler(self.model_path, self.model_config.vocab_size) if samples else None,
+                                samples=samples)
         max_tokens = max(engine_config.max_prefill_token_num, max_batch_size)
         self.buffers = StepBuffers(max_tokens, max_batch_size, max_blocks, self.device)
         for rotary in self.model.rotary_embeddings():
             rotary.reserve(max_model_len)
         return spec
 
-    def _log_kv_dtype(self, spec: KVCacheSpec) -> None:
-        per_token = kv_bytes_per_token(self.model_config, self.dtype, spec.quant_policy)
+    def rank_cache_config(self):
+        """The model config as this rank's KV cache sees it: its kv heads only (all of them at tp 1)."""
+        config = self.model_config
+        if self.tp.size == 1:
+            return config
+        _, num_kv_heads = kv_heads_of_rank(config.num_attention_heads, config.num_kv_heads, self.tp.rank,
+                                           self.tp.size)
+        return dataclasses.replace(config, num_kv_heads=num_kv_heads)
+
+    def _log_kv_dtype(self, spec: KVCacheSpec, cache_config) -> None:
+        per_token = kv_bytes_per_token(cache_config, self.dtype, spec.quant_policy)
         if not spec.quant_policy:
             logger.info("KV cache dtype %s: %d bytes a token, %d tokens", spec.kv_dtype, per_token, spec.num_tokens)
             return
-        unquantized = kv_bytes_per_token(self.model_config, self.dtype, 0)
+        unquantized = kv_bytes_per_token(cache_config, self.dtype, 0)
         logger.info("KV cache dtype %s (quant_policy %d: per token and head, asymmetric, float16 scale and zero): "
                     "%d bytes a token, %.3fx the tokens of %s in the same memory; %d tokens", spec.kv_dtype,
                     spec.quant_policy, per_token, unquantized / per_token, str(self.dtype).replace("torch.", ""),
@@ -129,8 +155,13 @@ class ModelRunner:
             return RunnerOutput(sampled_token_ids={})
         if len(step.sampled_request_ids) < step.num_tokens:
             hidden = hidden.index_select(0, step.logits_indices)
-        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32
-        token_ids, logprobs = self._sample(logits, step)
+        logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32, the same on every rank
+        if self.tp.rank == 0:
+            token_ids, logprobs = self._sample(logits, step)
+        else:
+            token_ids, logprobs = None, []
+        if self.tp.size > 1:
+            token_ids = self._share_sampled(token_ids, len(step.sampled_request_ids))
         batch.append_tokens(step.sampled_rows, np.asarray(token_ids, dtype=np.int32))
         rids = step.sampled_request_ids
         return RunnerOutput(sampled_token_ids=dict(zip(rids, token_ids)),
@@ -151,6 +182,14 @@ class ModelRunner:
             return logits.argmax(dim=-1).tolist(), [None] * len(rows)
         out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in rows])
         return out.token_ids, out.logprobs
+
+    def _share_sampled(self, token_ids: Optional[List[int]], count: int) -> List[int]:
+        """Rank 0's sampled ids (`token_ids` there, None elsewhere) on every rank: one broadcast."""
+        ids = torch.empty(count, dtype=torch.int64, device=self.device)
+        if self.tp.rank == 0:
+            ids.copy_(torch.tensor(token_ids, dtype=torch.int64))
+        self.tp.broadcast(ids)
+        return token_ids if self.tp.rank == 0 else ids.tolist()
 
     def close(self) -> None:
         self.graphs = None

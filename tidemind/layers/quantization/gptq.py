@@ -53,7 +53,8 @@ class GPTQLinearMethod(W4A16Runtime):
                   ParamLayout(output_dim=1, input_dim=0, packed_dim=1, pack_factor=per_word, dtype=torch.int32))
         add_param(layer, "scales", (input_size // group, output_size),
                   ParamLayout(output_dim=1, input_dim=0, dtype=torch.float16))
-        add_param(layer, "g_idx", (input_size,), ParamLayout(output_dim=None, input_dim=0, dtype=torch.int32))
+        add_param(layer, "g_idx", (input_size,),
+                  ParamLayout(output_dim=None, input_dim=0, dtype=torch.int32, group_index=True))
         layer.group_size = group
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:

@@ -26,10 +26,14 @@ INT8_MAX = 127
 _CUDA_INT_MM_MIN_ROWS = 17
 
 
-def quantize_per_token(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, K], float32 scales [M, 1]); a zero row gets scale 1 (all zeros)."""
+def quantize_per_token(x: torch.Tensor, reduce_absmax=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, K], float32 scales [M, 1]); a zero row gets scale 1 (all zeros).
+    reduce_absmax: turns the rows' absmax [M, 1] over x into the absmax over the whole row, when x is
+    one tensor-parallel rank's slice of it (Linear.reduce_input_max), so every rank scales as tp 1 does."""
     xf = x.float()
     absmax = xf.abs().amax(dim=-1, keepdim=True)
+    if reduce_absmax is not None:
+        absmax = reduce_absmax(absmax)
     scale = torch.where(absmax > 0, absmax / INT8_MAX, torch.ones_like(absmax))
     return (xf / scale).round_().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
 
@@ -66,7 +70,7 @@ class W8A8LinearMethod(LinearMethod):
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
-        x_q, x_scale = quantize_per_token(x2)
+        x_q, x_scale = quantize_per_token(x2, getattr(layer, "reduce_input_max", None))
         acc = int8_matmul(x_q, layer.weight)  # [M, N] int32
         out = (acc.float() * x_scale * layer.scale.view(1, -1)).to(x.dtype)
         if bias is not None:

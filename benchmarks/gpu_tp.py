@@ -1,0 +1,63 @@
+"""Tensor parallelism on the GPU machine (benchmarks/gpu_run.sh stage tp, on nvidia-h200-x2): D1 and
+T1 of tidemind at --tp 1 and --tp 2 on the same model, in one call, and their ratios (issue 11: D1 at
+tp 2 >= 1.7x tp 1; T1 at tp 2 >= 1.3x LMDeploy's at tp 2, which stage peerstp2 measures in the next
+call with LMD_TP=2 ../shared/bench/gpu/lmd_bench.py). NCCL_NVLS_ENABLE=0 (gpu_run.sh exports it; the
+workers set it too).
+
+    python benchmarks/gpu_tp.py MODEL_DIR                    # on the H200s: /tmp/llama8b, bf16
+    TP_SIZES=1,2 D1_NEW=8 T1_N=4 T1_NEW=4 T1_REP=1 BENCH_DEVICE=cpu python benchmarks/gpu_tp.py TINY_DIR
+                                                             # dry run of the script on the CPU (gloo)
+
+Per tp: one start-up (seconds, engine description, KV tokens), gpu_bench.py's D1 (warm-up, median of 3)
+and T1 (warm-up, T1_REP reps), each recorded with tp; then a summary record of the ratios tp N / tp 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import gpu_bench  # noqa: E402
+from gpu_bench import DEVICE, d1, record, t1  # noqa: E402
+from tidemind import EngineConfig, pipeline  # noqa: E402
+
+CMD = gpu_bench.CMD = "python benchmarks/gpu_tp.py " + " ".join(sys.argv[1:])  # d1() / t1() record it too
+TP_SIZES = [int(t) for t in os.environ.get("TP_SIZES", "1,2").split(",")]
+
+
+def run(model_dir: str, tp: int) -> dict:
+    config = EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
+                          max_batch_size=256, cache_max_entry_count=0.8)
+    start = time.perf_counter()
+    with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
+        startup = time.perf_counter() - start
+        spec = pipe.engine.kv_spec
+        record(system="tidemind", workload="startup", tp=tp, startup_s=startup, kv_cache_tokens=spec.num_tokens,
+               engine=pipe.engine.executor.description, cmd=CMD)
+        print(f"tp {tp}: ready in {startup:.1f}s, {pipe.engine.executor.description}, KV {spec.num_tokens} tokens",
+              flush=True)
+        decode = d1(pipe, tp=tp)
+        throughput = t1(pipe, tp=tp)[-1]
+        timing = getattr(pipe.engine.executor, "timing", None)
+        ipc_ms = 1e3 * timing.overhead_per_step_s if timing is not None and timing.steps else 0.0
+    return dict(d1_tok_s=decode["decode_tok_s"], t1_tok_s=throughput["output_tok_s"], ipc_ms_per_step=ipc_ms)
+
+
+def main() -> None:
+    model_dir = sys.argv[1]
+    results = {tp: run(model_dir, tp) for tp in TP_SIZES}
+    base = results[TP_SIZES[0]]
+    for tp, res in results.items():
+        ratios = dict(d1_ratio=res["d1_tok_s"] / base["d1_tok_s"], t1_ratio=res["t1_tok_s"] / base["t1_tok_s"])
+        record(system="tidemind", workload="tp-summary", tp=tp, base_tp=TP_SIZES[0], cmd=CMD, **res, **ratios)
+        print(f"tp {tp}: D1 {res['d1_tok_s']:.1f} tok/s ({ratios['d1_ratio']:.2f}x tp {TP_SIZES[0]}), "
+              f"T1 {res['t1_tok_s']:.0f} tok/s ({ratios['t1_ratio']:.2f}x), IPC {res['ipc_ms_per_step']:.3f} ms/step",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The engine at tensor-parallel size 2 on the CPU (gloo, worker processes) on a tiny random Llama:
+greedy outputs through pipeline() equal tp 1's, batched and under preemption with chunked prefill
+(so that the ranks' KV caches, block tables and persistent batches stay in step through departures
+and re-admissions), and `tidemind chat --tp 2`. Starts in seconds; the bundled models at tp > 1 are in test_tp_e2e.py."""
+from __future__ import annotations
+
+import functools
+import subprocess
+import sys
+
+import pytest
+
+from tp_helpers import tiny_prompts, tiny_tp_model
+from tidemind import EngineConfig, GenerationConfig, pipeline
+
+GREEDY = GenerationConfig(max_new_tokens=24, ignore_eos=True)
+PROMPTS = tiny_prompts(6)
+# 8 blocks of 8 tokens for 6 sequences of 36-41 tokens: requests are preempted and recomputed, and a
+# 16-token budget prefills prompts in chunks beside other requests' decodes.
+SMALL = dict(num_gpu_blocks=12, cache_block_seq_len=8, max_prefill_token_num=16)
+
+
+def _config(**fields) -> EngineConfig:
+    return EngineConfig(dtype="float32", device="cpu", session_len=96, **fields)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> str:
+    return tiny_tp_model(str(tmp_path_factory.mktemp("tiny-tp")))
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(model: str):
+    with pipeline(model, backend_config=_config()) as pipe:
+        return [r.token_ids for r in pipe(PROMPTS, GREEDY)]
+
+
+def test_tp2_greedy_equals_tp1_batched_and_under_preemption(model):
+    with pipeline(model, backend_config=_config(tp=2)) as pipe:
+        batched = [r.token_ids for r in pipe(PROMPTS, GREEDY)]
+        assert pipe.engine.executor.description.endswith("tp 2 (gloo, mp workers)")
+    with pipeline(model, backend_config=_config(tp=2, **SMALL)) as pipe:
+        preempted = [r.token_ids for r in pipe(PROMPTS, GREEDY)]
+        stats = pipe.engine.stats()
+    expected = _reference(model)
+    assert all(len(t) == GREEDY.max_new_tokens for t in expected)
+    assert batched == expected
+    assert preempted == expected
+    assert stats["num_preemptions"] > 0
+
+
+def test_tp_that_does_not_divide_the_heads_is_refused_before_any_worker_starts(model):
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not divisible by tp=3, .* use a tp that "
+                                         r"divides it \(1, 2, 4\)"):
+        pipeline(model, backend_config=_config(tp=3))
+
+
+def test_pipeline_takes_tp_as_a_keyword_like_lmdeploy(model):
+    with pipeline(model, tp=2, dtype="float32", device="cpu", session_len=96) as pipe:
+        assert pipe.engine.config.tp == 2
+        assert [pipe(PROMPTS[0], GREEDY).token_ids] == _reference(model)[:1]
+
+
+def _chat(model: str, *flags: str) -> str:
+    """stdout of `tidemind chat MODEL ...` answering two lines (one answer per input line)."""
+    command = [sys.executable, "-m", "tidemind.cli.main", "chat", model, "--device", "cpu", "--dtype", "float32",
+               "--session-len", "96", "--chat-template", "base", *flags]
+    done = subprocess.run(command, input="\n".join(PROMPTS[:2]) + "\n", capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_chat_at_tp2_answers_like_tp1(model):
+    expected = _chat(model)
+    assert len(expected.split()) > 20
+    assert _chat(model, "--tp", "2") == expected

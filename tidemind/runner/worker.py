@@ -1,0 +1,165 @@
+"""One tensor-parallel rank: a ModelRunner built for that rank, driven by messages from the executor.
+
+A `Worker` joins the rank's process group (runner/distributed.py), loads its slice of the model and
+answers calls: init_kv_cache, capture_graphs, execute, close (every rank gets every call, in the
+same order, so their collectives line up). The executor's side is engine/mp_executor.py (worker
+processes on this machine, this module's main()) or engine/ray_executor.py (Ray actors, which hold
+a Worker and call the same methods).
+
+The process loop (serve): the executor starts `python -m tidemind.engine.worker_process --fd N`
+(which adds the engine's fault points, engine/faults.py) with one end of a socket pair as fd N.
+Messages are pickled tuples:
+
+    executor -> worker   (method, args)             the first is ("init", (WorkerInit,))
+    worker -> executor   ("ok", result, seconds)    seconds: the call's time in the worker
+                         ("error", traceback text)  the worker exits after sending it
+
+A step ("execute") is answered by rank 0 only (the RunnerOutput); other ranks answer a step only
+with an error. Any exception in a worker ends it: the ranks' states could no longer be trusted to
+agree, and its peers would wait for it in a collective. The executor sees the error or the closed
+socket (a process that dies closes it), or no answer within its timeout, and stops every rank.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Callable, Optional
+
+from ..config import EngineConfig
+
+logger = logging.getLogger("tidemind")
+
+STARTUP_TIMEOUT_S = 900.0  # the least a start-up phase may take before a rank is declared hung
+STARTUP_CALLS = ("init", "init_kv_cache", "capture_graphs")  # Worker calls bounded by startup_timeout()
+
+
+def startup_timeout(config: EngineConfig) -> float:
+    """Seconds a rank may take for a start-up phase; also the ranks' collective timeout (torch.distributed
+    sets one per group), since ranks meet in a collective after loading at their own pace. A hang in a
+    step is still caught after distributed_timeout: the executor stops every rank then."""
+    return max(config.distributed_timeout, STARTUP_TIMEOUT_S)
+
+
+@dataclass(frozen=True)
+class WorkerInit:
+    """Everything a rank needs to start (plain data: crosses a process boundary)."""
+
+    rank: int
+    size: int
+    local_rank: int  # CUDA device index on its machine (0 under Ray, which gives each actor one GPU)
+    dist_init_addr: str  # HOST:PORT of rank 0's rendezvous
+    model_path: str
+    config: EngineConfig
+    num_threads: int = 0  # torch CPU threads; 0: torch's default
+    log_level: int = logging.WARNING
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a started rank reports: the engine reads rank 0's."""
+
+    model_config: Any  # config.ModelConfig
+    device_type: str
+    description: str
+    pid: int
+
+
+class Worker:
+    """before_step: called before each step (the engine's fault point of this rank, in tests)."""
+
+    def __init__(self, init: WorkerInit, before_step: Optional[Callable[[], None]] = None):
+        import torch
+
+        from .device import checkpoint_dtype, resolve_device, resolve_dtype
+        from .distributed import init_tp_group
+        from .model_runner import ModelRunner
+
+        self.rank = init.rank
+        self._before_step = before_step
+        config = init.config
+        device = resolve_device(config.device)
+        if device.type == "cuda":
+            device = torch.device("cuda", init.local_rank)
+            torch.cuda.set_device(device)
+        if init.num_threads:
+            torch.set_num_threads(init.num_threads)
+        dtype = resolve_dtype(config.dtype, checkpoint_dtype(init.model_path), device)
+        # the collectives' timeout: ranks meet after loading at their own pace (a hang in a step is the
+        # executor's to catch, after config.distributed_timeout)
+        self.tp_group = init_tp_group(init.rank, init.size, init.dist_init_addr, device, startup_timeout(config))
+        self.runner = ModelRunner(init.model_path, device, dtype, config.attention_backend, config.model_format,
+                                  tp_group=self.tp_group)
+        self.info = WorkerInfo(self.runner.model_config, device.type,
+                               f"{device} {str(dtype).replace('torch.', '')}, attention {self.runner.attention.name}, "
+                               f"kernels {self.runner.build_context.kernels.name}", os.getpid())
+
+    def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int):
+        return self.runner.init_kv_cache(engine_config, session_len, max_batch_size)
+
+    def capture_graphs(self, max_batch_size: int) -> Optional[float]:
+        return self.runner.capture_graphs(max_batch_size)
+
+    def execute(self, scheduled):
+        if self._before_step is not None:
+            self._before_step()
+        output = self.runner.execute(scheduled)
+        return output if self.rank == 0 else None
+
+    def close(self) -> None:
+        from .distributed import destroy_tp_group
+
+        self.runner.close()
+        destroy_tp_group()
+
+
+def _configure_logging(rank: int, level: int) -> None:
+    # Ranks other than 0 repeat rank 0's start-up lines: they log warnings and errors only.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s tidemind[rank {rank}]: %(message)s",
+                                           "%H:%M:%S"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level if rank == 0 else max(level, logging.WARNING))
+    logger.propagate = False
+
+
+def _send(conn: Connection, message: tuple) -> None:
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], None]]] = None) -> int:
+    """The worker's loop over the executor's messages; returns the process exit code.
+    step_hook(rank): the Worker's before_step."""
+    method, (init,) = pickle.loads(conn.recv_bytes())
+    if method != "init":
+        raise RuntimeError(f"a worker's first message must be init, got {method!r}")
+    _configure_logging(init.rank, init.log_level)
+    worker = None
+    try:
+        start = time.perf_counter()
+        worker = Worker(init, step_hook(init.rank) if step_hook is not None else None)
+        _send(conn, ("ok", worker.info, time.perf_counter() - start))
+        while True:
+            try:
+                method, args = pickle.loads(conn.recv_bytes())
+            except EOFError:  # the executor is gone: nothing left to serve
+                return 0
+            start = time.perf_counter()
+            result = getattr(worker, method)(*args)
+            if method != "execute" or init.rank == 0:
+                _send(conn, ("ok", result, time.perf_counter() - start))
+            if method == "close":
+                return 0
+    except BaseException:
+        text = traceback.format_exc()
+        logger.error("tensor-parallel rank %d failed:\n%s", init.rank, text)
+        try:
+            _send(conn, ("error", f"rank {init.rank}: {text}"))
+        except OSError:
+            pass
+        return 1
