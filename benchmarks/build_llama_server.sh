@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Build llama.cpp's C++ `llama-server` from the llama.cpp sources vendored in the llama-cpp-python
-# sdist, for benchmarks only (tidemind never depends on it). The binary is cached: a second run
-# prints its path at once.
+# Build llama.cpp's C++ `llama-server` and `llama-bench` from the llama.cpp sources vendored in the
+# llama-cpp-python sdist, for benchmarks only (tidemind never depends on it). The binaries are
+# cached: a second run prints the server's path at once; llama-bench lies next to it.
 #
 # usage: benchmarks/build_llama_server.sh [CACHE_DIR]     (default ~/.cache/tidemind-bench)
 # prints: the path of the llama-server binary (last line of stdout)
-# needs: pip (the ordinary client, to fetch the sdist), cmake, a C++ compiler; ~8 minutes on 2 cores
+# needs: pip (the ordinary client, to fetch the sdist), cmake, a C++ compiler; ~10 minutes on 2 cores
+# GGML_NATIVE=ON compiles for this CPU. On CPUs with AMX, llama.cpp's AMX code crashed in generation
+# on one of our machine kinds: TIDEMIND_LLAMA_NO_AMX=1 (or an AMX CPU, detected here) builds
+# without it (GGML_AMX_TILE/INT8/BF16 off).
 set -euo pipefail
 
 CACHE_DIR="${1:-${TIDEMIND_BENCH_CACHE:-$HOME/.cache/tidemind-bench}}"
 SERVER="$CACHE_DIR/llama-server"
-if [[ -x "$SERVER" ]]; then
+if [[ -x "$SERVER" && -x "$CACHE_DIR/llama-bench" ]]; then
     echo "$SERVER"
     exit 0
 fi
@@ -22,10 +25,15 @@ if [[ -z "$SDIST" ]]; then
 fi
 SRC="$CACHE_DIR/$(basename "$SDIST" .tar.gz)"
 [[ -d "$SRC" ]] || tar xzf "$SDIST" -C "$CACHE_DIR"
+AMX_FLAGS=()
+if [[ "${TIDEMIND_LLAMA_NO_AMX:-0}" == 1 ]] || grep -qw amx_tile /proc/cpuinfo; then
+    AMX_FLAGS=(-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF)
+fi
 # The sdist has no .git: version facts come from its CHANGELOG (see serve_vs_llamacpp.py).
 cmake -S "$SRC/vendor/llama.cpp" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
-cmake --build "$SRC/build" --target llama-server -j "$(nproc)" >&2
+    -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF "${AMX_FLAGS[@]}" >&2
+cmake --build "$SRC/build" --target llama-server llama-bench -j "$(nproc)" >&2
+cp "$SRC/build/bin/llama-bench" "$CACHE_DIR/llama-bench.tmp" && mv "$CACHE_DIR/llama-bench.tmp" "$CACHE_DIR/llama-bench"
 cp "$SRC/build/bin/llama-server" "$SERVER.tmp" && mv "$SERVER.tmp" "$SERVER"
 echo "$SERVER"

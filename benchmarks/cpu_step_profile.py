@@ -93,11 +93,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 32])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float32", help="auto: the GGUF at its stored precision")
     parser.add_argument("--out", default="benchmarks/results/cpu_step_profile.json")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     ceilings = measure_cpu_ceilings()
-    engine = Engine(None, EngineConfig(dtype="float32", device="cpu", max_batch_size=max(args.batch),
+    engine = Engine(None, EngineConfig(dtype=args.dtype, device="cpu", max_batch_size=max(args.batch),
                                        num_threads=THREADS))
     template = get_chat_template(engine.tokenizer)
     prompts = [engine.tokenizer.encode(template.messages2prompt(p)) for p in chat_prompts()]

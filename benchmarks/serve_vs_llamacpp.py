@@ -1,6 +1,7 @@
 """C2 (benchmarks/WORKLOADS.md) on this machine: tidemind's api_server against llama.cpp's own C++
-llama-server, on the same GGUF file (the bundled SmolLM2-135M-Instruct Q4_1), with the same client
-(`tidemind bench serve`'s), each server alone on the machine in turn.
+llama-server, on the same GGUF file (the bundled SmolLM2-135M-Instruct Q4_1; tidemind runs it at
+its stored precision unless --tidemind-dtype float32), with the same client (`tidemind bench
+serve`'s), each server alone on the machine in turn.
 
 usage: python benchmarks/serve_vs_llamacpp.py [--out benchmarks/results/c2_tidemind_vs_llamacpp]
 writes OUT.json (commands, versions, machine ceilings, every request's timings, the ratios) and
@@ -196,9 +197,10 @@ def server_commands(args, gguf: str, binary: str) -> dict:
             binary, "-m", gguf, "--host", "127.0.0.1", "--port", str(port), "--parallel", str(args.concurrency),
             "-c", str(args.concurrency * args.ctx_per_slot), "-t", str(THREADS), "-tb", str(THREADS)]
     if args.only != "llama.cpp":
+        dtype = ["--dtype", args.tidemind_dtype] if args.tidemind_dtype != "auto" else []  # auto: as stored
         commands["tidemind"] = lambda port: [
             sys.executable, "-m", "tidemind.cli.main", "serve", "api_server", gguf, "--server-name", "127.0.0.1",
-            "--server-port", str(port), "--device", "cpu", "--dtype", "float32"]
+            "--server-port", str(port), "--device", "cpu", *dtype]
     return commands
 
 
@@ -216,6 +218,8 @@ def parse_args() -> argparse.Namespace:
                         help="wait for the 1-minute load average to drop below this before each server's run")
     parser.add_argument("--quiet-timeout", type=float, default=900, help="...for at most this many seconds")
     parser.add_argument("--only", choices=["llama.cpp", "tidemind"], help="run one server (for debugging)")
+    parser.add_argument("--tidemind-dtype", default="auto",
+                        help="auto: the GGUF at its stored precision (the CPU default); float32: dequantized")
     return parser.parse_args()
 
 

@@ -222,7 +222,7 @@ def test_conversion_writes_nothing_on_failure(tmp_path, monkeypatch):
     write_synthetic_gguf(hf, gguf_path, "llama", {"": "F32"})
     real_convert = gguf_convert.convert_gguf
 
-    def crash_midway(path, out_dir):
+    def crash_midway(path, out_dir, keep_quantized=False):
         with open(os.path.join(out_dir, "model.safetensors"), "wb") as f:
             f.write(b"half a file")
         raise KeyboardInterrupt

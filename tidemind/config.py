@@ -15,7 +15,7 @@ logger = logging.getLogger("tidemind")
 
 DTYPES = ("auto", "float16", "bfloat16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
-ATTENTION_BACKENDS = ("auto", "reference", "triton")
+ATTENTION_BACKENDS = ("auto", "reference", "triton", "cpu")
 # hf: a dense checkpoint; the others: the quant_method its config.json must record
 MODEL_FORMATS = ("hf", "awq", "gptq", "smooth_quant")
 QUANT_POLICIES = (0, 4, 8)  # KV cache: none, int4, int8 (LMDeploy's values)
@@ -84,8 +84,9 @@ class EngineConfig:
     num_threads: int = field(default=0, metadata=_help(
         "CPU threads for torch on the CPU backend; 0 keeps torch's default."))
     attention_backend: str = field(default="auto", metadata=_help(
-        "Attention and layer kernels: auto (triton on a GPU with Triton installed, else reference), "
-        "reference (torch; the CPU path) or triton.", choices=ATTENTION_BACKENDS))
+        "Attention and layer kernels: auto (triton on a GPU with Triton installed; cpu for a GGUF at "
+        "stored precision on the CPU; else reference), reference (torch), triton, or cpu (C kernels, "
+        "float32 cache).", choices=ATTENTION_BACKENDS))
     model_format: Optional[str] = field(default=None, metadata=_help(
         "What the checkpoint must be: hf (dense), awq, gptq or smooth_quant (W8A8). Default: whatever "
         "its config.json's quantization_config records (a checkpoint is never judged by its name).",

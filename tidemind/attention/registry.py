@@ -17,6 +17,7 @@ from .base import AttentionBackend
 _BACKENDS = {
     "reference": ("reference", "ReferenceAttentionBackend"),
     "triton": ("triton_backend", "TritonAttentionBackend"),
+    "cpu": ("cpu_backend", "CPUAttentionBackend"),
 }
 ATTENTION_BACKENDS: Tuple[str, ...] = tuple(_BACKENDS)
 
@@ -34,10 +35,11 @@ def triton_supports_head_dim(head_dim: int) -> bool:
     return 16 <= head_dim <= 256 and head_dim & (head_dim - 1) == 0
 
 
-def resolve_attention_backend(name: str, device: torch.device, head_dim: int) -> str:
+def resolve_attention_backend(name: str, device: torch.device, head_dim: int, cpu_kernels: bool = False) -> str:
     """The backend a name stands for on `device`: "auto" is triton on a CUDA device with Triton
-    installed when the model's head_dim suits its kernels, else reference. Raises ValueError naming
-    the fix for an unknown or unusable name."""
+    installed when the model's head_dim suits its kernels; cpu on the CPU when cpu_kernels (the
+    runner asks for them with GGUF weights at stored precision, whose kernels it has loaded); else
+    reference. Raises ValueError naming the fix for an unknown or unusable name."""
     if name != "auto" and name not in _BACKENDS:
         raise ValueError(f"attention backend {name!r} is not one of auto, {', '.join(_BACKENDS)}")
     gpu_triton = device.type == "cuda" and triton_available()
@@ -50,7 +52,11 @@ def resolve_attention_backend(name: str, device: torch.device, head_dim: int) ->
     if name == "triton" and not triton_supports_head_dim(head_dim):
         raise ValueError(f"the triton attention kernels need a power-of-two head_dim in [16, 256], this model's "
                          f"is {head_dim}; use --attention-backend reference")
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError("the cpu attention backend runs on the CPU only; use --attention-backend auto")
     if name == "auto":
+        if device.type == "cpu" and cpu_kernels:
+            return "cpu"
         return "triton" if gpu_triton and triton_supports_head_dim(head_dim) else "reference"
     return name
 

@@ -71,12 +71,19 @@ def step_weight_bytes(model) -> int:
     def stored(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
+    def method_bytes(module) -> int:
+        # methods that keep their weight outside the module's parameters (GGUF's packed tiles) say so
+        return getattr(module.__dict__.get("linear_method"), "nbytes", 0)
+
     total = 0
     for module in model.modules():
         if isinstance(module, VocabEmbedding):
             continue
         own = list(module.parameters(recurse=False)) + [getattr(module, "packed_weight", None)]
         if isinstance(module, LMHead):
+            if module.packed_weight is None and method_bytes(module.table_owner):
+                total += method_bytes(module.table_owner)
+                continue
             own = [module.packed_weight if module.packed_weight is not None else module.effective_weight]
-        total += stored(own)
+        total += stored(own) + method_bytes(module)
     return total

@@ -52,6 +52,16 @@ def _bundled_status(model) -> str:
     return f"installed ({model.package} {_version(model.package)})"
 
 
+def _cpu_kernels_status() -> str:
+    """The instruction set the CPU kernels (GGUF at stored precision) would use, or why none."""
+    from ..kernels.cpu.library import CPUKernelBuildError, describe, select_isa
+
+    try:
+        return describe(select_isa("auto").isa)
+    except CPUKernelBuildError as exc:
+        return f"unavailable, GGUF files run dequantized: {str(exc).splitlines()[0]}"
+
+
 def _tensor_parallel_rows(device: str, tp: int) -> list:
     """What `--tp N` would use here: the collective backend (NCCL on GPUs, gloo on the CPU), whether
     torch has it, whether N ranks fit on this machine's devices, and the Ray executor's status."""
@@ -100,7 +110,8 @@ def run_check_env(args: argparse.Namespace) -> int:
         rows.append(("backend", "cuda (dtype auto: bfloat16), torch attention"))
     else:
         rows.append(("CUDA", "not available"))
-        rows.append(("backend", "cpu (dtype auto: float32), torch attention"))
+        rows.append(("backend", "cpu (dtype auto: float32; a GGUF at its stored precision)"))
+    rows.append(("CPU kernels", _cpu_kernels_status()))
     rows += _tensor_parallel_rows(args.device, args.tp)
     for model in BUNDLED_MODELS:
         rows.append((f"bundled {model.name}", _bundled_status(model)))

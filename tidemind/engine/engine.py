@@ -26,7 +26,7 @@ from ..messages import RequestOutput
 from ..core.block_manager import BlockManager
 from ..core.request import Request
 from ..core.scheduler import Scheduler
-from .executor import ExecutorDeadError, create_executor
+from .executor import ExecutorDeadError, create_executor, keep_gguf_quantized
 from .faults import FAULTS
 
 logger = logging.getLogger("tidemind")
@@ -39,7 +39,7 @@ OUTPUT_FAILED = "the engine failed while making this request's output; the serve
 class Engine:
     def __init__(self, model: Optional[str] = None, config: Optional[EngineConfig] = None):
         self.config = config or EngineConfig()
-        self.resolved = resolve_model(model)
+        self.resolved = resolve_model(model, keep_quantized=keep_gguf_quantized(model, self.config))
         logger.info("model %s: %s", self.resolved.name, self.resolved.path)
         self.executor = create_executor(self.resolved.path, self.config)
         self.model_config = self.executor.model_config

@@ -95,6 +95,14 @@ class InProcessExecutor(Executor):
         self.runner.close()
 
 
+def keep_gguf_quantized(model: Optional[str], config: EngineConfig) -> bool:
+    """Whether a GGUF `model` runs at its stored precision (runner/gguf_precision.py decides and logs)."""
+    from ..runner.gguf_precision import keep_gguf_quantized as decide
+    if config.tp > 1:  # the gguf method has no tensor-parallel shards: a GGUF runs dequantized there
+        return False
+    return decide(model, config.dtype, config.device)
+
+
 def create_executor(model_path: str, config: EngineConfig) -> Executor:
     """The in-process executor at tp 1 unless a distributed backend is named; else the backend's
     executor ("mp" when none is named)."""

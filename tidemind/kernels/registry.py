@@ -3,7 +3,7 @@
 Layers receive a KernelSet through the model's BuildContext and call its functions; they never
 import a kernel module. "reference" is kernels/reference.py (torch; the CPU path and the
 definition every kernel is tested against); "triton" holds the Triton twins, imported only when
-chosen. Both sets compute the same functions; the Triton ones may work in place (see each kernel).
+chosen; "cpu" the C kernels of kernels/cpu (float32, chosen with the cpu attention backend). Both sets compute the same functions; the Triton ones may work in place (see each kernel).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 
-KERNEL_SETS: Tuple[str, ...] = ("reference", "triton")
+KERNEL_SETS: Tuple[str, ...] = ("reference", "triton", "cpu")
 
 
 @dataclass(frozen=True)
@@ -44,12 +44,30 @@ def _triton_kernels() -> KernelSet:
                      gelu_tanh_and_mul=activation.gelu_tanh_and_mul)
 
 
+def _cpu_kernels() -> KernelSet:
+    from .cpu.library import kernels
+
+    cpu = kernels()
+
+    def rms_norm(x, weight, eps, weight_offset=0.0):
+        return cpu.rms_norm(x, weight, eps, weight_offset).view(x.shape)
+
+    def add_rms_norm(x, residual, weight, eps, weight_offset=0.0):
+        normed, summed = cpu.add_rms_norm(x, residual, weight, eps, weight_offset)  # in place when rows are dense
+        return normed.view(x.shape), summed.view(residual.shape)
+
+    return KernelSet(name="cpu", rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotary_embedding=cpu.rope,
+                     silu_and_mul=cpu.silu_and_mul, gelu_tanh_and_mul=cpu.gelu_tanh_and_mul)
+
+
 def kernel_set(name: str) -> KernelSet:
-    """The kernels an attention-backend-style name stands for ("reference" or "triton")."""
+    """The kernels an attention-backend-style name stands for ("reference", "triton" or "cpu")."""
     if name == "reference":
         return REFERENCE_KERNELS
     if name == "triton":
         return _triton_kernels()
+    if name == "cpu":
+        return _cpu_kernels()
     raise ValueError(f"kernel set {name!r} is not one of {', '.join(KERNEL_SETS)}")
 
 

@@ -1,6 +1,13 @@
-"""GGUF file -> Hugging Face-format directory (config.json, float32 model.safetensors, tokenizer).
+"""GGUF file -> Hugging Face-format directory (config.json, model.safetensors, tokenizer).
 
-Tensors are dequantized with gguf-py (F32, F16, BF16, Q4_0 .. Q8_0, Q2_K .. Q6_K, ...) and undone
+Two forms. Dequantized (the default): every tensor as float32, through gguf-py (F32, F16, BF16,
+Q4_0 .. Q8_0, Q2_K .. Q6_K, ...). At stored precision (keep_quantized, the CPU's default): every
+2-D weight keeps its integers, decoded by gguf_blocks.py into `<layer>.qweight` int8 [out, in],
+`<layer>.qscale` and `<layer>.qmin` float32 [out, in / 16] (w = qscale * qweight + qmin, scales
+repeated where a type has one per 32 inputs, so merged projections of different types share one
+shape), and config.json records quantization_config {"quant_method": "gguf"}
+(layers/quantization/gguf.py runs it). Only files whose 2-D weights are all of a type gguf_blocks
+decodes have this form (stored_precision_blocker says why not). Both forms are undone
 from llama.cpp's conventions: Llama q/k rows are re-permuted back to Hugging Face's rotate-half
 layout, Gemma norm weights (stored as 1 + w) get 1 subtracted. The config comes from the GGUF
 metadata; the tokenizer from transformers' own GGUF tokenizer conversion.
@@ -17,6 +24,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+
+from . import gguf_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -182,23 +191,56 @@ def _dequantize(tensor) -> np.ndarray:
     return np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32, copy=True)
 
 
-def convert_tensors(reader, meta: GGUFMetadata, arch: GGUFArch, config: dict) -> Dict[str, torch.Tensor]:
+def _is_matrix(tensor) -> bool:
+    return len(tensor.shape) == 2 and tensor.name not in _CONFIG_TENSORS
+
+
+def stored_precision_blocker(reader) -> Optional[str]:
+    """Why this GGUF cannot run at its stored precision (None: it can): a 2-D weight of a type
+    gguf_blocks does not decode (floats, Q2_K, Q3_K, the IQ types), or a width not a multiple of 32."""
+    for tensor in reader.tensors:
+        if not _is_matrix(tensor):
+            continue
+        if not gguf_blocks.decodable(tensor.tensor_type):
+            return f"{tensor.name} is {tensor.tensor_type.name}"
+        if int(tensor.shape[0]) % 32:
+            return f"{tensor.name} has {int(tensor.shape[0])} inputs, not a multiple of 32"
+    return None
+
+
+def _stored(tensor) -> Dict[str, np.ndarray]:
+    """A quantized matrix kept as integers: qweight int8 [R, C], qscale and qmin float32 [R, C / 16]."""
+    cols = int(tensor.shape[0])  # GGUF shapes are [in, out]
+    q, d, m = gguf_blocks.decode_blocks(np.asarray(tensor.data), tensor.tensor_type, cols)
+    repeat = cols // d.shape[1] // 16  # 2 for a scale per 32 inputs, 1 per 16
+    return {"qweight": q, "qscale": np.repeat(d, repeat, axis=1) if repeat > 1 else d,
+            "qmin": np.repeat(m, repeat, axis=1) if repeat > 1 else m}
+
+
+def convert_tensors(reader, meta: GGUFMetadata, arch: GGUFArch, config: dict,
+                    keep_quantized: bool = False) -> Dict[str, torch.Tensor]:
     tensors = {}
-    for tensor in tqdm(reader.tensors, desc="Dequantizing GGUF tensors", unit="tensor", leave=False):
+    desc = "Decoding GGUF tensors" if keep_quantized else "Dequantizing GGUF tensors"
+    for tensor in tqdm(reader.tensors, desc=desc, unit="tensor", leave=False):
         if tensor.name in _CONFIG_TENSORS:
             continue
         name = hf_tensor_name(tensor.name, arch)
         if name is None:
             raise ValueError(f"GGUF tensor {tensor.name!r} has no place in {config['architectures'][0]}; "
                              f"this GGUF variant of {meta.arch!r} is not supported")
-        weights = _dequantize(tensor)
-        if arch.unpermute_qk and ".attn_q." in tensor.name:
-            weights = _unpermute_rope_rows(weights, config["num_attention_heads"])
-        elif arch.unpermute_qk and ".attn_k." in tensor.name:
-            weights = _unpermute_rope_rows(weights, config["num_key_value_heads"])
-        if arch.norm_minus_one and tensor.name.endswith("norm.weight"):
-            weights = weights - 1.0
-        tensors[name] = torch.from_numpy(np.ascontiguousarray(weights))
+        if keep_quantized and _is_matrix(tensor):
+            parts = {f"{name[:-len('.weight')]}.{key}": value for key, value in _stored(tensor).items()}
+        else:
+            parts = {name: _dequantize(tensor)}
+        for part_name, weights in parts.items():
+            # q / k rows (and their scales: one row each) back to rotate-half order
+            if arch.unpermute_qk and ".attn_q." in tensor.name:
+                weights = _unpermute_rope_rows(weights, config["num_attention_heads"])
+            elif arch.unpermute_qk and ".attn_k." in tensor.name:
+                weights = _unpermute_rope_rows(weights, config["num_key_value_heads"])
+            if arch.norm_minus_one and tensor.name.endswith("norm.weight"):
+                weights = weights - 1.0
+            tensors[part_name] = torch.from_numpy(np.ascontiguousarray(weights))
     return tensors
 
 
@@ -230,7 +272,7 @@ def save_tokenizer(gguf_path: str, meta: GGUFMetadata, out_dir: str) -> None:
     logger.info("converted the GGUF tokenizer in %.1f s", time.perf_counter() - start)
 
 
-def _open_gguf(gguf_path: str):
+def open_gguf(gguf_path: str):
     from gguf import GGUFReader
 
     with open(gguf_path, "rb") as f:
@@ -245,12 +287,13 @@ def _open_gguf(gguf_path: str):
                          f"download or copy it again") from None
 
 
-def convert_gguf(gguf_path: str, out_dir: str) -> None:
-    """Write the Hugging Face-format model of `gguf_path` into the (existing, empty) `out_dir`."""
+def convert_gguf(gguf_path: str, out_dir: str, keep_quantized: bool = False) -> None:
+    """Write the Hugging Face-format model of `gguf_path` into the (existing, empty) `out_dir`,
+    dequantized or (keep_quantized) at stored precision (module docstring)."""
     from safetensors.torch import save_file
 
     start = time.perf_counter()
-    reader = _open_gguf(gguf_path)
+    reader = open_gguf(gguf_path)
     meta = GGUFMetadata(reader)
     if meta.arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"GGUF architecture {meta.arch!r} of {gguf_path} is not supported; supported GGUF "
@@ -261,7 +304,12 @@ def convert_gguf(gguf_path: str, out_dir: str) -> None:
     if embed is None:
         raise ValueError(f"{gguf_path} has no token_embd.weight tensor; it is not a complete language model")
     config = arch.build_config(meta, names, int(embed.shape[-1]))  # GGUF shapes are [in, out]
-    tensors = convert_tensors(reader, meta, arch, config)
+    if keep_quantized:
+        blocker = stored_precision_blocker(reader)
+        if blocker is not None:
+            raise ValueError(f"{gguf_path} cannot run at its stored precision ({blocker}); run it dequantized")
+        config["quantization_config"] = {"quant_method": "gguf"}
+    tensors = convert_tensors(reader, meta, arch, config, keep_quantized)
     save_file(tensors, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
     del tensors
     with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:

@@ -23,6 +23,7 @@ from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..kernels.registry import kernel_set
 from ..layers.context import BuildContext
+from ..layers.quantization.gguf import GGUFConfig
 from ..layers.parallel import SINGLE_RANK, TPGroup, kv_heads_of_rank
 from ..loader import load_model, read_quantization
 from ..loader.checkpoint import model_head_dim
@@ -52,13 +53,15 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.tp = tp_group
-        backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path))
-        # The layer kernels follow the attention backend: Triton for both, or the torch reference;
-        # the quantization method is the one the checkpoint's config.json records.
+        quantization = read_quantization(model_path, model_format)
+        # GGUF weights at stored precision run on the C kernels: attention and layer ops join them
+        backend_name = resolve_attention_backend(attention_backend, device, model_head_dim(model_path),
+                                                 cpu_kernels=isinstance(quantization, GGUFConfig))
+        # The layer kernels follow the attention backend: Triton for both, C for both, or the torch
+        # reference; the quantization method is the one the checkpoint's config.json records.
         self.build_context = BuildContext(kernels=kernel_set(backend_name),
                                           attention_backend=create_attention_backend(backend_name),
-                                          quantization=read_quantization(model_path, model_format),
-                                          tp_group=tp_group)
+                                          quantization=quantization, tp_group=tp_group)
         logger.info("attention backend: %s; layer kernels: %s", backend_name, self.build_context.kernels.name)
         self.model, self.model_config = load_model(model_path, dtype, device, self.build_context)
         self.dense_backend = resolve_dense_backend("auto", device, dtype)

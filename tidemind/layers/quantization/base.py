@@ -10,6 +10,7 @@ dense, one whose method is not registered here is refused with a message naming 
     awq                          AWQConfig (awq.py)            int4 qweight [in, out/8], AutoAWQ GEMM order
     gptq                         GPTQConfig (gptq.py)          int4/int8 qweight [in/8, out] (or [in/4, out])
     smooth_quant                 SmoothQuantConfig (w8a8.py)   int8 weight [out, in], per-token int8 inputs
+    gguf                         GGUFConfig (gguf.py)          GGUF block integers int8 [out, in] + scales, CPU
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ _METHODS: Dict[str, Tuple[str, str]] = {
     "awq": ("awq", "AWQConfig"),
     "gptq": ("gptq", "GPTQConfig"),
     "smooth_quant": ("w8a8", "SmoothQuantConfig"),
+    "gguf": ("gguf", "GGUFConfig"),
 }
 
 # Layers no method quantizes unless it says so: checkpoints keep them dense.
