@@ -100,7 +100,7 @@ def keep_gguf_quantized(model: Optional[str], config: EngineConfig) -> bool:
     from ..runner.gguf_precision import keep_gguf_quantized as decide
     if config.tp > 1:  # the gguf method has no tensor-parallel shards: a GGUF runs dequantized there
         return False
-    return decide(model, config.dtype, config.device)
+    return decide(model, config.dtype, config.device, config.model_format)
 
 
 def create_executor(model_path: str, config: EngineConfig) -> Executor:

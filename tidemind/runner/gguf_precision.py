@@ -5,6 +5,7 @@ integers stay as they are and the CPU kernels (kernels/cpu) multiply them, with 
 set chosen from what the CPU offers. It runs dequantized to float32 (today's path, exact against
 transformers) when:
     --dtype is given (float32, or a half type)    the user asked for that precision
+    model_format is hf                            a dense model was asked for (LMDeploy's configs)
     the device is a GPU                           the GPU path dequantizes (W4A16 takes AWQ checkpoints)
     a 2-D weight is of a type not decoded here    gguf.stored_precision_blocker names it
     the kernels cannot be built (no C compiler)   one warning names the fix
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import Optional
 
 from ..loader.gguf import open_gguf, stored_precision_blocker
 from ..loader.resolve import gguf_cache_dir, gguf_file_of
@@ -21,10 +23,14 @@ from .device import resolve_device
 logger = logging.getLogger("tidemind")
 
 
-def keep_gguf_quantized(model, dtype: str, device: str) -> bool:
+def keep_gguf_quantized(model, dtype: str, device: str, model_format: Optional[str] = None) -> bool:
     """True when `model` (None, a bundled name or a path) is a GGUF that runs at stored precision."""
     gguf_path = gguf_file_of(model)
     if gguf_path is None:
+        return False
+    if model_format == "hf":  # a dense model was asked for (LMDeploy's engine configs often say so)
+        logger.info("GGUF weights dequantized (model_format hf asks for a dense model; leave it out to run them "
+                    "at their stored precision)")
         return False
     if dtype != "auto":
         logger.info("GGUF weights dequantized to %s (--dtype %s; leave it out on the CPU to run them at their "
