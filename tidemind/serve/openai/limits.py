@@ -29,12 +29,12 @@ def check_max_tokens(limits: ServerLimits, max_tokens: Optional[int], param: str
 
 def check_choices(limits: ServerLimits, num_prompts: int, n: int) -> None:
     """Refuse, before anything is tokenized or submitted, a request for more choices (engine
-    requests: prompts x n samples, best_of's when larger) than `limits.choices`: they would all be submitted at once, from the event
-    loop, and a body of small prompts holds millions."""
+    requests: prompts x n samples, best_of's when larger) than `limits.choices`: they would all be
+    submitted at once, from the event loop, and a body of small prompts holds millions."""
     if num_prompts * n > limits.choices:
-        raise OpenAIError(400, f"prompt: {num_prompts} prompts x {n} samples (n or best_of) are {num_prompts * n} choices, more than "
-                               f"{limits.choices} per request ({LIMITS_HINT}): send the prompts in several requests",
-                          param="prompt")
+        raise OpenAIError(400, f"prompt: {num_prompts} prompts x {n} samples (n or best_of) are {num_prompts * n} "
+                               f"choices, more than {limits.choices} per request ({LIMITS_HINT}): send the prompts "
+                               f"in several requests", param="prompt")
 
 
 def check_prompt_chars(limits: ServerLimits, num_chars: int, param: str) -> None:
