@@ -37,7 +37,6 @@ sys.path[:0] = [os.path.dirname(HERE), HERE]
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import statistics  # noqa: E402
 import time  # noqa: E402
 from typing import Callable, List, Tuple  # noqa: E402
 
@@ -56,6 +55,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
     _interpreter._patch_lang_tensor = _patch_squeezed
 
+from tidemind.bench.device_ceilings import measure_copy_bandwidth  # noqa: E402
 from tidemind.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
 from tidemind.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
@@ -108,26 +108,9 @@ def time_ms(fn: Callable[[], object], calls: int, graph: bool) -> Tuple[float, s
 
 
 def copy_ceiling_gbs() -> float:
-    nbytes = (16 << 20) if SMOKE else (1 << 30)
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        synchronize()
-        start = time.perf_counter()
-        if DEVICE.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3)
-        else:
-            dst.copy_(src)
-            times.append(time.perf_counter() - start)
-    gbs = 2 * nbytes / statistics.median(times[2:]) / 1e9
-    record(kind="ceiling", name="copy", bytes_moved=2 * nbytes, gbs=round(gbs, 1))
-    print(f"copy ceiling: {gbs:.0f} GB/s (device-to-device, {nbytes >> 20} MiB, read + written)", flush=True)
+    gbs = measure_copy_bandwidth(DEVICE)  # the roofline's bandwidth, measured as tidemind's benches do
+    record(kind="ceiling", name="copy", gbs=round(gbs, 1))
+    print(f"copy ceiling: {gbs:.0f} GB/s (read + written)", flush=True)
     return gbs
 
 
