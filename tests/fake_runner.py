@@ -27,7 +27,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 from tidemind.config import GenerationConfig
 from tidemind.core.block_manager import BlockManager
 from tidemind.core.outputs import NewRequestData, RunnerOutput, SchedulerOutput
-from tidemind.core.request import Request
+from tidemind.core.request import Request, RequestStatus
 from tidemind.core.scheduler import Scheduler
 
 VOCAB_SIZE = 50
@@ -197,36 +197,79 @@ def make_scheduler(num_blocks: int, block_size: int, max_batch_size: int = 8,
 def step(scheduler: Scheduler, runner: FakeRunner) -> Tuple[SchedulerOutput, List[Request]]:
     """One engine step, with the per-step contract checked before and after."""
     out = scheduler.schedule()
-    ids = list(out.num_scheduled_tokens)
-    assert len(ids) <= scheduler.max_batch_size
+    _check_schedule(scheduler, out)
+    scheduler.check_invariants()
+    return out, _apply(scheduler, runner, out, runner.execute(out))
+
+
+class Stepper:
+    """Drives scheduler and runner one engine step at a time, as the engine's plain loop does
+    (overlap=False: schedule, execute, update) or as its overlapped loop does (overlap=True: step N+1
+    is scheduled and executed before update() brings step N's tokens, engine/engine.py). The fake
+    runner stands for the device: it knows a step's tokens at once, the scheduler one step later."""
+
+    def __init__(self, scheduler: Scheduler, runner: FakeRunner, overlap: bool = False):
+        self.scheduler, self.runner, self.overlap = scheduler, runner, overlap
+        self.in_flight: Optional[Tuple[SchedulerOutput, RunnerOutput]] = None
+
+    @property
+    def busy(self) -> bool:
+        """Requests unfinished, or a step whose tokens the scheduler has not received."""
+        return self.scheduler.has_unfinished_requests() or self.in_flight is not None
+
+    def step(self) -> Tuple[SchedulerOutput, List[Request]]:
+        if not self.overlap:
+            return step(self.scheduler, self.runner)
+        scheduler, runner = self.scheduler, self.runner
+        out = scheduler.schedule()
+        _check_schedule(scheduler, out, allow_empty=self.in_flight is not None)
+        scheduler.check_invariants()
+        runner_output = runner.execute(out)
+        received = self.drain()
+        self.in_flight = None if out.is_empty else (out, runner_output)
+        return out, received
+
+    def drain(self) -> List[Request]:
+        """Apply the step in flight, if any; the requests that received a token."""
+        if self.in_flight is None:
+            return []
+        (out, runner_output), self.in_flight = self.in_flight, None
+        return _apply(self.scheduler, self.runner, out, runner_output)
+
+
+def _check_schedule(scheduler: Scheduler, out: SchedulerOutput, allow_empty: bool = False) -> None:
+    assert len(out.num_scheduled_tokens) <= scheduler.max_batch_size
     assert out.total_num_scheduled_tokens <= scheduler.max_num_batched_tokens
     assert all(n >= 1 for n in out.num_scheduled_tokens.values())
-    assert not out.is_empty or not scheduler.has_unfinished_requests(), "an empty step: livelock"
-    scheduler.check_invariants()
-    runner_output = runner.execute(out)
-    for rid in ids:  # the runner's copy of every scheduled request holds the scheduler's tokens
-        request = scheduler.get_request(rid)
-        expected = request.all_token_ids if request is not None else None
-        assert expected is None or runner.held[rid].tokens[:len(expected)] == expected, f"request {rid}"
+    assert allow_empty or not out.is_empty or not scheduler.has_unfinished_requests(), "an empty step: livelock"
+
+
+def _apply(scheduler: Scheduler, runner: FakeRunner, out: SchedulerOutput,
+           runner_output: RunnerOutput) -> List[Request]:
     received = scheduler.update(out, runner_output)
     scheduler.check_invariants()
+    for rid in out.num_scheduled_tokens:  # the runner's copy of every running request holds the scheduler's tokens
+        request = scheduler.get_request(rid)
+        if request is not None and request.status is RequestStatus.RUNNING:
+            assert runner.held[rid].tokens[:request.num_tokens] == request.all_token_ids, f"request {rid}"
     for request in received:
         if request.is_finished:
             assert request.finish_reason in ("stop", "length") and not request.block_ids
-    return out, received
+    return received
 
 
 def run_all(scheduler: Scheduler, runner: FakeRunner, max_steps: int = 10_000,
-            between_steps: Optional[Callable[[int], None]] = None) -> Dict[int, Request]:
+            between_steps: Optional[Callable[[int], None]] = None, overlap: bool = False) -> Dict[int, Request]:
     """Step until no request is left; returns the finished requests by id. Checks that every
     request leaves once per time it ran, and that the cache ends empty."""
     finished: Dict[int, Request] = {}
+    stepper = Stepper(scheduler, runner, overlap)
     for n in range(max_steps):
         if between_steps is not None:
             between_steps(n)
-        if not scheduler.has_unfinished_requests():
+        if not stepper.busy:
             break
-        _, received = step(scheduler, runner)
+        _, received = stepper.step()
         for request in received:
             if request.is_finished:
                 assert request.request_id not in finished, f"{request!r} finished twice"

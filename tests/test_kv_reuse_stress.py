@@ -12,9 +12,9 @@ from tidemind.core.scheduler import Scheduler
 from tidemind.core.swap import SwapSpace
 
 try:
-    from fake_runner import VOCAB_SIZE, flush, make_request, make_scheduler, run_alone, step
+    from fake_runner import VOCAB_SIZE, flush, make_request, make_scheduler, run_alone, Stepper
 except ImportError:
-    from tests.fake_runner import VOCAB_SIZE, flush, make_request, make_scheduler, run_alone, step
+    from tests.fake_runner import VOCAB_SIZE, flush, make_request, make_scheduler, run_alone, Stepper
 
 MAX_NEW = 8
 NEW_TURN_TOKENS = 6
@@ -31,7 +31,7 @@ def _prefixes(rng):
 
 
 class _Scenario:
-    def __init__(self, seed, prefix_caching, host_blocks):
+    def __init__(self, seed, prefix_caching, host_blocks, overlap=False):
         rng = self.rng = random.Random(seed)
         self.prefixes = _prefixes(rng)
         block_size = rng.choice([1, 2, 4, 8])
@@ -49,6 +49,7 @@ class _Scenario:
             num_blocks=num_blocks, block_size=block_size, max_batch_size=rng.randint(2, 6),
             max_num_batched_tokens=rng.choice([3, 8, 16, 64]), watermark_blocks=rng.randint(0, 1),
             prefix_caching=prefix_caching, num_host_blocks=host_blocks(num_blocks))
+        self.stepper = Stepper(self.sched, self.runner, overlap)
         self.sessions = {sid: {"turns": 0, "request": None, "ended": False} for sid in (101, 102, 103)}
         self.finished, self.aborted = [], []
         self.next_id = 1000
@@ -93,9 +94,9 @@ class _Scenario:
             self._between_steps(n)
             busy = any(s["request"] is not None or (s["turns"] < TURNS and not s["ended"])
                        for s in self.sessions.values())
-            if not self.one_offs and not busy and not sched.has_unfinished_requests():
+            if not self.one_offs and not busy and not self.stepper.busy:
                 break
-            _, received = step(sched, runner)
+            _, received = self.stepper.step()
             self.finished += [r for r in received if r.is_finished and r.session_id is None]
         else:
             raise AssertionError("scenario did not finish")
@@ -113,10 +114,10 @@ class _Scenario:
                     swapped_out=swap.num_blocks_swapped_out if swap else 0)
 
 
-def _run(seeds, prefix_caching=True, host_blocks=lambda n: n // 2):
+def _run(seeds, prefix_caching=True, host_blocks=lambda n: n // 2, overlap=False):
     totals = {}
     for seed in seeds:  # a failure's traceback names its seed
-        for key, value in _Scenario(seed, prefix_caching, host_blocks).run().items():
+        for key, value in _Scenario(seed, prefix_caching, host_blocks, overlap).run().items():
             totals[key] = totals.get(key, 0) + value
     return totals
 
@@ -124,8 +125,9 @@ def _run(seeds, prefix_caching=True, host_blocks=lambda n: n // 2):
 @pytest.mark.parametrize("prefix_caching, host_blocks", [
     (True, lambda n: n // 2), (True, lambda n: 0), (False, lambda n: n // 2), (True, lambda n: 3)],
     ids=["cache+swap", "cache", "swap", "cache+tiny-swap"])
-def test_randomized_reuse_matches_running_alone(prefix_caching, host_blocks):
-    totals = _run(range(10), prefix_caching, host_blocks)
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+def test_randomized_reuse_matches_running_alone(prefix_caching, host_blocks, overlap):
+    totals = _run(range(10), prefix_caching, host_blocks, overlap)
     assert totals["preemptions"] > 30 and totals["turns"] > 40, f"scenarios too tame: {totals}"
     if prefix_caching:
         assert totals["hits"] > 500, f"too few prefix-cache hits: {totals}"

@@ -8,9 +8,9 @@ import pytest
 from tidemind.core.request import RequestStatus
 
 try:  # tests/ is on sys.path (rootdir-less layout) or is a package (tests/__init__.py added later)
-    from fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step
+    from fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step, Stepper
 except ImportError:
-    from tests.fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step
+    from tests.fake_runner import EOS, flush, make_request, make_scheduler, run_all, run_alone, step, Stepper
 
 
 def _records(runner):
@@ -319,9 +319,12 @@ def _random_request(rng, rid, max_prompt):
     return make_request(rid, prompt, max_total_tokens=session, seed=rng.randrange(1000), **gen)
 
 
-def _stress(seed, prefix_caching=False, num_host_blocks=0):
+def _stress(seed, prefix_caching=False, num_host_blocks=0, overlap=False):
     """Random arrivals, lengths, endings and aborts on a cache barely big enough for the largest
-    request; every step is checked by step(). Returns (preemptions, stop-id endings, unsampled prompt chunks)."""
+    request; every step is checked by step(). With overlap, each step is scheduled before the
+    previous one's tokens arrive, as in the engine's overlapped loop, so every abort lands between
+    a schedule() and the update() of the step before it. Returns (preemptions, stop-id endings,
+    unsampled prompt chunks)."""
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 8])
     requests = [_random_request(rng, rid, max_prompt=40) for rid in range(40)]
@@ -333,17 +336,18 @@ def _stress(seed, prefix_caching=False, num_host_blocks=0):
     arrivals = sorted(rng.randrange(60) for _ in requests)
     pending = list(zip(arrivals, requests))
     aborted = set()
+    stepper = Stepper(sched, runner, overlap)
     for n in range(20_000):
         while pending and pending[0][0] <= n:
             sched.add_request(pending.pop(0)[1])
-        if not pending and not sched.has_unfinished_requests():
+        if not pending and not stepper.busy:
             break
         live = [r.request_id for r in requests if sched.get_request(r.request_id) is not None]
         if live and rng.random() < 0.03:
             rid = rng.choice(live)
             assert sched.abort_request(rid)
             aborted.add(rid)
-        if live and rng.random() < 0.02:  # an abort that lands between schedule() and update()
+        if not overlap and live and rng.random() < 0.02:  # an abort that lands between schedule() and update()
             out = sched.schedule()
             rid = rng.choice(live)
             if sched.abort_request(rid):
@@ -351,7 +355,7 @@ def _stress(seed, prefix_caching=False, num_host_blocks=0):
             sched.update(out, runner.execute(out))
             sched.check_invariants()
             continue
-        step(sched, runner)
+        stepper.step()
     else:
         raise AssertionError("stress run did not finish")
     flush(sched, runner)
@@ -366,10 +370,11 @@ def _stress(seed, prefix_caching=False, num_host_blocks=0):
     return sched.num_preemptions, sum(r.finish_reason == "stop" for r in requests), chunks
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
 @pytest.mark.parametrize("prefix_caching, num_host_blocks", [(False, 0), (True, 0), (True, 40)])
-def test_randomized_stress_matches_running_alone(prefix_caching, num_host_blocks):
+def test_randomized_stress_matches_running_alone(prefix_caching, num_host_blocks, overlap):
     # a failure's traceback names its seed
-    results = {seed: _stress(seed, prefix_caching, num_host_blocks) for seed in range(8)}
+    results = {seed: _stress(seed, prefix_caching, num_host_blocks, overlap) for seed in range(8)}
     preemptions, stops, chunks = (sum(column) for column in zip(*results.values()))
     assert preemptions > 20 and stops > 20 and chunks > 20, f"scenarios too tame to test much: {results}"
 

@@ -3,14 +3,20 @@ blocks and its state. Pure Python, no torch: only the scheduler mutates a Reques
 
 Token regions of a request (``all_token_ids`` = prompt + output, always kept in step):
 
-    [0 ..................... num_computed_tokens)[num_computed_tokens ......... num_tokens)
-     KV in the cache (in block_ids' blocks)       still to compute: prompt chunks, the last
-                                                  sampled token, or, after a preemption, the
+    [0 ..................... num_computed_tokens)[num_computed_tokens ......... num_tokens + num_inflight)
+     KV in the cache (in block_ids' blocks), or   still to compute: prompt chunks, the last
+     being written by a step already scheduled    sampled token, or, after a preemption, the
                                                   whole sequence again (recomputed as prompt)
 
+num_computed_tokens advances when a step is scheduled, not when its output comes back, so the next
+step can be scheduled while the device still runs this one (the engine's overlapped loop,
+engine/engine.py). num_inflight counts the tokens scheduled steps will sample whose values have not
+come back yet: the scheduler treats them as known tokens whose ids only the runner holds.
+
 Invariants (checked by Scheduler.check_invariants in tests):
-- 0 <= num_computed_tokens <= num_tokens, and a RUNNING request has num_computed_tokens < num_tokens
-  (there is always at least the last sampled token left to compute).
+- 0 <= num_computed_tokens <= num_tokens + num_inflight, and a RUNNING request has
+  num_computed_tokens < num_tokens + num_inflight (there is always at least the last sampled token
+  left to compute). num_inflight is 0 once every scheduled step's output has come back.
 - block_ids cover at least num_computed_tokens tokens; a WAITING or FINISHED request holds none.
 - key_ids (prefix caching) name the leading full blocks of computed KV, at most
   num_computed_tokens // block_size of them (block_manager.py).
@@ -39,7 +45,7 @@ class Request:
         "eos_token_ids", "max_total_tokens", "max_new_tokens", "min_new_tokens", "arrival",
         "num_computed_tokens", "block_ids", "status", "finish_reason", "num_preemptions", "sampling",
         "session_id", "num_cached_tokens", "runner_blocks", "key_ids", "host_block_ids",
-        "num_swapped_tokens", "cache_salt",
+        "num_swapped_tokens", "cache_salt", "num_inflight",
     )
 
     def __init__(
@@ -84,6 +90,7 @@ class Request:
         self.min_new_tokens = gen_config.min_new_tokens or 0
         self.arrival = time.monotonic() if arrival is None else arrival
         self.num_computed_tokens = 0
+        self.num_inflight = 0  # tokens scheduled steps will sample, not yet received (see above)
         self.block_ids: List[int] = []
         self.status = RequestStatus.WAITING
         self.finish_reason: Optional[str] = None
@@ -117,7 +124,15 @@ class Request:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        return len(self.all_token_ids) - self.num_computed_tokens
+        return len(self.all_token_ids) + self.num_inflight - self.num_computed_tokens
+
+    @property
+    def ends_with_inflight_tokens(self) -> bool:
+        """Whether the tokens already scheduled to be sampled bring it to its length limit: it ends
+        then, whatever they are, so it needs no further step."""
+        return bool(self.num_inflight) and (
+            len(self.output_token_ids) + self.num_inflight >= self.max_new_tokens
+            or len(self.all_token_ids) + self.num_inflight >= self.max_total_tokens)
 
     @property
     def max_kv_tokens(self) -> int:
@@ -147,5 +162,5 @@ class Request:
 
     def __repr__(self) -> str:
         return (f"Request(id={self.request_id}, status={self.status.name}, tokens={self.num_tokens}, "
-                f"computed={self.num_computed_tokens}, outputs={self.num_output_tokens}, "
+                f"computed={self.num_computed_tokens}, inflight={self.num_inflight}, outputs={self.num_output_tokens}, "
                 f"blocks={len(self.block_ids)}, finish_reason={self.finish_reason})")

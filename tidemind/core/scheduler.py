@@ -12,6 +12,16 @@ prefill+decode steps, prefix-cache hits and recompute after preemption are all t
 step hands the runner is a delta (outputs.py): a request goes out whole the first time the runner
 sees it, then as its new blocks; ``Request.runner_blocks`` records what the runner holds.
 
+Overlap: schedule() advances num_computed_tokens at once and counts the tokens its step will
+sample as in flight (Request.num_inflight), so the engine may call schedule() for step N+1 before
+update() has brought step N's tokens (engine.py's overlapped loop); update() takes the steps in the
+order they were scheduled. A request whose in-flight tokens bring it to its length limit is not
+scheduled again; one that stops on a token it receives after its next step was scheduled wastes
+that step's token, which no one reads (its KV lies beyond the tokens the request keeps). A request
+preempted while a token is in flight waits at the queue's head until the token arrives, so it comes
+back to the runner whole. With update() called right after each schedule(), nothing is ever in
+flight at schedule time: the plain loop.
+
 KV reuse (kv_reuse.py): an admitted request may start with num_computed_tokens > 0, from its
 session's pin, the prefix cache or a host copy; admission counts the free blocks that takes (hit
 blocks need none, unless they are free-cached, which then stop being free). With prefix caching
@@ -40,7 +50,8 @@ plus its new blocks.
 from __future__ import annotations
 
 from collections import deque
-from typing import Deque, Dict, List, Optional
+from dataclasses import dataclass
+from typing import Deque, Dict, List, Optional, Set
 
 from ..messages import FINISH_REASONS
 from .block_manager import BlockManager
@@ -53,6 +64,16 @@ from .swap import SwapSpace
 _RUNNING = RequestStatus.RUNNING
 _WAITING = RequestStatus.WAITING
 _FINISHED = RequestStatus.FINISHED
+
+
+@dataclass
+class _ScheduledStep:
+    """What update() needs of a scheduled step: per request its num_computed_tokens after the step,
+    and which requests it samples."""
+
+    out: SchedulerOutput
+    computed_after: Dict[int, int]
+    sampling: Set[int]
 
 
 class Scheduler:
@@ -80,6 +101,10 @@ class Scheduler:
         # Ids that left the running set (finished, aborted, preempted) since the last schedule().
         self._left_ids: List[int] = []
         self._add_order: Dict[int, int] = {}  # request_id -> add_request sequence number
+        # Steps scheduled and not yet updated, oldest first (more than one only while overlapping).
+        self._unapplied: Deque[_ScheduledStep] = deque()
+        self._step_computed: Dict[int, int] = {}  # of the step being scheduled: request_id -> computed after it
+        self._step_sampling: Set[int] = set()  # of the step being scheduled: the requests it samples
         self._num_added = 0
         # Over the scheduler's lifetime (metrics): preemptions; tokens of admitted requests and,
         # of those, tokens whose KV was already on the device (a session's pin or the prefix cache).
@@ -173,6 +198,9 @@ class Scheduler:
         out.finished_request_ids, self._left_ids = self._left_ids, []
         if self.swap is not None:
             out.swap_out, out.swap_in = self.swap.take_copies()
+        if not out.is_empty:  # the engine runs and applies exactly the steps that are not empty
+            self._unapplied.append(_ScheduledStep(out, self._step_computed, self._step_sampling))
+        self._step_computed, self._step_sampling = {}, set()
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int):
@@ -187,6 +215,9 @@ class Scheduler:
         # it never takes one of them (i < len(running) while we look at running[i]).
         while i < len(running) and budget > 0:
             request = running[i]
+            if request.ends_with_inflight_tokens:
+                i += 1  # ends when its in-flight tokens arrive: no step of its own
+                continue
             num_tokens = min(request.num_uncomputed_tokens, budget)
             while not allocate(request, request.num_computed_tokens + num_tokens):
                 # Idle conversations give their KV back before running requests are preempted.
@@ -212,6 +243,8 @@ class Scheduler:
         bm = self.block_manager
         while waiting and budget > 0 and len(running) < self.max_batch_size:
             request = waiting[0]
+            if request.num_inflight:
+                return  # preempted with a token in flight: readmitted once it has arrived
             # The KV it starts with: its session's, the prefix cache's or a host copy (kv_reuse.py).
             reuse = plan_reuse(request, bm, self.sessions)
             num_tokens = min(request.num_tokens - reuse.num_tokens, budget)
@@ -237,10 +270,10 @@ class Scheduler:
             self._emit(out, request, num_tokens)
             budget -= num_tokens
 
-    @staticmethod
-    def _emit(out: SchedulerOutput, request: Request, num_tokens: int) -> None:
+    def _emit(self, out: SchedulerOutput, request: Request, num_tokens: int) -> None:
         """Schedule ``num_tokens`` of ``request`` (blocks already allocated): the whole request if
-        the runner does not hold it, else the blocks it gained since the runner last saw it."""
+        the runner does not hold it, else the blocks it gained since the runner last saw it. Its
+        num_computed_tokens advances now; a chunk that reaches its end samples one token."""
         rid = request.request_id
         out.num_scheduled_tokens[rid] = num_tokens
         if request.runner_blocks is None:
@@ -253,6 +286,11 @@ class Scheduler:
                 request_id=rid, new_block_ids=tuple(request.block_ids[request.runner_blocks:]),
                 num_computed_tokens=request.num_computed_tokens))
         request.runner_blocks = len(request.block_ids)
+        request.num_computed_tokens += num_tokens
+        self._step_computed[rid] = request.num_computed_tokens
+        if request.num_computed_tokens == request.num_tokens + request.num_inflight:
+            request.num_inflight += 1
+            self._step_sampling.add(rid)
 
     def _preempt(self, request: Request) -> None:
         # Drop the KV, keep the tokens: its outputs stay in all_token_ids and are computed again as
@@ -285,7 +323,9 @@ class Scheduler:
         """The runner failed on ``scheduler_output``; call before failing the step's requests. Its
         block copies may not have happened: the host copies its swap-outs were to fill are dropped
         (those requests and sessions recompute), and a request swapped in by it claims only the KV
-        before its first swapped-in block (what an aborted turn gives back to its session)."""
+        before its first swapped-in block (what an aborted turn gives back to its session). The
+        step is never applied: update() must not be called for it."""
+        self._unapplied = deque(step for step in self._unapplied if step.out is not scheduler_output)
         if not scheduler_output.swap_out and not scheduler_output.swap_in:
             return
         doomed = {host for _, host in scheduler_output.swap_out}
@@ -302,48 +342,62 @@ class Scheduler:
                 request.num_computed_tokens = min(request.num_computed_tokens, first * self.block_manager.block_size)
 
     def update(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> List[Request]:
-        """Apply one executed step: advance num_computed_tokens, append sampled tokens, end the
-        requests that stop. Returns the requests that received a token this step, in schedule
-        order; the finished ones among them are FINISHED with a finish_reason and own no blocks."""
+        """Apply one executed step, the oldest not yet applied: append sampled tokens, register
+        the blocks it filled, end the requests that stop. Returns the requests that received a
+        token, in schedule order; the finished ones among them are FINISHED with a finish_reason and
+        own no blocks."""
+        record = self._take_step(scheduler_output)
         sampled = runner_output.sampled_token_ids
         received: List[Request] = []
         any_finished = False
         bm = self.block_manager
         caching, bs = bm.enable_prefix_caching, bm.block_size
-        for request_id, num_tokens in scheduler_output.num_scheduled_tokens.items():
+        scheduled = scheduler_output.num_scheduled_tokens
+        for request_id, computed in record.computed_after.items():
             request = self._requests.get(request_id)
-            if request is None or request.status is not _RUNNING:
-                continue  # ended (abort, stop string) between schedule() and update()
-            computed = request.num_computed_tokens + num_tokens
-            request.num_computed_tokens = computed
-            num_known = len(request.all_token_ids)
-            if computed > num_known:
-                raise RuntimeError(f"update() out of step for request {request_id}: {num_tokens} tokens "
-                                   f"computed past its {num_known} tokens ({request!r})")
+            if request is None:
+                continue  # ended (abort, stop string, error) after it was scheduled
             # A step that fills a block registers it (and any filled before without a step of their
-            # own: blocks swapped back in at admission).
-            if caching and computed // bs != (computed - num_tokens) // bs:
+            # own: blocks swapped back in at admission). Not when the request was preempted since.
+            if caching and request.status is _RUNNING and request.num_computed_tokens >= computed \
+                    and computed // bs != (computed - scheduled[request_id]) // bs:
                 bm.cache_full_blocks(request, request.all_token_ids, computed, request.cache_salt)
-            if computed < num_known:
+            if request_id not in record.sampling:
                 continue  # a prompt chunk that does not reach the end: nothing sampled
             try:
                 token_id = sampled[request_id]
             except KeyError:
                 raise RuntimeError(f"the runner sampled no token for request {request_id}, whose "
                                    f"computed tokens reached its end") from None
+            request.num_inflight -= 1
             request.append_token(token_id)
             received.append(request)
             reason = request.stop_reason(token_id)
             if reason is not None:
                 del self._requests[request_id]
-                self._left_ids.append(request_id)
+                if request.status is _RUNNING:
+                    self._left_ids.append(request_id)
+                    any_finished = True
+                else:  # preempted after this step was scheduled: the runner has forgotten it already
+                    self._waiting.remove(request)
                 self._finish(request, reason)
-                any_finished = True
         if any_finished:
             self._running = [r for r in self._running if r.status is _RUNNING]
         return received
 
+    def _take_step(self, scheduler_output: SchedulerOutput) -> _ScheduledStep:
+        """The record of ``scheduler_output``, which must be the oldest step not yet applied."""
+        if scheduler_output.is_empty:
+            return _ScheduledStep(scheduler_output, {}, set())  # nothing ran: nothing to apply
+        if not self._unapplied or self._unapplied[0].out is not scheduler_output:
+            raise RuntimeError("update() must apply the scheduled steps in the order schedule() made them")
+        return self._unapplied.popleft()
+
     def _finish(self, request: Request, reason: str) -> None:
+        # KV kept (a session's) is that of known tokens only, and never of the last one, as when
+        # nothing is in flight: steps scheduled past the end compute tokens no one reads.
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        request.num_inflight = 0
         if request.session_id is not None:
             # A completed turn keeps its KV in the session; an aborted one is forgotten.
             self.sessions.finish_turn(request, keep=reason in ("stop", "length"))
@@ -374,14 +428,14 @@ class Scheduler:
         bm = self.block_manager
         bs = bm.block_size
         for r in running:
-            if r.status is not _RUNNING or not 0 <= r.num_computed_tokens < r.num_tokens \
+            if r.status is not _RUNNING or not 0 <= r.num_computed_tokens < r.num_tokens + r.num_inflight \
                     or len(r.block_ids) * bs < r.num_computed_tokens or r.host_block_ids:
                 raise AssertionError(f"bad running request {r!r}")
             bm.check_frontier(r, r.num_computed_tokens)
         for r in waiting:
             if r.status is not _WAITING or r.num_computed_tokens or r.block_ids or r.key_ids \
                     or len(r.host_block_ids) != bm.blocks_for_tokens(r.num_swapped_tokens) \
-                    or r.num_swapped_tokens >= r.num_tokens:
+                    or r.num_swapped_tokens >= r.num_tokens + r.num_inflight:
                 raise AssertionError(f"bad waiting request {r!r}")
         self.sessions.check_invariants(r.request_id for r in running)
         pins = list(self.sessions.holders())
