@@ -63,8 +63,14 @@ def solo():
         return [_collect(pipe.async_engine, [p])[0][0] for p in PROMPTS]
 
 
-def test_a_failure_making_one_output_fails_that_request_alone(solo):
-    with _pipe() as pipe:
+# overlap: the engine's overlapped loop (engine.py), where a failure can hit a step while the one
+# before it is still to be collected
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["plain", "overlap"])
+
+
+@OVERLAP
+def test_a_failure_making_one_output_fails_that_request_alone(solo, overlap):
+    with _pipe(overlap_schedule=overlap) as pipe:
         FAULTS.inject("output", at=9)  # the 9th output of the run: a token of one of the 4 requests
         results = _collect(pipe.async_engine, PROMPTS)
         failed = [i for i, (_, reason, _) in enumerate(results) if reason == "error"]
@@ -78,9 +84,10 @@ def test_a_failure_making_one_output_fails_that_request_alone(solo):
         assert _collect(pipe.async_engine, PROMPTS[:1])[0][0] == solo[0]  # the engine goes on
 
 
-def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(solo):
+@OVERLAP
+def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(solo, overlap):
     # Two requests run at a time: the failed step holds the first two, the other two wait.
-    with _pipe(max_batch_size=2) as pipe:
+    with _pipe(max_batch_size=2, overlap_schedule=overlap) as pipe:
         FAULTS.inject("execute", at=3)
         results = _collect(pipe.async_engine, PROMPTS)
         assert [reason for _, reason, _ in results] == ["error", "error", "length", "length"]
@@ -106,10 +113,11 @@ def test_an_engine_that_cannot_go_on_fails_every_caller_at_once():
             engine.submit(PROMPTS[0], GREEDY, lambda out: None)
 
 
-def test_requests_that_leave_an_empty_engine_give_their_runner_rows_back(solo):
+@OVERLAP
+def test_requests_that_leave_an_empty_engine_give_their_runner_rows_back(solo, overlap):
     # Each lone request is aborted, so the step after it schedules nothing: the runner must still
     # be told it left, or its batch rows (max_batch_size of them) run out.
-    with _pipe(max_batch_size=2) as pipe:
+    with _pipe(max_batch_size=2, overlap_schedule=overlap) as pipe:
         engine = pipe.async_engine
         for _ in range(5):
             outputs = engine.stream(PROMPTS[0], GREEDY.replace(max_new_tokens=200))

@@ -60,6 +60,34 @@ def test_a_mixed_step_lays_out_decodes_first_with_slots_through_block_tables():
     assert step.sampled_request_ids == [7, 9] and _read(buffers, "logits_indices", 2) == [0, 4]
 
 
+def test_a_token_still_on_the_device_is_named_for_the_next_step_to_copy():
+    # Overlapped steps: request 7's sampled token is a placeholder when the next step is prepared;
+    # the step names where its id is (the previous step's sampled ids, index 1) and where it goes.
+    batch = InputBatch(max_num_reqs=4, max_model_len=32, max_blocks_per_req=8)
+    buffers = StepBuffers(max_tokens=16, max_seqs=4, max_blocks_per_seq=8, device=torch.device("cpu"))
+    first = SchedulerOutput(new_requests=[_new(9, [1, 2, 3], [0]), _new(7, [4, 5], [1])],
+                            num_scheduled_tokens={9: 3, 7: 2})
+    for new in first.new_requests:
+        batch.add(new)
+    step = prepare_step(batch, first, buffers, BLOCK)
+    batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
+    positions = batch.append_placeholders(step.sampled_rows)  # sampled: 9 (index 0) and 7 (index 1)
+    sampled_index_of_row = np.full(4, -1)
+    sampled_index_of_row[step.sampled_rows] = [0, 1]
+    nxt = SchedulerOutput(cached_requests=[CachedRequestData(7, (), 2)], num_scheduled_tokens={7: 1})
+    batch.update(nxt.cached_requests[0])
+    step = prepare_step(batch, nxt, buffers, BLOCK, sampled_index_of_row=sampled_index_of_row)
+    assert step.num_pending == 1
+    assert _read(buffers, "pending_dst", 1) == [0] and _read(buffers, "pending_src", 1) == [1]
+    assert _read(buffers, "positions", 1) == [2] and step.sampled_request_ids == [7]
+    batch.fill_placeholders(np.array([batch.row(7)]), positions[1:], np.array([55], dtype=np.int32))
+    step = prepare_step(batch, nxt, buffers, BLOCK)  # once the id is on the host, nothing is pending
+    assert step.num_pending == 0 and _read(buffers, "input_ids", 1) == [55]
+    with pytest.raises(RuntimeError, match="no launched step samples"):
+        batch.append_placeholders(np.array([batch.row(7)]))
+        prepare_step(batch, SchedulerOutput(cached_requests=[], num_scheduled_tokens={7: 1}), buffers, BLOCK)
+
+
 def test_decode_steps_padded_for_a_graph_write_nothing_and_read_nothing():
     batch = InputBatch(max_num_reqs=8, max_model_len=16, max_blocks_per_req=4)
     buffers = StepBuffers(max_tokens=8, max_seqs=8, max_blocks_per_seq=4, device=torch.device("cpu"))

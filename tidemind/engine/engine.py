@@ -1,5 +1,17 @@
 """The engine: one step = schedule -> execute -> update -> detokenize.
 
+Overlapped (EngineConfig.overlap_schedule, on by default with a GPU at tp 1), a step does the same
+work in another order, so that the device never waits for the host's bookkeeping:
+
+    schedule N+1 -> prepare N+1 (inputs sent) -> launch N+1 (queued behind N) -> collect N (wait
+    for its tokens) -> update + detokenize N (while the device runs N+1)
+
+Step N+1 is scheduled before N's tokens are known: the scheduler counts them as in flight
+(scheduler.py), the runner reads them on the device (runner/step_inputs.py); a step whose sampling
+needs earlier tokens on the host (penalties, grammars, random draws) waits for them in launch
+(model_runner.py). Outputs come one call of step() later than in the plain order; greedy tokens
+are the same.
+
 Called from a single thread (see async_engine.py for the thread that drives it). Validation of a
 new request is read-only and may run in the caller's thread.
 
@@ -25,6 +37,7 @@ from ..loader import resolve_model
 from ..messages import RequestOutput
 from ..core.block_manager import BlockManager
 from ..core.request import Request
+from ..core.outputs import RunnerOutput, SchedulerOutput
 from ..core.scheduler import Scheduler
 from .executor import ExecutorDeadError, create_executor, keep_gguf_quantized
 from .faults import FAULTS
@@ -73,6 +86,8 @@ class Engine:
                     f"on ({spec.num_host_blocks} blocks)" if spec.num_host_blocks else "off")
         self._detokenizers: Dict[int, IncrementalDetokenizer] = {}
         self._pending: List[RequestOutput] = []  # outputs of aborts, emitted by the next step()
+        self.overlap = self._resolve_overlap()
+        self._in_flight: Optional[SchedulerOutput] = None  # overlapped: the step launched, not yet applied
         # Counters for metrics: prompt tokens of requests that got a first token, how many of
         # those came from a session's cache, and generated tokens.
         self.prompt_tokens_total = 0
@@ -168,10 +183,22 @@ class Engine:
             self.abort_request(request_id, "error", error)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or bool(self._pending)
+        return self.scheduler.has_unfinished_requests() or bool(self._pending) or self._in_flight is not None
+
+    def _resolve_overlap(self) -> bool:
+        setting = self.config.overlap_schedule
+        if setting is None:
+            setting = self.executor.supports_overlap and self.executor.device_type == "cuda"
+        elif setting and not self.executor.supports_overlap:
+            logger.warning("overlap_schedule needs the in-process executor (tp 1): steps run one after another")
+            setting = False
+        logger.info("host and device work of consecutive steps %s", "overlap" if setting else "do not overlap")
+        return setting
 
     # ----------------------------------------------------------------- the step
     def step(self) -> List[RequestOutput]:
+        if self.overlap:
+            return self._overlapped_step()
         outputs, self._pending = self._pending, []
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
@@ -184,13 +211,68 @@ class Engine:
         except ExecutorDeadError:
             raise  # no step can run any more: the engine thread stops (async_engine.py)
         except Exception:
-            request_ids = list(scheduled.num_scheduled_tokens)
-            logger.exception("engine step failed; failing its requests %s", request_ids)
-            self.scheduler.step_failed(scheduled)  # host copies this step was to make are not trusted
-            FAULTS.check("recovery")
-            for request_id in request_ids:
-                self.fail_request(request_id, STEP_FAILED)
+            self._fail_steps([scheduled])
             return outputs + self._take_pending()
+        return outputs + self._apply(scheduled, runner_output) + self._take_pending()
+
+    def _overlapped_step(self) -> List[RequestOutput]:
+        """Schedule and launch the next step, then turn the previous one's tokens into outputs."""
+        outputs, self._pending = self._pending, []
+        scheduled = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        launched = False
+        collecting = False
+        try:
+            if not scheduled.is_empty or scheduled.finished_request_ids:
+                self.executor.prepare(scheduled)  # an empty step only tells the runner who left
+            if not scheduled.is_empty:
+                FAULTS.check("execute")
+                self.executor.launch()
+                launched = True
+            collecting = True
+            runner_output = self.executor.collect() if previous is not None else None
+        except ExecutorDeadError:
+            raise
+        except Exception:
+            failed = [] if scheduled.is_empty else [scheduled]
+            if previous is not None and not collecting:  # this step failed; the one before may have run well
+                try:
+                    outputs += self._apply(previous, self.executor.collect())
+                except Exception:
+                    logger.exception("the step before failed too")
+                    failed.insert(0, previous)
+            elif previous is not None:  # the device failed on the step before
+                failed.insert(0, previous)
+                if launched:
+                    self._drop_launched()
+            self._fail_steps(failed)
+            return outputs + self._take_pending()
+        if launched:
+            self._in_flight = scheduled
+        if previous is not None:
+            outputs += self._apply(previous, runner_output)
+        return outputs + self._take_pending()
+
+    def _drop_launched(self) -> None:
+        """Forget the step launched last, whose requests are failed (its output is not trusted)."""
+        try:
+            self.executor.collect()
+        except Exception:
+            logger.exception("the step launched last failed too")
+
+    def _fail_steps(self, steps: List[SchedulerOutput]) -> None:
+        """Fail every request of the given steps (the executor raised while running them)."""
+        request_ids = list(dict.fromkeys(rid for s in steps for rid in s.num_scheduled_tokens))
+        logger.exception("engine step failed; failing its requests %s", request_ids)
+        for scheduled in steps:
+            self.scheduler.step_failed(scheduled)  # host copies this step was to make are not trusted
+        FAULTS.check("recovery")
+        for request_id in request_ids:
+            self.fail_request(request_id, STEP_FAILED)
+
+    def _apply(self, scheduled: SchedulerOutput, runner_output: RunnerOutput) -> List[RequestOutput]:
+        """The outputs of an executed step: its tokens applied, detokenized, stop words found."""
+        outputs: List[RequestOutput] = []
         received = self.scheduler.update(scheduled, runner_output)
         for request, text in zip(received, self._new_texts(received)):
             try:
@@ -202,7 +284,7 @@ class Engine:
             except Exception:
                 logger.exception("request %d failed while its output was made", request.request_id)
                 self.fail_request(request.request_id, OUTPUT_FAILED, request)
-        return outputs + self._take_pending()
+        return outputs
 
     def _new_texts(self, requests: List[Request]) -> list:
         """The text of each request's newest token (or the exception detokenizing it raised),

@@ -8,6 +8,10 @@ each step's contract to every rank and return rank 0's output (engine/distribute
 torch is imported only when an executor is created, so the engine's own modules stay importable
 without it.
 
+Overlap (engine.py): an executor with supports_overlap also runs a step in three calls,
+prepare(scheduled) -> collect() of the previous step -> launch(), so the host prepares step N+1 while
+the device runs step N; execute() is the three in a row.
+
 A failed step of the in-process runner fails that step's requests and the engine goes on. An
 executor whose ranks can no longer run (one died, hung past --distributed-timeout, or raised: its
 peers' states can no longer be trusted to agree) raises ExecutorDeadError from then on, which the
@@ -39,6 +43,7 @@ class Executor(ABC):
     model_config: ModelConfig
     device_type: str  # "cuda" or "cpu": the defaults that depend on the device read it
     description: str  # one line for logs and the chat banner: device, dtype, backends
+    supports_overlap: bool = False  # prepare / launch / collect work (the engine may overlap steps)
 
     @abstractmethod
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> "KVCacheSpec":
@@ -51,6 +56,18 @@ class Executor(ABC):
     @abstractmethod
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         ...
+
+    def prepare(self, scheduled: SchedulerOutput) -> None:
+        """Apply the step's deltas and send its inputs; the previous step may still run."""
+        raise NotImplementedError(f"{type(self).__name__} runs whole steps only (execute)")
+
+    def launch(self) -> None:
+        """Start the prepared step; collect() the previous one first."""
+        raise NotImplementedError(f"{type(self).__name__} runs whole steps only (execute)")
+
+    def collect(self) -> RunnerOutput:
+        """The last launched step's output, once the device has it."""
+        raise NotImplementedError(f"{type(self).__name__} runs whole steps only (execute)")
 
     @abstractmethod
     def close(self) -> None:
@@ -76,6 +93,7 @@ class InProcessExecutor(Executor):
         self.runner = ModelRunner(model_path, device, dtype, config.attention_backend, config.model_format)
         self.model_config = self.runner.model_config
         self.device_type = device.type
+        self.supports_overlap = True
         self.description = (f"{device} {str(dtype).replace('torch.', '')}, attention "
                             f"{self.runner.attention.name}, kernels {self.runner.build_context.kernels.name}")
 
@@ -90,6 +108,15 @@ class InProcessExecutor(Executor):
 
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
         return self.runner.execute(scheduled)
+
+    def prepare(self, scheduled: SchedulerOutput) -> None:
+        self.runner.prepare(scheduled)
+
+    def launch(self) -> None:
+        self.runner.launch()
+
+    def collect(self) -> RunnerOutput:
+        return self.runner.collect()
 
     def close(self) -> None:
         self.runner.close()

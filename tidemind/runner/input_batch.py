@@ -7,7 +7,11 @@ so it never needs the scheduler's token lists again.
 
 Per row (host numpy arrays, sized once at start-up):
     token_ids[row, :num_tokens[row]]          prompt then output tokens
-    token_ids[row, :num_computed_tokens[row]] whose KV is in the cache
+    token_ids[row, :num_computed_tokens[row]] whose KV is in the cache (or being written by a step
+                                              launched on the device)
+    num_pending[row]                          the last num_pending tokens are placeholders: sampled by a
+                                              launched step whose ids have not reached the host (0 or 1;
+                                              the next step reads them on the device, step_inputs.py)
     block_table[row, :num_blocks[row]]         KV block ids, in position order
     params[row]                               SamplingParams (host objects: read by the sampler)
     plain_greedy[row]                         argmax alone picks its token (no bans, penalties,
@@ -38,6 +42,7 @@ class InputBatch:
         self.num_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_prompt_tokens = np.zeros(max_num_reqs, dtype=np.int64)
         self.num_computed_tokens = np.zeros(max_num_reqs, dtype=np.int64)
+        self.num_pending = np.zeros(max_num_reqs, dtype=np.int64)
         self.block_table = np.zeros((max_num_reqs, max_blocks_per_req), dtype=np.int32)
         self.num_blocks = np.zeros(max_num_reqs, dtype=np.int64)
         self.plain_greedy = np.zeros(max_num_reqs, dtype=bool)
@@ -81,6 +86,7 @@ class InputBatch:
         self.num_tokens[row] = num_tokens
         self.num_prompt_tokens[row] = num_prompt
         self.num_computed_tokens[row] = new.num_computed_tokens
+        self.num_pending[row] = 0
         self.block_table[row, :len(new.block_ids)] = new.block_ids
         self.num_blocks[row] = len(new.block_ids)
         params = new.sampling
@@ -116,14 +122,29 @@ class InputBatch:
             self.num_grammar_rows -= 1
         self._free_rows.append(row)
 
+    def holds(self, request_id: int, row: int) -> bool:
+        return self._row_of.get(request_id) == row
+
     def append_tokens(self, rows: np.ndarray, token_ids: np.ndarray) -> None:
         """Append one sampled token to each of ``rows`` (distinct rows)."""
+        self.fill_placeholders(rows, self.append_placeholders(rows), token_ids)
+
+    def append_placeholders(self, rows: np.ndarray) -> np.ndarray:
+        """Append one token whose id is not known yet to each of ``rows`` (distinct rows); returns
+        their positions, for fill_placeholders."""
         positions = self.num_tokens[rows]
         if positions.size and int(positions.max()) >= self.max_model_len:
             raise RuntimeError("a request grew past the runner's max_model_len; the scheduler should have "
                                "ended it at session_len")
-        self.token_ids[rows, positions] = token_ids
         self.num_tokens[rows] = positions + 1
+        self.num_pending[rows] += 1
+        return positions
+
+    def fill_placeholders(self, rows: np.ndarray, positions: np.ndarray, token_ids: np.ndarray) -> None:
+        """The ids of placeholders append_placeholders made, for rows that still hold the same
+        requests (the caller drops rows whose request left since): the grammars consume them."""
+        self.token_ids[rows, positions] = token_ids
+        self.num_pending[rows] -= 1
         if self.num_grammar_rows:
             for row, token in zip(rows.tolist(), token_ids.tolist()):
                 if self.grammar[row] is not None:

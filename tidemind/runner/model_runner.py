@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Optional
+import time
+from collections import deque
+from typing import Deque, List, Optional
 
 import numpy as np
 import torch
@@ -29,10 +31,12 @@ from ..loader import load_model, read_quantization
 from ..loader.checkpoint import model_head_dim
 from .cuda_graph import DecodeGraphs
 from .dense_backend import apply_dense_backend, resolve_dense_backend
+from .device import to_device
 from .input_batch import InputBatch
 from .kv_cache import KVCacheSpec, allocate_kv_cache, kv_bytes_per_token, plan_kv_cache
 from .prompt_logprobs import PromptLogprobs
 from .sampler import Sampler
+from .sampled_ids import LaunchedStep as _LaunchedStep, SampledIdsFetch
 from .step_inputs import PreparedStep, StepBuffers, prepare_step
 from .structured_output import GrammarCompiler
 from .swap import HostKVPool
@@ -76,6 +80,10 @@ class ModelRunner:
         self.batch: Optional[InputBatch] = None
         self.buffers: Optional[StepBuffers] = None
         self.graphs: Optional[DecodeGraphs] = None
+        self._prepared: Optional[PreparedStep] = None  # by prepare(), for launch()
+        self._launched: Deque[_LaunchedStep] = deque()  # by launch(), for collect(), oldest first
+        self._last_sampled: Optional[_LaunchedStep] = None  # the newest launched step that sampled
+        self._fetch = SampledIdsFetch(device)
 
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> KVCacheSpec:
         """Size and allocate the KV cache (after the weights, from the memory left), then the batch
@@ -86,7 +94,11 @@ class ModelRunner:
             spec = dataclasses.replace(spec, num_blocks=self.tp.min_int(spec.num_blocks),
                                        budget_source=f"{spec.budget_source}; the least of {self.tp.size} ranks")
         self.kv_spec = spec
+        start = time.perf_counter()
         self.kv_caches = allocate_kv_cache(spec, cache_config, self.dtype, self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the zero fill too: what the allocation really costs
+        allocated = time.perf_counter()
         self._log_kv_dtype(spec, cache_config)
         self.host_kv = HostKVPool.create(spec.num_host_blocks, self.kv_caches)
         max_model_len = min(session_len, spec.num_tokens)
@@ -99,6 +111,8 @@ class ModelRunner:
         self.buffers = StepBuffers(max_tokens, max_batch_size, max_blocks, self.device)
         for rotary in self.model.rotary_embeddings():
             rotary.reserve(max_model_len)
+        logger.info("KV cache: %.2f s to allocate and zero %.1f GiB, %.2f s for the batch state and step buffers",
+                    allocated - start, spec.num_bytes / 2**30, time.perf_counter() - allocated)
         return spec
 
     def rank_cache_config(self):
@@ -130,8 +144,17 @@ class ModelRunner:
                                    self.kv_spec.block_size, self.batch.max_model_len, self.device)
         return self.graphs.capture(max_batch_size)
 
-    @torch.inference_mode()
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        """Run one step to its sampled tokens: prepare, launch and collect in a row."""
+        self.prepare(scheduled)
+        self.launch()
+        return self.collect()
+
+    @torch.inference_mode()
+    def prepare(self, scheduled: SchedulerOutput) -> None:
+        """Apply the step's deltas to the batch, make its block copies and send its inputs to the
+        device. May run while the previous step still runs there (its sampled tokens are then
+        placeholders that launch() fills on the device, step_inputs.py)."""
         batch = self.batch
         # Departures first: a row freed now may be taken by a new request of this step.
         for request_id in scheduled.finished_request_ids:
@@ -144,29 +167,83 @@ class ModelRunner:
             batch.update(cached)
         if scheduled.swap_out or scheduled.swap_in:
             self.host_kv.apply(scheduled.swap_out, scheduled.swap_in)
-        if not scheduled.num_scheduled_tokens:
-            return RunnerOutput(sampled_token_ids={})
-        padding = self.graphs.padded_size if self.graphs is not None else None
-        step = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding)
+        self._prepared = None
+        if scheduled.num_scheduled_tokens:
+            padding = self.graphs.padded_size if self.graphs is not None else None
+            last = self._last_sampled
+            self._prepared = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding,
+                                          last.index_of_row(batch.max_num_reqs) if last is not None else None)
+
+    @torch.inference_mode()
+    def launch(self) -> None:
+        """Run the prepared step on the device up to its sampled ids, without waiting for them. Up
+        to two launched steps may wait to be collected: an all-greedy step (argmax on the device)
+        is queued behind the previous one at once; any other sampling reads the earlier steps'
+        tokens on the host, so they are resolved first (the sampler waits for the device then)."""
+        step, self._prepared = self._prepared, None
+        if step is None:
+            return
+        if len(self._launched) > 1:
+            raise RuntimeError("launch() with two steps not collected")
+        batch = self.batch
+        if step.num_pending:  # the previous step's sampled ids, where this one reads them
+            ids = step.input_ids
+            ids.index_copy_(0, step.pending_dst.long(),
+                            self._last_sampled.token_ids.index_select(0, step.pending_src.long()).to(ids.dtype))
         hidden = self._forward(step)  # [num_tokens, hidden]
         self.prompt_logprobs.collect(self.model, hidden, batch, step)
         batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
         if not step.sampled_request_ids:
-            return RunnerOutput(sampled_token_ids={})
+            self._launched.append(_LaunchedStep.empty())
+            return
         if len(step.sampled_request_ids) < step.num_tokens:
             hidden = hidden.index_select(0, step.logits_indices)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32, the same on every rank
-        if self.tp.rank == 0:
-            token_ids, logprobs = self._sample(logits, step)
-        else:
-            token_ids, logprobs = None, []
-        if self.tp.size > 1:
-            token_ids = self._share_sampled(token_ids, len(step.sampled_request_ids))
-        batch.append_tokens(step.sampled_rows, np.asarray(token_ids, dtype=np.int32))
+        rows = step.sampled_rows
+        if self.tp.size == 1 and batch.plain_greedy[rows].all():  # argmax alone decides: stays on the device
+            token_ids, host_ids, logprobs = logits.argmax(dim=-1), None, []
+        else:  # the sampler reads earlier tokens on the host; its ids go back for the next step's inputs
+            for launched in self._launched:
+                self._resolve(launched)
+            host_ids, logprobs = self._sample(logits, step) if self.tp.rank == 0 else (None, [])
+            if self.tp.size > 1:
+                host_ids = self._share_sampled(host_ids, len(rows))
+            token_ids = to_device(host_ids, torch.int64, self.device)
         rids = step.sampled_request_ids
-        return RunnerOutput(sampled_token_ids=dict(zip(rids, token_ids)),
-                            logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None},
-                            prompt_logprobs=self.prompt_logprobs.take(rids, step.sampled_rows))
+        launched = _LaunchedStep(
+            request_ids=rids, rows=rows, positions=batch.append_placeholders(rows), token_ids=token_ids,
+            host_ids=host_ids, logprobs={rid: lp for rid, lp in zip(rids, logprobs) if lp is not None},
+            prompt_logprobs=self.prompt_logprobs.take(rids, rows))
+        if host_ids is None:
+            self._fetch.start(launched)
+        self._launched.append(launched)
+        self._last_sampled = launched
+
+    def collect(self) -> RunnerOutput:
+        """The oldest launched step's output: its sampled tokens (waiting for the device if need
+        be), written into the rows that still hold their requests."""
+        if not self._launched:
+            return RunnerOutput(sampled_token_ids={})
+        launched = self._launched.popleft()
+        self._resolve(launched)
+        return RunnerOutput(sampled_token_ids=dict(zip(launched.request_ids, launched.host_ids)),
+                            logprobs=launched.logprobs, prompt_logprobs=launched.prompt_logprobs)
+
+    def _resolve(self, launched: _LaunchedStep) -> None:
+        """Bring a launched step's ids to the host and into the batch (once)."""
+        if launched.resolved:
+            return
+        if launched.host_ids is None:
+            launched.host_ids = self._fetch.finish(launched)
+        launched.resolved = True
+        batch, token_ids = self.batch, launched.host_ids
+        keep = [i for i, (rid, row) in enumerate(zip(launched.request_ids, launched.rows.tolist()))
+                if batch.holds(rid, row)]
+        if len(keep) == len(token_ids):
+            batch.fill_placeholders(launched.rows, launched.positions, np.asarray(token_ids, dtype=np.int32))
+        elif keep:
+            batch.fill_placeholders(launched.rows[keep], launched.positions[keep],
+                                    np.asarray(token_ids, dtype=np.int32)[keep])
 
     def _forward(self, step: PreparedStep) -> torch.Tensor:
         if self.graphs is not None and step.is_decode_only and self.graphs.can_run(step.num_seqs):
@@ -178,7 +255,7 @@ class ModelRunner:
         """(token ids, logprobs or None per row) for the sampled rows, in logits order."""
         batch = self.batch
         rows = step.sampled_rows
-        if batch.plain_greedy[rows].all():  # argmax alone decides: one device->host copy
+        if batch.plain_greedy[rows].all():  # argmax alone decides (tensor parallelism: rank 0 sends these)
             return logits.argmax(dim=-1).tolist(), [None] * len(rows)
         out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in rows])
         return out.token_ids, out.logprobs

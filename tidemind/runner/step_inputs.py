@@ -3,8 +3,10 @@
 StepBuffers owns one int32 buffer on the device (pinned host staging buffer beside it on a GPU; on
 the CPU the staging buffer is the device buffer) with every per-step field at a fixed offset:
 
-    [ seq_lens | query_start_loc | logits_indices | input_ids | positions | slot_mapping | block_tables ]
-      max_seqs   max_seqs + 1      max_seqs         max_tokens  max_tokens  max_tokens     max_seqs x max_blocks
+    [ seq_lens | query_start_loc | logits_indices | pending_dst | pending_src |
+      max_seqs   max_seqs + 1      max_seqs         max_seqs      max_seqs
+      input_ids | positions | slot_mapping | block_tables ]
+      max_tokens  max_tokens  max_tokens     max_seqs x max_blocks
 
 Fixed offsets make the device views the static inputs that CUDA graphs replay; block tables come
 last, row by row, so a step's used region is always a prefix of the buffer and one copy of that
@@ -14,6 +16,12 @@ it writes; usually long done, since a step that samples synchronizes for its tok
 
 Step order: sequences with one new token first (the decode group), then prompt chunks, each group in
 schedule order.
+
+Tokens not on the host yet: when the engine overlaps steps, the step is prepared while the device
+still runs the previous one, whose sampled ids the host does not have. Such a token (only ever the
+one input of a decode row, InputBatch.num_pending) is written as a placeholder, and the step names
+where its id comes from: input token pending_dst[i] takes the previous step's sampled id number
+pending_src[i], copied on the device before the forward pass (ModelRunner.launch).
 """
 from __future__ import annotations
 
@@ -28,8 +36,8 @@ from ..attention.base import StepLayout
 from ..core.outputs import SchedulerOutput
 from .input_batch import InputBatch
 
-_FIELDS = ("seq_lens", "query_start_loc", "logits_indices", "input_ids", "positions", "slot_mapping",
-           "block_tables")
+_FIELDS = ("seq_lens", "query_start_loc", "logits_indices", "pending_dst", "pending_src", "input_ids", "positions",
+           "slot_mapping", "block_tables")
 
 
 class StepBuffers:
@@ -39,7 +47,8 @@ class StepBuffers:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.device = device
         sizes = {"seq_lens": max_seqs, "query_start_loc": max_seqs + 1, "logits_indices": max_seqs,
-                 "input_ids": max_tokens, "positions": max_tokens, "slot_mapping": max_tokens,
+                 "pending_dst": max_seqs, "pending_src": max_seqs, "input_ids": max_tokens, "positions": max_tokens,
+                 "slot_mapping": max_tokens,
                  "block_tables": max_seqs * max_blocks_per_seq}
         self._offsets: Dict[str, int] = {}
         total = 0
@@ -98,6 +107,7 @@ class PreparedStep:
     sampled_request_ids: List[int]
     scheduled_rows: np.ndarray  # [num_seqs] InputBatch rows in step order
     num_scheduled: np.ndarray  # [num_seqs] tokens computed for each
+    num_pending: int = 0  # input tokens whose ids come from the previous step's sampled ids (see above)
 
     @property
     def is_decode_only(self) -> bool:
@@ -123,16 +133,27 @@ class PreparedStep:
         return self.buffers.device_view("positions", self.num_tokens)
 
     @property
+    def pending_dst(self) -> torch.Tensor:  # [num_pending] int32: input token indices
+        return self.buffers.device_view("pending_dst", self.num_pending)
+
+    @property
+    def pending_src(self) -> torch.Tensor:  # [num_pending] int32: indices into the previous step's sampled ids
+        return self.buffers.device_view("pending_src", self.num_pending)
+
+    @property
     def logits_indices(self) -> torch.Tensor:  # [num_sampled] int32: the hidden row each sample reads
         return self.buffers.device_view("logits_indices", len(self.sampled_request_ids))
 
 
 def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuffers, block_size: int,
-                 decode_padding: Optional[Callable[[int], int]] = None) -> PreparedStep:
+                 decode_padding: Optional[Callable[[int], int]] = None,
+                 sampled_index_of_row: Optional[np.ndarray] = None) -> PreparedStep:
     """Fill the buffers for the scheduled requests (whose deltas the batch has applied) and upload.
 
     decode_padding(num_seqs) -> the row count a decode-only step is replayed with (a CUDA graph's
-    size): rows past num_seqs are filled as padding (token 0 at position 0, slot -1, seq_len 0)."""
+    size): rows past num_seqs are filled as padding (token 0 at position 0, slot -1, seq_len 0).
+    sampled_index_of_row[row]: where row's pending token is among the previous step's sampled ids
+    (needed when any scheduled row has one, see above)."""
     request_ids = list(scheduled.num_scheduled_tokens)
     counts_in_schedule = np.fromiter(scheduled.num_scheduled_tokens.values(), dtype=np.int64,
                                      count=len(request_ids))
@@ -167,6 +188,13 @@ def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuf
     samples = seq_lens == batch.num_tokens[rows]
     num_sampled = int(np.count_nonzero(samples))
     buffers.host("logits_indices", num_sampled)[:] = query_start_loc[1:][samples] - 1
+    # A pending token is the last of its row: only a decode row (one token, at its index) has one.
+    pending = np.flatnonzero(batch.num_pending[rows[:num_decodes]])
+    if pending.size:
+        if sampled_index_of_row is None or (sampled_index_of_row[rows[pending]] < 0).any():
+            raise RuntimeError("a step reads a token that no launched step samples")
+        buffers.host("pending_dst", pending.size)[:] = pending
+        buffers.host("pending_src", pending.size)[:] = sampled_index_of_row[rows[pending]]
     padded = decode_padding(num_seqs) if decode_padding is not None and num_decodes == num_seqs else num_seqs
     if padded > num_seqs:
         for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
@@ -178,4 +206,4 @@ def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuf
         buffers=buffers, block_size=block_size, num_tokens=num_tokens, num_seqs=num_seqs, num_decodes=num_decodes,
         max_query_len=int(counts.max()) if num_seqs else 0, seq_lens=seq_lens, query_start_loc=query_start_loc,
         sampled_rows=rows[samples], sampled_request_ids=[rid for rid, s in zip(ordered_ids, samples) if s],
-        scheduled_rows=rows, num_scheduled=counts)
+        scheduled_rows=rows, num_scheduled=counts, num_pending=int(pending.size))
