@@ -13,7 +13,9 @@ Shares: the visible keys [lo, seq_len) (lo = seq_len - window, or 0) are cut int
 chunks of whole tiles; with one split the program writes the output, otherwise every program
 writes its unnormalized (max, sum, acc) and _decode_reduce_kernel merges them per (b, head).
 The split count depends only on host values (B, KVH, max_seq_len, the window, the SM count), so
-the launch can be captured in a CUDA graph.
+the launch can be captured in a CUDA graph. It is a run-time argument, not a compile-time one: the
+CUDA graphs of every batch size (each with its own split count) share two compiled decode kernels
+(SPLIT off / on) and one reduce kernel, which keeps start-up's compile time down.
 
 With kv_bits 8 / 4 (quant_policy) the caches hold uint8 rows and (scale, zero) pairs
 (attention/kv_cache.py): tiles are dequantized to float32 as they are loaded (kv_cache.load_kv_tile),
@@ -38,20 +40,20 @@ _LOG2E = 1.4426950408889634
 # Split heuristic, measured on an H200 (llama8b / Gemma-3 / SmolLM2 shapes, B 1..256, 1k-4k keys):
 # shorter shares help single sequences (B=1, 4k keys: 12 us against 14 us with 256-key shares).
 _MIN_TOKENS_PER_SPLIT = 128  # below this a share's fixed cost (q load, partial write) is not repaid
-_MAX_SPLITS = 32
+_MAX_SPLITS = 32  # a power of two: the reduce kernel covers every split count with one tile of this size
 _TARGET_WAVES = 4  # programs aimed at, in multiples of the SM count, when splitting
 _CPU_SM_COUNT = 4  # stands in for the SM count under the Triton interpreter (CPU tensors)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
                    partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
                    query_batch_stride, query_head_stride, out_batch_stride, out_head_stride,
                    cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
-                   num_heads, qk_scale, window,
+                   num_heads, qk_scale, window, num_splits,
                    key_scales_ptr, value_scales_ptr, scales_block_stride, scales_slot_stride, scales_head_stride,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, USE_WINDOW: tl.constexpr,
+                   BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
@@ -67,7 +69,7 @@ def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, 
     first_key = 0
     if USE_WINDOW:
         first_key = tl.maximum(seq_len - window, 0)  # keys j > (seq_len - 1) - window
-    chunk = tl.cdiv(tl.cdiv(seq_len - first_key, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(seq_len - first_key, num_splits), BLOCK_N) * BLOCK_N
     lo = first_key + split * chunk
     hi = tl.minimum(lo + chunk, seq_len)
 
@@ -97,28 +99,27 @@ def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, 
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT:  # num_splits == 1
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # seq_len 0: acc = 0, out = 0
         tl.store(out_ptr + batch * out_batch_stride + heads[:, None] * out_head_stride + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
-        # partials [B, H, NUM_SPLITS] (+ [HEAD_DIM] for acc), contiguous; an empty share writes (-inf, 0, 0)
-        partial = (batch * num_heads + heads) * NUM_SPLITS + split  # [BLOCK_G]
+        # partials [B, H, num_splits] (+ [HEAD_DIM] for acc), contiguous; an empty share writes (-inf, 0, 0)
+        partial = (batch * num_heads + heads) * num_splits + split  # [BLOCK_G]
         tl.store(partial_max_ptr + partial, m_i, mask=row_mask)
         tl.store(partial_sum_ptr + partial, l_i, mask=row_mask)
         tl.store(partial_acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, out_batch_stride,
-                          out_head_stride, num_heads, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                          BLOCK_S: tl.constexpr):
+                          out_head_stride, num_heads, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
-    partial = (batch * num_heads + head) * NUM_SPLITS + splits  # [BLOCK_S]
+    partial = (batch * num_heads + head) * num_splits + splits  # [BLOCK_S]
     m = tl.load(partial_max_ptr + partial, mask=split_mask, other=float("-inf"))
     l = tl.load(partial_sum_ptr + partial, mask=split_mask, other=0.0)
     m_max = tl.max(m, axis=0)
@@ -235,13 +236,14 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         query, key_cache, value_cache, block_tables, seq_lens, out, partial_acc, partial_max, partial_sum,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        num_heads, float(scale) * _LOG2E, int(sliding_window or 0), key_scales, value_scales, *scale_strides,
+        num_heads, float(scale) * _LOG2E, int(sliding_window or 0), num_splits, key_scales, value_scales,
+        *scale_strides,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_N=block_n, NUM_SPLITS=num_splits, USE_WINDOW=sliding_window is not None,
+        BLOCK_N=block_n, SPLIT=num_splits > 1, USE_WINDOW=sliding_window is not None,
         DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_BITS=kv_bits, num_warps=num_warps,
         num_stages=num_stages)
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            partial_acc, partial_max, partial_sum, out, out.stride(0), out.stride(1), num_heads,
-            HEAD_DIM=head_dim, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4)
+            partial_acc, partial_max, partial_sum, out, out.stride(0), out.stride(1), num_heads, num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=_MAX_SPLITS, num_warps=4)
     return out
