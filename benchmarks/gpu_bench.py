@@ -3,7 +3,9 @@
     python benchmarks/gpu_bench.py check GGUF        # SmolLM2 float32: 32 prompts, 64 new tokens, vs
                                                      # transformers: one at a time and batched, CUDA
                                                      # graphs and eager, and a batch limit of 4
-    python benchmarks/gpu_bench.py perf MODEL_DIR    # start-up, KV tokens, D1, L1, T1 (WORKLOADS.md), bf16
+    python benchmarks/gpu_bench.py perf MODEL_DIR    # start-up, KV tokens, D1, L1, T1 (WORKLOADS.md), bf16;
+                                                     # then (PERF_PLAIN=1, the default) start-up again,
+                                                     # D1 and T1 once in the plain loop (no overlap)
     python benchmarks/gpu_bench.py serve MODEL_DIR   # S1 at rate inf through tidemind's own api_server
 
 Every figure is appended to $OUT/results.jsonl in the same format as the peer scripts
@@ -96,9 +98,11 @@ def check(gguf: str, device: str = "cuda") -> None:
     greedy = GenerationConfig(max_new_tokens=64, logprobs=2)
     runs = {}
     # (label, engine settings): CUDA graphs (the default) one at a time and batched, eager batched,
-    # and batched under a batch limit of 4 (other batch compositions and graph sizes).
+    # batched under a batch limit of 4 (other batch compositions and graph sizes), and batched in
+    # the plain loop (no overlap of consecutive steps).
     modes = (("graphs, one at a time", {}), ("graphs, batched", {}), ("eager, batched", {"eager_mode": True}),
-             ("graphs, max_batch_size=4", {"max_batch_size": 4}))
+             ("graphs, max_batch_size=4", {"max_batch_size": 4}),
+             ("graphs, batched, no overlap", {"overlap_schedule": False}))
     for label, settings in modes:
         config = EngineConfig(dtype="float32", device=device, **settings)
         with pipeline(gguf, backend_config=config, log_level="INFO") as pipe:
@@ -125,6 +129,10 @@ def check(gguf: str, device: str = "cuda") -> None:
             print(f"{mode} vs transformers-{impl}: {len(prompts) - len(mismatched)}/{len(prompts)} identical; "
                   f"first-token log-prob difference up to {first_diff:.2e}; divergences {mismatched}", flush=True)
     base = [r.token_ids for r in runs["graphs, one at a time"]]
+    # Without logprobs a greedy step's ids stay on the device (argmax) and the next step is queued
+    # behind it before they reach the host: the overlapped loop's own path.
+    with pipeline(gguf, backend_config=EngineConfig(dtype="float32", device=device), log_level="INFO") as pipe:
+        runs["graphs, batched, ids only"] = pipe(prompts, GenerationConfig(max_new_tokens=64))
     for mode, got in runs.items():
         differ = [i for i, r in enumerate(got) if r.token_ids != base[i]]
         record(system="tidemind", workload="greedy-mode-invariance", mode=mode, prompts=len(prompts),
@@ -158,8 +166,8 @@ def l1(pipe) -> None:
     record(system="tidemind", workload="L1", prompt_tokens=L1_LEN, ttft_s=statistics.median(ttfts), runs=ttfts, cmd=CMD)
 
 
-def t1(pipe, **tags) -> list:
-    """T1 after a warm-up, T1_REP times; each rep recorded (with `tags`); returns their summaries."""
+def t1(pipe, reps: int = 0, **tags) -> list:
+    """T1 after a warm-up, `reps` (else T1_REP) times; each rep recorded (with `tags`); returns their summaries."""
     engine = pipe.async_engine
     vocab = pipe.engine.model_config.vocab_size
     warm = t1_prompts(vocab, 64)
@@ -168,7 +176,7 @@ def t1(pipe, **tags) -> list:
     print(f"T1 warm-up (64 requests x 16 tokens) {time.perf_counter() - start:.1f}s", flush=True)
     prompts = t1_prompts(vocab, T1_N)
     summaries = []
-    for rep in range(int(os.environ.get("T1_REP", 2))):
+    for rep in range(reps or int(os.environ.get("T1_REP", 2))):
         before = pipe.engine.scheduler.num_preemptions
         stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
         print(f"T1 rep {rep}", stats.summary(), flush=True)
@@ -186,6 +194,8 @@ def perf(model_dir: str) -> None:
                           cache_max_entry_count=0.8, device=DEVICE)
     try:
         _perf_with(model_dir, config)
+        if os.environ.get("PERF_PLAIN", "1") == "1":
+            _plain_loop(model_dir, config)
     except Exception:
         record(system="tidemind", workload="perf-failed", traceback=traceback.format_exc(), cmd=CMD)
         traceback.print_exc()
@@ -200,18 +210,34 @@ def perf(model_dir: str) -> None:
 def _perf_with(model_dir: str, config: EngineConfig) -> None:
     from tidemind.bench.device_ceilings import decode_roofline, measure_copy_bandwidth
 
+    cache_dir = os.environ.get("TRITON_CACHE_DIR")
+    kernel_cache = "cold" if cache_dir and not os.listdir(cache_dir) else "as found"
     start = time.perf_counter()
     with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
         startup = time.perf_counter() - start
         runner = pipe.engine.executor.runner
         roofline = decode_roofline(runner.model, measure_copy_bandwidth(runner.device))
-        record(system="tidemind", workload="startup", startup_s=startup, engine=pipe.engine.executor.description,
+        record(system="tidemind", workload="startup", kernel_cache=kernel_cache, startup_s=startup,
+               engine=pipe.engine.executor.description,
                kv_cache_tokens=pipe.engine.kv_spec.num_tokens, kv_cache_blocks=pipe.engine.kv_spec.num_blocks,
                block_size=pipe.engine.kv_spec.block_size, roofline=roofline, cmd=CMD)
         print(f"ready in {startup:.1f}s; KV cache {pipe.engine.kv_spec.num_tokens} tokens; roofline {roofline}", flush=True)
         d1(pipe)
         l1(pipe)
         t1(pipe)
+
+
+def _plain_loop(model_dir: str, config: EngineConfig) -> None:
+    """What the overlap of consecutive steps gives: D1 and T1 once more with it off; the start-up
+    of this second engine is the one with Triton's kernel cache warm."""
+    start = time.perf_counter()
+    plain = EngineConfig(**{**config.__dict__, "overlap_schedule": False})
+    with pipeline(model_dir, backend_config=plain, log_level="INFO") as pipe:
+        startup = time.perf_counter() - start
+        record(system="tidemind", workload="startup", kernel_cache="warm", startup_s=startup, cmd=CMD)
+        print(f"plain loop: ready in {startup:.1f}s (Triton kernel cache warm)", flush=True)
+        d1(pipe, loop="plain")
+        t1(pipe, reps=int(os.environ.get("T1_REP_PLAIN", 1)), loop="plain")
 
 
 def _wait_healthy(url: str, server, timeout: float) -> None:

@@ -87,11 +87,14 @@ class DecodeGraphs:
         sizes = capture_sizes(max_batch_size)
         pool = torch.cuda.graph_pool_handle()
         self._pad_inputs(max_batch_size)
+        warm_up = 0.0
         for batch_size in reversed(sizes):
             metadata = self.attention.build_graph_metadata(
                 graph_layout(self.buffers, batch_size, self.block_size, self.max_model_len))
+            started = time.perf_counter()
             self._run_model(batch_size, metadata)  # warm-up: compiles kernels, settles allocations
             torch.cuda.synchronize(self.device)
+            warm_up += time.perf_counter() - started
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 hidden = self._run_model(batch_size, metadata)
@@ -99,8 +102,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self._sizes = sizes
         seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s", len(sizes),
-                    sizes[0], sizes[-1], seconds)
+        logger.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s (warm-up runs, with "
+                    "their kernel compiles, %.1f s)", len(sizes), sizes[0], sizes[-1], seconds, warm_up)
         return seconds
 
     def run(self, num_seqs: int) -> torch.Tensor:
