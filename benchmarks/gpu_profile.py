@@ -3,6 +3,10 @@ host time of the engine's phases, for D1-like decode (batch 1) and a batch-256 d
 
     python benchmarks/gpu_profile.py MODEL_DIR        # appends to $OUT/results.jsonl, prints tables
 
+Each case runs in the overlapped loop (the GPU default: the host's work of one step beside the
+device's work of the other) and in the plain loop (overlap_schedule off: the host's work between
+the device's steps).
+
 For each case: the steps' wall time (Engine.step), the host time of schedule / prepare_step /
 the rest, and, from torch.profiler, the device's busy time (union of kernel intervals) per step and
 the kernels that take most of it. Wall minus busy is time the device waited for the host.
@@ -116,14 +120,18 @@ def profile_decode(engine: Engine, batch: int, label: str) -> None:
 
 
 def main() -> None:
+    """Both loops (engine.py): overlapped (the GPU default), then plain, each at batch 1 and 256."""
     model_dir = sys.argv[1]
-    config = EngineConfig(session_len=int(os.environ.get("SESSION_LEN", 8192)), max_batch_size=256, device=DEVICE)
-    engine = Engine(model_dir, config)  # stepped in this thread: no AsyncEngine
-    try:
-        profile_decode(engine, 1, "decode-b1")
-        profile_decode(engine, 256, "decode-b256")
-    finally:
-        engine.close()
+    for overlap in (True, False):
+        config = EngineConfig(session_len=int(os.environ.get("SESSION_LEN", 8192)), max_batch_size=256,
+                              device=DEVICE, overlap_schedule=overlap)
+        engine = Engine(model_dir, config)  # stepped in this thread: no AsyncEngine
+        loop = "overlap" if overlap else "plain"
+        try:
+            profile_decode(engine, 1, f"decode-b1-{loop}")
+            profile_decode(engine, 256, f"decode-b256-{loop}")
+        finally:
+            engine.close()
 
 
 if __name__ == "__main__":
