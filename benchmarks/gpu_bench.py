@@ -147,6 +147,7 @@ def d1(pipe, **tags) -> dict:
     run_requests(engine, prompt, GenerationConfig(max_new_tokens=32, ignore_eos=True))  # warm-up
     runs = []
     for _ in range(3):
+        pipe.engine.reset_prefix_cache()  # every run computes its prompt (the engine is idle between runs)
         stats = run_requests(engine, prompt, GenerationConfig(max_new_tokens=D1_NEW, ignore_eos=True))
         runs.append(dict(ttft_s=stats.ttft_s[0], decode_tok_s=stats.decode_tok_s(), total_s=stats.wall_s))
         print("D1 run", runs[-1], flush=True)
@@ -161,7 +162,10 @@ def l1(pipe) -> None:
     prompt = [random_prompt(pipe.engine.model_config.vocab_size, L1_LEN)]
     gen = GenerationConfig(max_new_tokens=64, ignore_eos=True)
     run_requests(engine, prompt, gen)
-    ttfts = [run_requests(engine, prompt, gen).ttft_s[0] for _ in range(3)]
+    ttfts = []
+    for _ in range(3):
+        pipe.engine.reset_prefix_cache()  # else the prompt's blocks come from the run before
+        ttfts.append(run_requests(engine, prompt, gen).ttft_s[0])
     print("L1 TTFT", ttfts, flush=True)
     record(system="tidemind", workload="L1", prompt_tokens=L1_LEN, ttft_s=statistics.median(ttfts), runs=ttfts, cmd=CMD)
 
@@ -178,6 +182,7 @@ def t1(pipe, reps: int = 0, **tags) -> list:
     summaries = []
     for rep in range(reps or int(os.environ.get("T1_REP", 2))):
         before = pipe.engine.scheduler.num_preemptions
+        pipe.engine.reset_prefix_cache()  # the same prompts again: not served from the rep before
         stats = run_requests(engine, prompts, GenerationConfig(max_new_tokens=T1_NEW, ignore_eos=True))
         print(f"T1 rep {rep}", stats.summary(), flush=True)
         summaries.append(dict(stats.summary(), preemptions=pipe.engine.scheduler.num_preemptions - before))

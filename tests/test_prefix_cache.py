@@ -27,6 +27,19 @@ def _computed(bm, tokens, rid=0, salt=None):
 
 # ------------------------------------------------------------------ block manager
 
+def test_dropping_the_cache_forgets_free_blocks_and_keeps_held_ones():
+    bm = BlockManager(16, 4, enable_prefix_caching=True)
+    kept = _computed(bm, list(range(8)), rid=0)
+    gone = _computed(bm, list(range(100, 108)), rid=1)
+    bm.free(gone)  # its two blocks stay cached, free
+    assert bm.num_evictable_blocks == 2
+    assert bm.drop_cached_blocks() == 2
+    assert bm.num_evictable_blocks == 0 and bm.num_free_blocks == 14
+    assert bm.find_cached_prefix(list(range(100, 109))) == ([], [])
+    assert bm.find_cached_prefix(list(range(9)))[0] == kept.block_ids  # a held block keeps its key
+    bm.check_invariants([kept])
+
+
 def test_full_blocks_hit_by_prefix_and_never_the_last_token():
     bm = BlockManager(16, 4, enable_prefix_caching=True)
     a = _computed(bm, list(range(10)))  # 2 full blocks + 2 tokens

@@ -156,6 +156,14 @@ class BlockManager:
         request.block_ids.extend(taken)
         return True
 
+    def drop_cached_blocks(self) -> int:
+        """Forget every cached block nobody holds: they become plain free blocks (blocks requests
+        or sessions hold keep their keys). Returns how many were dropped."""
+        count = len(self._evictable)
+        while self._evictable:
+            self._free.append(self._evict_oldest())
+        return count
+
     def _evict_oldest(self) -> int:
         block_id, _ = self._evictable.popitem(last=False)
         del self._cached[self._key_of[block_id]]

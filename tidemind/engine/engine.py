@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
 from ..chat.detokenizer import IncrementalDetokenizer, add_tokens
@@ -49,16 +50,25 @@ STEP_FAILED = "the engine failed while running this request; the server log has 
 OUTPUT_FAILED = "the engine failed while making this request's output; the server log has the details"
 
 
+def _load_tokenizer(path: str) -> Tokenizer:
+    start = time.perf_counter()
+    tokenizer = Tokenizer.from_pretrained(path)
+    logger.info("tokenizer loaded in %.1f s (beside the weights)", time.perf_counter() - start)
+    return tokenizer
+
+
 class Engine:
     def __init__(self, model: Optional[str] = None, config: Optional[EngineConfig] = None):
         self.config = config or EngineConfig()
         self.resolved = resolve_model(model, keep_quantized=keep_gguf_quantized(model, self.config))
         logger.info("model %s: %s", self.resolved.name, self.resolved.path)
-        self.executor = create_executor(self.resolved.path, self.config)
+        # The tokenizer (its first import of transformers takes seconds on a fresh machine) loads in
+        # a thread while the weights go to the device, which mostly waits on I/O and copies.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidemind-tokenizer") as pool:
+            tokenizer = pool.submit(_load_tokenizer, self.resolved.path)
+            self.executor = create_executor(self.resolved.path, self.config)
+            self.tokenizer = tokenizer.result()
         self.model_config = self.executor.model_config
-        start = time.perf_counter()
-        self.tokenizer = Tokenizer.from_pretrained(self.resolved.path)
-        logger.info("tokenizer loaded in %.1f s", time.perf_counter() - start)
         self.session_len = self.config.session_len or self.model_config.max_position_embeddings
         if self.session_len > self.model_config.max_position_embeddings:
             logger.warning("session_len=%d is longer than the model was trained for (%d positions)",
@@ -176,6 +186,12 @@ class Engine:
                 "cpu_blocks_free": swap.num_free_blocks if swap else 0,
                 "swap_out_blocks_total": swap.num_blocks_swapped_out if swap else 0,
                 "swap_in_blocks_total": swap.num_blocks_swapped_in if swap else 0}
+
+    def reset_prefix_cache(self) -> int:
+        """Drop the prefix cache's blocks that no request or session holds (benchmarks call it between
+        runs of the same prompts, so that a run is not served from the one before); call it between
+        steps. Returns how many blocks were dropped."""
+        return self.block_manager.drop_cached_blocks()
 
     def abort_all(self, error: str) -> None:
         """End every unfinished request with finish_reason "error" (the engine is closing)."""
