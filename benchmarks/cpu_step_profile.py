@@ -1,13 +1,17 @@
 """Where a CPU decode step's time goes: linear layers, attention, the rest of the layers, the LM
 head and sampling, for the bundled SmolLM2 in float32 at batch sizes 1, 16 and 32 (C3, C2, C1).
 
-usage: python benchmarks/cpu_step_profile.py [--batch 1 16 32] [--new-tokens 128] [--out benchmarks/results/cpu_step_profile.json]
+usage: python benchmarks/cpu_step_profile.py [--batch 1 16 32] [--new-tokens 128] [--dtype auto] [--per-op]
+                                             [--out benchmarks/results/cpu_step_profile.json]
 
 Each batch runs the first B chat prompts of prompts.jsonl through the engine in this thread (no
 server) with 128 new tokens, ignore EOS, after a warm-up; times are milliseconds per decode step
-(the prefill step is left out), the mean over the run. The linear-layer time is set beside its floor on this machine: the float32
-matmul FLOPs of a step at the measured matmul rate, or the weight bytes at the measured copy
-bandwidth, whichever is larger (tidemind/bench/cpu_ceilings.py).
+(the prefill step is left out), the mean over the run. Where the decoder layers run as one C call
+each (GGUF at stored precision, kernels/cpu/decoder.py), their linear layers and attention are
+inside layer_calls, not timed apart; --per-op runs them op by op instead. The linear-layer time is
+set beside its floor on this machine: the float32 matmul FLOPs of a step at the measured matmul
+rate, or the weight bytes at the measured copy bandwidth, whichever is larger
+(tidemind/bench/cpu_ceilings.py).
 """
 from __future__ import annotations
 
@@ -51,6 +55,9 @@ def instrument(engine: Engine) -> dict:
             module.forward = timed(totals, "attention", module.forward)
         elif isinstance(module, LMHead):
             module.forward = timed(totals, "lm_head", module.forward)
+    fused = getattr(runner.model, "cpu_layers", None)
+    if fused is not None:  # the decoder layers as one C call each: linear and attention are inside
+        fused.run = timed(totals, "layer_calls", fused.run)
     runner.model.forward = timed(totals, "model", runner.model.forward)
     runner._sample = timed(totals, "sampler", runner._sample)
     engine.step = timed(totals, "step", engine.step)
@@ -73,10 +80,11 @@ def profile_batch(engine: Engine, totals: dict, prompts: list, new_tokens: int) 
 
     run(0)  # warm-up
     steps = run(len(prompts))
-    ms = {key: 1000 * value / steps for key, value in totals.items()}
-    rest = ms["model"] - ms["linear"] - ms["attention"]
+    ms = collections.defaultdict(float, {key: 1000 * value / steps for key, value in totals.items()})
+    rest = ms["model"] - ms["linear"] - ms["attention"] - ms["layer_calls"]
     return {"batch": len(prompts), "steps": steps, "ms_per_step": round(ms["step"], 2),
             "linear": round(ms["linear"], 2), "attention": round(ms["attention"], 2),
+            "layer_calls": round(ms["layer_calls"], 2),
             "other_layer_ops": round(rest, 2), "lm_head": round(ms["lm_head"], 2),
             "sampler": round(ms["sampler"], 2),
             "engine_and_inputs": round(ms["step"] - ms["model"] - ms["lm_head"] - ms["sampler"], 2)}
@@ -95,6 +103,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float32", help="auto: the GGUF at its stored precision")
     parser.add_argument("--out", default="benchmarks/results/cpu_step_profile.json")
+    parser.add_argument("--per-op", action="store_true",
+                        help="stored precision: run the decoder layers op by op, not one C call each")
     args = parser.parse_args()
     torch.set_num_threads(THREADS)
     ceilings = measure_cpu_ceilings()
@@ -102,6 +112,8 @@ def main() -> None:
                                        num_threads=THREADS))
     template = get_chat_template(engine.tokenizer)
     prompts = [engine.tokenizer.encode(template.messages2prompt(p)) for p in chat_prompts()]
+    if args.per_op:
+        engine.executor.runner.model.cpu_layers = None
     weights = step_weight_count(engine.executor.runner.model)
     totals = instrument(engine)
     rows = []

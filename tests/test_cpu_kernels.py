@@ -186,3 +186,29 @@ def test_cpu_attention_backend_matches_reference(window, heads):
     (want, want_cache), (got, got_cache) = outs
     assert torch.equal(got_cache, want_cache)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("head_dim", [40, 64, 136])
+def test_paged_attention_every_isa(kernels, head_dim):
+    """Each ISA's attention kernel (SIMD dot products and value sums, their tails at head_dim 40
+    and 136) against the torch reference, over more keys than one chunk, 4 query heads a key head."""
+    from tidemind.attention.base import AttentionSpec, layout_from_lists
+    from tidemind.attention.cpu_backend import CPUAttentionBackend
+    from tidemind.attention.kv_cache import LayerKVCache
+    from tidemind.attention.reference import ReferenceAttentionBackend
+
+    gen = torch.Generator().manual_seed(head_dim)
+    heads, kv_heads, block_size = 8, 2, 16
+    spec = AttentionSpec(heads, kv_heads, head_dim, head_dim ** -0.5, None)
+    query_lens, seq_lens = [1, 3], [75, 40]
+    tables = [[0, 5, 2, 7, 1], [3, 6, 4]]
+    layout = layout_from_lists(query_lens, seq_lens, tables, block_size, torch.device("cpu"))
+    t = sum(query_lens)
+    q = torch.randn(t, heads, head_dim, generator=gen)
+    k, v = torch.randn(t, kv_heads, head_dim, generator=gen), torch.randn(t, kv_heads, head_dim, generator=gen)
+    cache = torch.randn(2, 8, block_size, kv_heads, head_dim, generator=gen)
+    reference = ReferenceAttentionBackend()
+    want = reference.forward(spec, q, k, v, LayerKVCache(cache.clone()), reference.build_metadata(layout))
+    backend = CPUAttentionBackend()
+    got = kernels.paged_attention(q, k, v, cache.clone(), backend.build_metadata(layout).args, spec.scale, 0)
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)

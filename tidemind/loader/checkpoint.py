@@ -205,11 +205,15 @@ def check_tensor_parallel(path: str, tp: int, model_format: Optional[str] = None
 
 
 def process_weights_after_loading(model: torch.nn.Module) -> None:
-    """Let every layer's method repack its loaded weights for the device's kernels."""
+    """Let every layer's method repack its loaded weights for the device's kernels, then the model
+    prepare what depends on them (its after_weights_processed, where it has one)."""
     for module in model.modules():
         method = module.__dict__.get("linear_method")
         if method is not None:
             method.process_weights_after_loading(module)
+    after = getattr(model, "after_weights_processed", None)
+    if after is not None:
+        after()
 
 
 def load_model(path: str, dtype: torch.dtype, device: torch.device, ctx: Optional[BuildContext] = None,

@@ -165,6 +165,7 @@ class LlamaForCausalLM(nn.Module):
                               linear_method=None if self.tie_word_embeddings else self.ctx.linear_method("lm_head"),
                               tp=self.ctx.tp_group)
         self.rotary_emb = self.build_rotary(hf_config, args.head_dim)
+        self.cpu_layers = None  # kernels/cpu/decoder.py FusedDecoderLayers, set after loading where it applies
 
     # ---- per-architecture hooks -------------------------------------------------------------
     norm_weight_offset = 0.0
@@ -239,6 +240,12 @@ class LlamaForCausalLM(nn.Module):
         return None
 
     # ---- the model contract -------------------------------------------------------------------
+    def after_weights_processed(self) -> None:
+        """Called by the loader once every weight is packed: on the CPU stored-precision path,
+        prepare the decoder layers' one-call-each form (models/cpu_layers.py says when it applies)."""
+        from .cpu_layers import fused_cpu_layers
+        self.cpu_layers = fused_cpu_layers(self)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: List[LayerKVCache],
                 meta) -> torch.Tensor:
         # input_ids, positions: [T] int32 or int64; meta: the attention backend's metadata of the step
@@ -247,9 +254,13 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"got {len(kv_caches)} KV caches for {len(self.model.layers)} layers")
         hidden = self.model.embed_tokens(input_ids)
         rope = self.rope_inputs(positions)
-        residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches):
-            hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
+        fused = self.cpu_layers
+        if fused is not None and fused.accepts(hidden, rope[1], kv_caches, meta):
+            hidden, residual = fused.run(hidden, rope[0], rope[1], kv_caches, meta)  # the loop below, in C
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.model.layers, kv_caches):
+                hidden, residual = layer(hidden, residual, rope, kv_cache, meta)
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
 

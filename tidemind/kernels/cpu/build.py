@@ -1,11 +1,12 @@
 """Build the CPU kernels (csrc/) into one shared library with the machine's C compiler, once per
 source version, and cache it.
 
-The library holds every instruction-set variant (qlinear.c and layer_ops.c compiled once per ISA,
-their symbols suffixed _avx512_vnni / _avx2 / _scalar) plus common.c; library.py picks the variant
-at start-up from what the CPU reports. Nothing beyond a C compiler with OpenMP (gcc) is needed, and
-no Python or torch headers: Python calls the library through ctypes. OpenMP calls resolve to the
-libgomp torch has already loaded (same soname), so the kernels share torch's thread pool.
+The library holds every instruction-set variant (qlinear.c, layer_ops.c and decoder_layer.c
+compiled once per ISA, their symbols suffixed _avx512_vnni / _avx2 / _scalar) plus common.c and
+pool.c; library.py picks the variant at start-up from what the CPU reports. Nothing beyond a C
+compiler with OpenMP (gcc) is needed, and no Python or torch headers: Python calls the library
+through ctypes. OpenMP calls resolve to the libgomp torch has already loaded (same soname), so the
+kernels share torch's thread pool.
 
 Where: $TIDEMIND_KERNEL_CACHE_DIR, else <tidemind cache>/kernels, in a directory named after a hash
 of the sources, the flags and the compiler's version; built in a temporary sibling and renamed
@@ -27,7 +28,7 @@ logger = logging.getLogger("tidemind")
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 LIBRARY_NAME = "libtidemind_cpu.so"
-PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c")
+PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c", "decoder_layer.c")
 COMMON_SOURCES = ("common.c", "pool.c")
 HEADERS = ("tm_cpu.h",)
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno",

@@ -12,6 +12,10 @@
 
 #include "tm_cpu.h"
 
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #define PAR_MIN (1 << 18)
 #define ATTN_PAR_MIN (1 << 16)  /* query-key pairs x head_dim x heads; attention runs on the pool (pool.c) */
 #define KEY_CHUNK 32   /* keys per online-softmax step */
@@ -148,6 +152,113 @@ static inline const float *kv_row(const kv_view *kv, const float *cache, int64_t
 
 #define GROUP_MAX 8  /* query heads attended together over one key / value head's rows */
 
+/* The two inner loops of attention, with SIMD where the ISA has it: a plain C loop leaves the dot
+ * product's lanes to be summed one by one (in order) and the output row in memory between keys.
+ *   dot(a, b, d)                        sum_e a[e] b[e] (lanes summed as a tree)
+ *   add_rows(acc, p, rows, n, d)        acc[e] += p[j] rows[j][e] for j = 0..n-1 in order, the
+ *                                       row's slice kept in registers over the keys */
+#if defined(__AVX512F__)
+static inline float dot(const float *a, const float *b, int64_t d) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
+    int64_t e = 0;
+    for (; e + 32 <= d; e += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e), _mm512_loadu_ps(b + e), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + e + 16), _mm512_loadu_ps(b + e + 16), s1);
+    }
+    for (; e < d; e += 16) {
+        const __mmask16 m = d - e >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - e)) - 1);
+        s0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + e), _mm512_maskz_loadu_ps(m, b + e), s0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+static inline void add_rows(float *acc, const float *p, const float *const *rows, int64_t n, int64_t d) {
+    int64_t e = 0;
+    for (; e + 64 <= d; e += 64) {
+        __m512 a0 = _mm512_loadu_ps(acc + e), a1 = _mm512_loadu_ps(acc + e + 16);
+        __m512 a2 = _mm512_loadu_ps(acc + e + 32), a3 = _mm512_loadu_ps(acc + e + 48);
+        for (int64_t j = 0; j < n; j++) {
+            const __m512 pj = _mm512_set1_ps(p[j]);
+            const float *r = rows[j] + e;
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(pj, _mm512_loadu_ps(r)));
+            a1 = _mm512_add_ps(a1, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 16)));
+            a2 = _mm512_add_ps(a2, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 32)));
+            a3 = _mm512_add_ps(a3, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 48)));
+        }
+        _mm512_storeu_ps(acc + e, a0);
+        _mm512_storeu_ps(acc + e + 16, a1);
+        _mm512_storeu_ps(acc + e + 32, a2);
+        _mm512_storeu_ps(acc + e + 48, a3);
+    }
+    for (; e < d; e += 16) {
+        const __mmask16 m = d - e >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - e)) - 1);
+        __m512 a0 = _mm512_maskz_loadu_ps(m, acc + e);
+        for (int64_t j = 0; j < n; j++)
+            a0 = _mm512_add_ps(a0, _mm512_mul_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(m, rows[j] + e)));
+        _mm512_mask_storeu_ps(acc + e, m, a0);
+    }
+}
+#elif defined(__AVX2__)
+static inline float dot(const float *a, const float *b, int64_t d) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t e = 0;
+    for (; e + 16 <= d; e += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e + 8), _mm256_loadu_ps(b + e + 8), s1);
+    }
+    for (; e + 8 <= d; e += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + e), _mm256_loadu_ps(b + e), s0);
+    const __m256 s = _mm256_add_ps(s0, s1);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    float total = _mm_cvtss_f32(h);
+    for (; e < d; e++) total += a[e] * b[e];
+    return total;
+}
+
+static inline void add_rows(float *acc, const float *p, const float *const *rows, int64_t n, int64_t d) {
+    int64_t e = 0;
+    for (; e + 32 <= d; e += 32) {
+        __m256 a0 = _mm256_loadu_ps(acc + e), a1 = _mm256_loadu_ps(acc + e + 8);
+        __m256 a2 = _mm256_loadu_ps(acc + e + 16), a3 = _mm256_loadu_ps(acc + e + 24);
+        for (int64_t j = 0; j < n; j++) {
+            const __m256 pj = _mm256_set1_ps(p[j]);
+            const float *r = rows[j] + e;
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(pj, _mm256_loadu_ps(r)));
+            a1 = _mm256_add_ps(a1, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 8)));
+            a2 = _mm256_add_ps(a2, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 16)));
+            a3 = _mm256_add_ps(a3, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 24)));
+        }
+        _mm256_storeu_ps(acc + e, a0);
+        _mm256_storeu_ps(acc + e + 8, a1);
+        _mm256_storeu_ps(acc + e + 16, a2);
+        _mm256_storeu_ps(acc + e + 24, a3);
+    }
+    for (; e + 8 <= d; e += 8) {
+        __m256 a0 = _mm256_loadu_ps(acc + e);
+        for (int64_t j = 0; j < n; j++) a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows[j] + e)));
+        _mm256_storeu_ps(acc + e, a0);
+    }
+    for (; e < d; e++)
+        for (int64_t j = 0; j < n; j++) acc[e] += p[j] * rows[j][e];
+}
+#else
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t e = 0; e < d; e++) total += a[e] * b[e];
+    return total;
+}
+
+static inline void add_rows(float *acc, const float *p, const float *const *rows, int64_t n, int64_t d) {
+    for (int64_t j = 0; j < n; j++) {
+        const float pj = p[j], *r = rows[j];
+#pragma omp simd
+        for (int64_t e = 0; e < d; e++) acc[e] += pj * r[e];
+    }
+}
+#endif
+
 /* One query row of nh heads (q [nh][d], the heads sharing one key / value head) over keys [lo, hi]
  * (inclusive): online softmax in chunks of KEY_CHUNK keys aligned to absolute positions, so the
  * same query position always takes the same steps; each key and value row is read once for the
@@ -166,13 +277,7 @@ static void attend(const float *q, int nh, const kv_view *kv, int64_t head, int6
         const int64_t n = j1 - j0 + 1;
         for (int64_t j = 0; j < n; j++) {
             const float *kr = kv_row(kv, kv->k_cache, j0 + j, head);
-            for (int r = 0; r < nh; r++) {
-                const float *qr = q + r * d;
-                float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                for (int64_t e = 0; e < d; e++) dot += qr[e] * kr[e];
-                s[r][j] = dot * scale;
-            }
+            for (int r = 0; r < nh; r++) s[r][j] = dot(q + r * d, kr, d) * scale;
         }
         for (int r = 0; r < nh; r++) {
             float chunk_max = -INFINITY;
@@ -186,14 +291,11 @@ static void attend(const float *q, int nh, const kv_view *kv, int64_t head, int6
             for (int64_t j = 0; j < n; j++) s[r][j] = tm_expf(s[r][j] - new_max);
             run_max[r] = new_max;
         }
-        for (int64_t j = 0; j < n; j++) {
-            const float *vr = kv_row(kv, kv->v_cache, j0 + j, head);
-            for (int r = 0; r < nh; r++) {
-                const float p = s[r][j];
-                total[r] += p;
-#pragma omp simd
-                for (int64_t e = 0; e < d; e++) acc[r][e] += p * vr[e];
-            }
+        const float *vrows[KEY_CHUNK];
+        for (int64_t j = 0; j < n; j++) vrows[j] = kv_row(kv, kv->v_cache, j0 + j, head);
+        for (int r = 0; r < nh; r++) {
+            for (int64_t j = 0; j < n; j++) total[r] += s[r][j];
+            add_rows(acc[r], s[r], vrows, n, d);
         }
     }
     for (int r = 0; r < nh; r++) {

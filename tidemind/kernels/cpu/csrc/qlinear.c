@@ -21,6 +21,10 @@
 #include <immintrin.h>
 #endif
 
+/* Bytes ahead of the weight stream a tile prefetches (tiles follow each other in memory, so this
+ * runs into the next tiles of the claim): on an AMD EPYC (Zen 4) one thread streamed 46 GB/s with
+ * 8 KB, 36 GB/s with the hardware prefetchers alone. */
+#define PF_AHEAD 8192
 #define MT 4        /* activation rows per inner step */
 #define MCHUNK 256  /* activation rows per pass over the weights (their int8 copy stays in cache) */
 /* Multiply-adds below which a call runs on the calling thread alone (a few microseconds of work:
@@ -31,6 +35,11 @@ static inline int32_t load_i32(const int8_t *p) {
     int32_t v;
     memcpy(&v, p, 4);
     return v;
+}
+
+/* Prefetch `lines` cache lines PF_AHEAD bytes after p. */
+static inline void prefetch_ahead(const uint8_t *p, int lines) {
+    for (int i = 0; i < lines; i++) __builtin_prefetch(p + PF_AHEAD + 64 * i, 0, 3);
 }
 
 /* ------------------------------------------------------------------ activation quantization */
@@ -109,6 +118,7 @@ static inline __attribute__((always_inline)) void q4_tile(const tm_qweight *w, i
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     const uint8_t *qs = w->qs + t * nb * 256;
     for (int64_t b = 0; b < nb; b++, qs += 256) {
+        prefetch_ahead(qs, 4);
         __m512 d, mn;
         load_scales(w, t * nb + b, &d, &mn);
         __m512i lo[4], hi[4];
@@ -140,6 +150,7 @@ static inline __attribute__((always_inline)) void q8_tile(const tm_qweight *w, i
     for (int i = 0; i < MT; i++) acc[i] = _mm512_setzero_ps();
     const uint8_t *qs = w->qs + t * (w->k / 4) * 64;
     for (int64_t g = 0; g < ng; g++, qs += 16 * group) {
+        prefetch_ahead(qs, group / 4);
         __m512 d, mn;
         load_scales(w, t * ng + g, &d, &mn);
         const __m512 mu = _mm512_fmadd_ps(d, _mm512_set1_ps(-128.0f), mn);  /* w = d (q + 128) + (m - 128 d) */
@@ -184,6 +195,7 @@ static inline __attribute__((always_inline)) void q4_tile(const tm_qweight *w, i
         for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
         const uint8_t *qs = w->qs + t * nb * 256 + 32 * half;
         for (int64_t b = 0; b < nb; b++, qs += 256) {
+            if (half == 0) prefetch_ahead(qs, 4);  /* the second half reads the tile from cache */
             __m256i s16[MT];
             for (int i = 0; i < MT; i++) s16[i] = _mm256_setzero_si256();
             for (int c = 0; c < 4; c++) {
@@ -216,6 +228,7 @@ static inline __attribute__((always_inline)) void q8_tile(const tm_qweight *w, i
         for (int i = 0; i < MT; i++) acc[i] = _mm256_setzero_ps();
         const uint8_t *qs = w->qs + t * (w->k / 4) * 64 + 32 * half;
         for (int64_t g = 0; g < ng; g++, qs += 16 * group) {
+            if (half == 0) prefetch_ahead(qs, group / 4);  /* the second half reads the tile from cache */
             __m256i s32[MT];
             for (int i = 0; i < MT; i++) s32[i] = _mm256_setzero_si256();
             for (int c = 0; c < group / 4; c++) {

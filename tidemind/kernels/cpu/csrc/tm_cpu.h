@@ -54,11 +54,67 @@ typedef struct {
     int64_t k;
 } tm_act;
 
+/* ------------------------------------------------------------------ one decoder layer in one call
+ * (decoder_layer.c). Python builds a tm_layer per layer once, after loading, and a tm_step per step;
+ * the call runs the same per-ISA kernels the per-op path calls, in the same order. */
+#define TM_MAX_SEGMENTS 4
+
+/* A quantized linear layer as runs of output columns, each its own packed weight (merged q | k | v
+ * or gate | up shards of different formats): columns [start[i], start[i] + w[i]->n) come from w[i]. */
+typedef struct {
+    int64_t count;
+    int64_t start[TM_MAX_SEGMENTS];
+    const tm_qweight *w[TM_MAX_SEGMENTS];
+    const float *bias;  /* [n], or NULL */
+} tm_linear;
+
+typedef struct {
+    tm_linear qkv, o, gate_up, down;
+    const float *input_norm, *post_norm;  /* [hidden] */
+    float eps, norm_offset, scale;        /* rms_norm eps and weight offset; attention scale */
+    int64_t hidden, heads, kv_heads, head_dim, inter;
+    int64_t window;  /* sliding window (0: none) */
+    int64_t act;     /* 0: silu, 1: gelu (tanh) */
+} tm_layer;
+
+typedef struct {
+    int64_t ntokens;
+    const void *positions; /* [ntokens] */
+    int64_t pos64;         /* positions are int64 (else int32) */
+    const float *cos_sin;  /* [max_pos][head_dim] */
+    int64_t ldcs;
+    /* the step's attention arrays (attention/cpu_backend.py CPUMetadata.args) */
+    const int32_t *slots, *seq_lens, *query_start, *block_tables;
+    int64_t bt_stride, nseqs, block_size;
+    int64_t nthreads;
+} tm_step;
+
+/* The per-ISA kernels the layer call strings together (qlinear.c, layer_ops.c). */
+void TM_FN(tm_qlinear)(const tm_qweight *w, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy,
+                       const float *bias, int nthreads);
+void TM_FN(tm_rms_norm)(const float *x, int64_t ldx, float *out, int64_t ldo, const float *w, int64_t m, int64_t k,
+                        float eps, float offset, int nthreads);
+void TM_FN(tm_add_rms_norm)(float *x, int64_t ldx, float *res, int64_t ldr, const float *w, int64_t m, int64_t k,
+                            float eps, float offset, int nthreads);
+void TM_FN(tm_rope)(float *q, int64_t ldq, float *k, int64_t ldk, const void *positions, int64_t pos64,
+                    const float *cos_sin, int64_t ldcs, int64_t t, int64_t h, int64_t kvh, int64_t d, int nthreads);
+void TM_FN(tm_silu_mul)(const float *gu, int64_t ldg, float *out, int64_t ldo, int64_t m, int64_t inter,
+                        int nthreads);
+void TM_FN(tm_gelu_tanh_mul)(const float *gu, int64_t ldg, float *out, int64_t ldo, int64_t m, int64_t inter,
+                             int nthreads);
+void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v,
+                               int64_t ldv, float *k_cache, float *v_cache, const int32_t *slots,
+                               const int32_t *seq_lens, const int32_t *query_start, const int32_t *block_tables,
+                               int64_t bt_stride, int64_t nseqs, int64_t ntokens, int64_t h, int64_t kvh, int64_t d,
+                               int64_t block_size, float scale, int64_t window, float *out, int64_t ldo,
+                               int nthreads);
+
 /* fn(ctx, i) for i in [0, ntasks) over the calling thread and up to nthreads - 1 pool workers
  * (pool.c: tasks are claimed one by one; a late worker never holds the call up). */
 void tm_parallel(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx, int nthreads);
 
-/* Scratch memory of the calling thread, grown on demand and kept (one engine thread calls). */
+/* Scratch memory of the calling thread, grown on demand and kept (one engine thread calls).
+ * Slots: 0-2 qlinear's quantized activations, 3 attention, 4-7 decoder_layer's intermediates. */
 void *tm_scratch(size_t bytes, int slot);
 
 /* IEEE half -> float, exact (subnormals, infinities and NaNs included). */
