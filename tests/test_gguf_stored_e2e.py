@@ -13,8 +13,10 @@ the rounding can pick the other one and the continuations part. What must hold, 
   pick is within 1.0 of its own top-1 (measured: at most 0.57; a wrong scale or a misplaced
   nibble in any layer moves logits by far more);
 - through the engine (batched, C attention and layer kernels), the first generated token of
-  every prompt equals the float32 path's (measured: the first 2 to 64 tokens), and at least a
-  third of the continuations share 16 tokens or more (measured: 17 of 32).
+  every prompt equals the float32 path's but where float32 itself nearly tied there (the rule
+  above: its logit for the engine's pick within 1.0 of its own top-1; measured: one prompt of 32,
+  since the attention's SIMD sums round in another order), and at least a third of the
+  continuations share 16 tokens or more (measured: 17 of 32).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def test_teacher_forced_top1_agrees_except_near_ties(float32_outputs):
 
 
 def test_engine_greedy_starts_like_float32(float32_outputs):
-    _, want = float32_outputs
+    prompts, want = float32_outputs
     with pipeline(backend_config=EngineConfig(device="cpu")) as pipe:
         assert pipe.engine.executor.runner.attention.name == "cpu"
         got = [r.token_ids for r in pipe(bench_prompts(), GenerationConfig(max_new_tokens=NEW_TOKENS))]
@@ -82,5 +84,12 @@ def test_engine_greedy_starts_like_float32(float32_outputs):
             n += 1
         prefixes.append(n)
     print(f"common prefix with float32 (of {NEW_TOKENS} tokens): {prefixes}")
-    assert all(n >= 1 for n in prefixes)
+    differ = [i for i, n in enumerate(prefixes) if n == 0]
+    assert len(differ) <= 2, f"the first token differs from float32's for prompts {differ}"
+    if differ:
+        dense, config = load_model(resolve_model(None).path, torch.float32, CPU)
+        for i in differ:
+            last = _logits(dense, config, prompts[i])[-1]
+            margin = float(last[want[i][0]] - last[got[i][0]])
+            assert margin < 1.0, f"prompt {i}: float32 prefers its token by {margin:.3f}, not a near tie"
     assert sum(n >= 16 for n in prefixes) >= len(prefixes) // 3
