@@ -9,9 +9,10 @@ Per row (host numpy arrays, sized once at start-up):
     token_ids[row, :num_tokens[row]]          prompt then output tokens
     token_ids[row, :num_computed_tokens[row]] whose KV is in the cache (or being written by a step
                                               launched on the device)
-    num_pending[row]                          the last num_pending tokens are placeholders: sampled by a
-                                              launched step whose ids have not reached the host (0 or 1;
-                                              the next step reads them on the device, step_inputs.py)
+    num_pending[row]                          the last num_pending tokens are placeholders: sampled by
+                                              launched steps whose ids have not reached the host (at most
+                                              2, one per launched step; the next step reads the newest on
+                                              the device, step_inputs.py)
     block_table[row, :num_blocks[row]]         KV block ids, in position order
     params[row]                               SamplingParams (host objects: read by the sampler)
     plain_greedy[row]                         argmax alone picks its token (no bans, penalties,
