@@ -97,9 +97,10 @@ class EngineConfig:
     overlap_schedule: Optional[bool] = field(default=None, metadata=_help(
         "Schedule and prepare each step while the device still runs the one before, and turn that "
         "step's tokens into outputs while the device runs the next: the host's work leaves the "
-        "device's critical path. Default: on with a GPU at tp 1, off on the CPU (nothing to overlap "
-        "there) and with tensor parallelism. Greedy outputs are the same either way; a request that "
-        "stops on a token computes one token more, which no one sees."))
+        "device's critical path (with tensor parallelism, step N+1 goes to the ranks before step N's "
+        "answer is read). Default: on with a GPU, off on the CPU (nothing to overlap there) and with "
+        "the Ray executor. Greedy outputs are the same either way; a request that stops on a token "
+        "computes one token more, which no one sees."))
     enable_prefix_caching: bool = field(default=True, metadata=_help(
         "Reuse the KV of full cache blocks whose tokens, and all tokens before them, equal a "
         "request's: shared by reference, kept once free until their memory is needed. Greedy "

@@ -5,7 +5,11 @@ Both drive config.tp ranks, each a runner/worker.Worker, through the same calls 
 (every rank gets every call, so their collectives line up): start the ranks (each loads its slice of
 the model), init_kv_cache (each rank plans its cache, the ranks agree on the smallest with a MIN
 all-reduce, so all hold the same blocks), capture_graphs, then execute() every step: the step's
-SchedulerOutput out to every rank, rank 0's RunnerOutput back. Every wait for a rank is bounded: a
+SchedulerOutput out to every rank, rank 0's RunnerOutput back. Steps overlap (Executor.prepare /
+launch / collect): launch() sends a step's contract without waiting, collect() reads the oldest
+step's answer, so the engine schedules and sends step N+1 while the ranks run step N (each rank
+runs its steps one after the other, so it has N's tokens before it reads N+1). A step that runs
+nothing but tells the ranks who left is not sent alone: its departures go with the next step. Every wait for a rank is bounded: a
 step (and close) by config.distributed_timeout, a start-up phase (loading, sizing the cache, capturing
 graphs: minutes for a large checkpoint) by startup_timeout(); a rank that exits, raises or misses it
 makes the executor dead (ExecutorDeadError, listeners told once) and every rank is stopped: none is
@@ -19,8 +23,9 @@ import logging
 import threading
 import time
 from abc import abstractmethod
+from collections import deque
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, Deque, List, Optional, Sequence
 
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
@@ -53,6 +58,7 @@ class StepTiming:
 
 class DistributedExecutor(Executor):
     kind: str  # "mp" or "ray", for the description
+    supports_overlap = True
 
     def __init__(self, model_path: str, config: EngineConfig):
         from ..loader.checkpoint import check_tensor_parallel
@@ -65,6 +71,9 @@ class DistributedExecutor(Executor):
         self._closing = False  # set by close(): ranks ending from then on are expected
         self._lock = threading.Lock()
         self._listeners: List[Callable[[str], None]] = []
+        self._prepared: Optional[SchedulerOutput] = None  # by prepare(), sent by launch()
+        self._departed: List[int] = []  # finished ids of empty steps, sent with the next step
+        self._sent: Deque[float] = deque()  # when each step not yet collected was sent, oldest first
         if self.size > 1:  # refuse a model that does not split before any process starts
             check_tensor_parallel(model_path, self.size, config.model_format)
         start = time.perf_counter()
@@ -88,8 +97,12 @@ class DistributedExecutor(Executor):
         """Call a Worker method on every rank; their results in rank order (raise ExecutorDeadError)."""
 
     @abstractmethod
-    def _step(self, scheduled: SchedulerOutput) -> tuple:
-        """Run one step on every rank; (rank 0's RunnerOutput, its seconds in execute)."""
+    def _send_step(self, scheduled: SchedulerOutput) -> None:
+        """Send one step to every rank, without waiting."""
+
+    @abstractmethod
+    def _receive_step(self) -> tuple:
+        """The oldest sent step's answer: (rank 0's RunnerOutput, its seconds in execute)."""
 
     @abstractmethod
     def _stop_ranks(self, graceful: bool) -> None:
@@ -113,11 +126,38 @@ class DistributedExecutor(Executor):
         return seconds
 
     def execute(self, scheduled: SchedulerOutput) -> RunnerOutput:
+        self.prepare(scheduled)
+        self.launch()
+        return self.collect()
+
+    def prepare(self, scheduled: SchedulerOutput) -> None:
+        if self._departed:
+            scheduled = dataclasses.replace(scheduled, finished_request_ids=self._departed
+                                            + list(scheduled.finished_request_ids))
+            self._departed = []
+        if scheduled.is_empty:  # only departures: they go with the next step
+            self._departed = list(scheduled.finished_request_ids)
+            self._prepared = None
+            return
+        self._prepared = scheduled
+
+    def launch(self) -> None:
+        scheduled, self._prepared = self._prepared, None
+        if scheduled is None:
+            return
         if self._failure is not None:
             raise ExecutorDeadError(self._failure)
-        start = time.perf_counter()
-        output, worker_s = self._step(scheduled)
-        self.timing.record(time.perf_counter() - start, worker_s)
+        self._send_step(scheduled)
+        self._sent.append(time.perf_counter())
+
+    def collect(self) -> RunnerOutput:
+        if not self._sent:
+            return RunnerOutput(sampled_token_ids={})
+        if self._failure is not None:
+            raise ExecutorDeadError(self._failure)
+        sent = self._sent.popleft()
+        output, worker_s = self._receive_step()
+        self.timing.record(time.perf_counter() - sent, worker_s)
         return output
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """The engine: one step = schedule -> execute -> update -> detokenize.
 
-Overlapped (EngineConfig.overlap_schedule, on by default with a GPU at tp 1), a step does the same
+Overlapped (EngineConfig.overlap_schedule, on by default with a GPU), a step does the same
 work in another order, so that the device never waits for the host's bookkeeping:
 
     schedule N+1 -> prepare N+1 (inputs sent) -> launch N+1 (queued behind N) -> collect N (wait
@@ -206,7 +206,7 @@ class Engine:
         if setting is None:
             setting = self.executor.supports_overlap and self.executor.device_type == "cuda"
         elif setting and not self.executor.supports_overlap:
-            logger.warning("overlap_schedule needs the in-process executor (tp 1): steps run one after another")
+            logger.warning("overlap_schedule: the %s executor runs steps one after another", type(self.executor).__name__)
             setting = False
         logger.info("host and device work of consecutive steps %s", "overlap" if setting else "do not overlap")
         return setting

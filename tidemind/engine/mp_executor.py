@@ -150,11 +150,13 @@ class MultiprocessExecutor(DistributedExecutor):
             self._send_bytes(rank, payload)
         return [result for result, _ in self._receive(range(self.size), method, self.timeout_of(method))]
 
-    def _step(self, scheduled: SchedulerOutput) -> tuple:
+    def _send_step(self, scheduled: SchedulerOutput) -> None:
         payload = pickle.dumps(("execute", (scheduled,)), protocol=pickle.HIGHEST_PROTOCOL)
         for rank in range(self.size):
             self._send_bytes(rank, payload)
-        return self._receive([0], "a step", self.timeout_s)[0]
+
+    def _receive_step(self) -> tuple:
+        return self._receive([0], "a step", self.timeout_s)[0]  # answers come in the order sent
 
     # ---- processes --------------------------------------------------------------------------------
     def _exit_of(self, rank: int) -> str:

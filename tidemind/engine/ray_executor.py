@@ -24,7 +24,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, List, Optional
+from collections import deque
+from typing import Any, Deque, List, Optional
 
 from ..config import EngineConfig
 from ..core.outputs import SchedulerOutput
@@ -90,12 +91,16 @@ def _actor_class(ray):
 
 class RayExecutor(DistributedExecutor):
     kind = "ray"
+    # A rank's calls run on its actor's one free thread (the sentinel holds the other); Ray does not
+    # promise a threaded actor runs them in the order sent, so steps are not sent ahead.
+    supports_overlap = False
 
     def _start(self, model_path: str, config: EngineConfig) -> list:
         from ..runner.worker import WorkerInit
         from .mp_executor import _device_type, _worker_env
 
         ray = self.ray = _import_ray()
+        self._step_refs: Deque[List[Any]] = deque()  # per step sent and not yet collected: one ref per rank
         self._owns_ray = not ray.is_initialized()  # a cluster joined (or started) here is left at close
         if self._owns_ray:
             ray.init(logging_level=logging.WARNING)
@@ -168,11 +173,14 @@ class RayExecutor(DistributedExecutor):
         refs = [actor.call.remote(method, *args) for actor in self.actors]
         return [result for result, _ in self._wait(refs, method, self.timeout_of(method))]
 
-    def _step(self, scheduled: SchedulerOutput) -> tuple:
+    def _send_step(self, scheduled: SchedulerOutput) -> None:
         ref = self.ray.put(scheduled)  # serialized once, read by every rank
-        refs = [actor.call.remote("execute", ref) for actor in self.actors]
+        # an actor runs one caller's calls in the order they were made
+        self._step_refs.append([actor.call.remote("execute", ref) for actor in self.actors])
+
+    def _receive_step(self) -> tuple:
         # every rank's answer (None but rank 0's) so that any rank's error is seen in this step
-        return self._wait(refs, "a step", self.timeout_s, answering=[0])[0]
+        return self._wait(self._step_refs.popleft(), "a step", self.timeout_s, answering=[0])[0]
 
     def close(self) -> None:
         super().close()
