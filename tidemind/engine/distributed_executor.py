@@ -9,11 +9,11 @@ SchedulerOutput out to every rank, rank 0's RunnerOutput back. Steps overlap (Ex
 launch / collect): launch() sends a step's contract without waiting, collect() reads the oldest
 step's answer, so the engine schedules and sends step N+1 while the ranks run step N (each rank
 runs its steps one after the other, so it has N's tokens before it reads N+1). A step that runs
-nothing but tells the ranks who left is not sent alone: its departures go with the next step. Every wait for a rank is bounded: a
-step (and close) by config.distributed_timeout, a start-up phase (loading, sizing the cache, capturing
-graphs: minutes for a large checkpoint) by startup_timeout(); a rank that exits, raises or misses it
-makes the executor dead (ExecutorDeadError, listeners told once) and every rank is stopped: none is
-left behind. A rank that dies is seen at once in any phase (its connection closes); the timeouts
+nothing but tells the ranks who left is not sent alone: its departures go with the next step.
+Every wait for a rank is bounded: a step (and close) by config.distributed_timeout, a start-up
+phase (loading, sizing the cache, capturing graphs: minutes for a large checkpoint) by
+startup_timeout(); a rank that exits, raises or misses it makes the executor dead
+(ExecutorDeadError, listeners told once) and every rank is stopped: none is left behind. A rank that dies is seen at once in any phase (its connection closes); the timeouts
 only bound hangs.
 """
 from __future__ import annotations

@@ -206,7 +206,8 @@ class Engine:
         if setting is None:
             setting = self.executor.supports_overlap and self.executor.device_type == "cuda"
         elif setting and not self.executor.supports_overlap:
-            logger.warning("overlap_schedule: the %s executor runs steps one after another", type(self.executor).__name__)
+            logger.warning("overlap_schedule: the %s executor runs steps one after another",
+                           type(self.executor).__name__)
             setting = False
         logger.info("host and device work of consecutive steps %s", "overlap" if setting else "do not overlap")
         return setting
