@@ -13,8 +13,8 @@ nothing but tells the ranks who left is not sent alone: its departures go with t
 Every wait for a rank is bounded: a step (and close) by config.distributed_timeout, a start-up
 phase (loading, sizing the cache, capturing graphs: minutes for a large checkpoint) by
 startup_timeout(); a rank that exits, raises or misses it makes the executor dead
-(ExecutorDeadError, listeners told once) and every rank is stopped: none is left behind. A rank that dies is seen at once in any phase (its connection closes); the timeouts
-only bound hangs.
+(ExecutorDeadError, listeners told once) and every rank is stopped: none is left behind. A rank
+that dies is seen at once in any phase (its connection closes); the timeouts only bound hangs.
 """
 from __future__ import annotations
 
