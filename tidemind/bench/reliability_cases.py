@@ -171,8 +171,10 @@ def _surface_cases() -> List[Case]:
              body={"prompt": "Hi", "session_id": 2**63, "interactive_mode": True}),
         Case("cancelling a session that does not exist", 200, path=INTERACTIVE_PATH,
              body={"session_id": 987654, "cancel": True}),
-        Case("a 100 kB header (h11 takes it)", 200, method="GET", path="/v1/models",
-             headers={**AUTH, "X-Padding": "a" * 100_000}),
+        # h11 holds at most 16 kB of a request head it has not finished reading: a larger head is taken
+        # when it arrives in one read and refused when it comes in pieces, which depends on timing
+        Case("a 12 kB header (within h11's buffer)", 200, method="GET", path="/v1/models",
+             headers={**AUTH, "X-Padding": "a" * 12_000}),
         Case("a garbage request line", 400, send=_raw_http(b"GARBAGE\r\n\r\n"), openai_body=False),
         Case("a negative Content-Length", 400, openai_body=False, send=_raw_http(
             b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n")),
