@@ -157,6 +157,44 @@ static inline const float *kv_row(const kv_view *kv, const float *cache, int64_t
  *   dot(a, b, d)                        sum_e a[e] b[e] (lanes summed as a tree)
  *   add_rows(acc, p, rows, n, d)        acc[e] += p[j] rows[j][e] for j = 0..n-1 in order, the
  *                                       row's slice kept in registers over the keys */
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+#define VLANES 16
+typedef __m512 vfloat;
+#define vload _mm512_loadu_ps
+#define vstore _mm512_storeu_ps
+#define vadd _mm512_add_ps
+#define vmul _mm512_mul_ps
+#define vset1 _mm512_set1_ps
+#else
+#define VLANES 8
+typedef __m256 vfloat;
+#define vload _mm256_loadu_ps
+#define vstore _mm256_storeu_ps
+#define vadd _mm256_add_ps
+#define vmul _mm256_mul_ps
+#define vset1 _mm256_set1_ps
+#endif
+
+/* add_rows over acc[e .. e + 4 VLANES): four registers of the output row kept over the n keys. */
+static inline void add_rows_block(float *acc, const float *p, const float *const *rows, int64_t n, int64_t e) {
+    vfloat a0 = vload(acc + e), a1 = vload(acc + e + VLANES);
+    vfloat a2 = vload(acc + e + 2 * VLANES), a3 = vload(acc + e + 3 * VLANES);
+    for (int64_t j = 0; j < n; j++) {
+        const vfloat pj = vset1(p[j]);
+        const float *r = rows[j] + e;
+        a0 = vadd(a0, vmul(pj, vload(r)));
+        a1 = vadd(a1, vmul(pj, vload(r + VLANES)));
+        a2 = vadd(a2, vmul(pj, vload(r + 2 * VLANES)));
+        a3 = vadd(a3, vmul(pj, vload(r + 3 * VLANES)));
+    }
+    vstore(acc + e, a0);
+    vstore(acc + e + VLANES, a1);
+    vstore(acc + e + 2 * VLANES, a2);
+    vstore(acc + e + 3 * VLANES, a3);
+}
+#endif
+
 #if defined(__AVX512F__)
 static inline float dot(const float *a, const float *b, int64_t d) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
@@ -174,23 +212,8 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 
 static inline void add_rows(float *acc, const float *p, const float *const *rows, int64_t n, int64_t d) {
     int64_t e = 0;
-    for (; e + 64 <= d; e += 64) {
-        __m512 a0 = _mm512_loadu_ps(acc + e), a1 = _mm512_loadu_ps(acc + e + 16);
-        __m512 a2 = _mm512_loadu_ps(acc + e + 32), a3 = _mm512_loadu_ps(acc + e + 48);
-        for (int64_t j = 0; j < n; j++) {
-            const __m512 pj = _mm512_set1_ps(p[j]);
-            const float *r = rows[j] + e;
-            a0 = _mm512_add_ps(a0, _mm512_mul_ps(pj, _mm512_loadu_ps(r)));
-            a1 = _mm512_add_ps(a1, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 16)));
-            a2 = _mm512_add_ps(a2, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 32)));
-            a3 = _mm512_add_ps(a3, _mm512_mul_ps(pj, _mm512_loadu_ps(r + 48)));
-        }
-        _mm512_storeu_ps(acc + e, a0);
-        _mm512_storeu_ps(acc + e + 16, a1);
-        _mm512_storeu_ps(acc + e + 32, a2);
-        _mm512_storeu_ps(acc + e + 48, a3);
-    }
-    for (; e < d; e += 16) {
+    for (; e + 4 * VLANES <= d; e += 4 * VLANES) add_rows_block(acc, p, rows, n, e);
+    for (; e < d; e += 16) {  /* the tail, 16 lanes at a time under a mask */
         const __mmask16 m = d - e >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - e)) - 1);
         __m512 a0 = _mm512_maskz_loadu_ps(m, acc + e);
         for (int64_t j = 0; j < n; j++)
@@ -218,25 +241,11 @@ static inline float dot(const float *a, const float *b, int64_t d) {
 
 static inline void add_rows(float *acc, const float *p, const float *const *rows, int64_t n, int64_t d) {
     int64_t e = 0;
-    for (; e + 32 <= d; e += 32) {
-        __m256 a0 = _mm256_loadu_ps(acc + e), a1 = _mm256_loadu_ps(acc + e + 8);
-        __m256 a2 = _mm256_loadu_ps(acc + e + 16), a3 = _mm256_loadu_ps(acc + e + 24);
-        for (int64_t j = 0; j < n; j++) {
-            const __m256 pj = _mm256_set1_ps(p[j]);
-            const float *r = rows[j] + e;
-            a0 = _mm256_add_ps(a0, _mm256_mul_ps(pj, _mm256_loadu_ps(r)));
-            a1 = _mm256_add_ps(a1, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 8)));
-            a2 = _mm256_add_ps(a2, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 16)));
-            a3 = _mm256_add_ps(a3, _mm256_mul_ps(pj, _mm256_loadu_ps(r + 24)));
-        }
-        _mm256_storeu_ps(acc + e, a0);
-        _mm256_storeu_ps(acc + e + 8, a1);
-        _mm256_storeu_ps(acc + e + 16, a2);
-        _mm256_storeu_ps(acc + e + 24, a3);
-    }
-    for (; e + 8 <= d; e += 8) {
+    for (; e + 4 * VLANES <= d; e += 4 * VLANES) add_rows_block(acc, p, rows, n, e);
+    for (; e + 8 <= d; e += 8) {  /* the tail: 8 lanes, then one by one */
         __m256 a0 = _mm256_loadu_ps(acc + e);
-        for (int64_t j = 0; j < n; j++) a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows[j] + e)));
+        for (int64_t j = 0; j < n; j++)
+            a0 = _mm256_add_ps(a0, _mm256_mul_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(rows[j] + e)));
         _mm256_storeu_ps(acc + e, a0);
     }
     for (; e < d; e++)
