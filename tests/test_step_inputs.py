@@ -72,11 +72,10 @@ def test_a_token_still_on_the_device_is_named_for_the_next_step_to_copy():
     step = prepare_step(batch, first, buffers, BLOCK)
     batch.num_computed_tokens[step.scheduled_rows] += step.num_scheduled
     positions = batch.append_placeholders(step.sampled_rows)  # sampled: 9 (index 0) and 7 (index 1)
-    sampled_index_of_row = np.full(4, -1)
-    sampled_index_of_row[step.sampled_rows] = [0, 1]
+    sampled_rows = step.sampled_rows
     nxt = SchedulerOutput(cached_requests=[CachedRequestData(7, (), 2)], num_scheduled_tokens={7: 1})
     batch.update(nxt.cached_requests[0])
-    step = prepare_step(batch, nxt, buffers, BLOCK, sampled_index_of_row=sampled_index_of_row)
+    step = prepare_step(batch, nxt, buffers, BLOCK, previous_sampled_rows=sampled_rows)
     assert step.num_pending == 1
     assert _read(buffers, "pending_dst", 1) == [0] and _read(buffers, "pending_src", 1) == [1]
     assert _read(buffers, "positions", 1) == [2] and step.sampled_request_ids == [7]

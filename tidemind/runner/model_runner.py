@@ -172,7 +172,7 @@ class ModelRunner:
             padding = self.graphs.padded_size if self.graphs is not None else None
             last = self._last_sampled
             self._prepared = prepare_step(batch, scheduled, self.buffers, self.kv_spec.block_size, padding,
-                                          last.index_of_row(batch.max_num_reqs) if last is not None else None)
+                                          last.rows if last is not None else None)
 
     @torch.inference_mode()
     def launch(self) -> None:

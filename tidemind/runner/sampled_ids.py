@@ -35,12 +35,6 @@ class LaunchedStep:
         """A step that sampled nothing (prompt chunks that do not reach their end)."""
         return cls([], np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64), None, [], resolved=True)
 
-    def index_of_row(self, num_rows: int) -> np.ndarray:
-        """[num_rows] int64: for each InputBatch row, the index of its id in token_ids, else -1."""
-        index = np.full(num_rows, -1, dtype=np.int64)
-        index[self.rows] = np.arange(len(self.rows))
-        return index
-
 
 class SampledIdsFetch:
     """Copies launched steps' sampled ids to the host without blocking the host until they are

@@ -147,13 +147,13 @@ class PreparedStep:
 
 def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuffers, block_size: int,
                  decode_padding: Optional[Callable[[int], int]] = None,
-                 sampled_index_of_row: Optional[np.ndarray] = None) -> PreparedStep:
+                 previous_sampled_rows: Optional[np.ndarray] = None) -> PreparedStep:
     """Fill the buffers for the scheduled requests (whose deltas the batch has applied) and upload.
 
     decode_padding(num_seqs) -> the row count a decode-only step is replayed with (a CUDA graph's
     size): rows past num_seqs are filled as padding (token 0 at position 0, slot -1, seq_len 0).
-    sampled_index_of_row[row]: where row's pending token is among the previous step's sampled ids
-    (needed when any scheduled row has one, see above)."""
+    previous_sampled_rows: the InputBatch rows the previous launched step sampled, in the order of
+    its sampled ids (needed when any scheduled row has a pending token, see above)."""
     request_ids = list(scheduled.num_scheduled_tokens)
     counts_in_schedule = np.fromiter(scheduled.num_scheduled_tokens.values(), dtype=np.int64,
                                      count=len(request_ids))
@@ -191,10 +191,14 @@ def prepare_step(batch: InputBatch, scheduled: SchedulerOutput, buffers: StepBuf
     # A pending token is the last of its row: only a decode row (one token, at its index) has one.
     pending = np.flatnonzero(batch.num_pending[rows[:num_decodes]])
     if pending.size:
-        if sampled_index_of_row is None or (sampled_index_of_row[rows[pending]] < 0).any():
+        index_of_row = np.full(batch.max_num_reqs, -1, dtype=np.int64)  # row -> its id's index, or -1
+        if previous_sampled_rows is not None:
+            index_of_row[previous_sampled_rows] = np.arange(len(previous_sampled_rows))
+        src = index_of_row[rows[pending]]
+        if (src < 0).any():
             raise RuntimeError("a step reads a token that no launched step samples")
         buffers.host("pending_dst", pending.size)[:] = pending
-        buffers.host("pending_src", pending.size)[:] = sampled_index_of_row[rows[pending]]
+        buffers.host("pending_src", pending.size)[:] = src
     padded = decode_padding(num_seqs) if decode_padding is not None and num_decodes == num_seqs else num_seqs
     if padded > num_seqs:
         for name, value in (("input_ids", 0), ("positions", 0), ("slot_mapping", -1), ("seq_lens", 0)):
