@@ -63,7 +63,9 @@ def _rank_main(rank: int, size: int, address: str, jobs: List[Tuple[str, str, st
     """One rank: join the gloo group, then for each (name, model dir, mode) load this rank's slice and
     run steps_logits; rank 0 saves {name: logits}. mode "no_row_reduce" drops the row-parallel
     all-reduce (a broken tensor parallelism the comparison must catch)."""
-    from tidemind.runner.distributed import init_tp_group
+    import torch.distributed as dist
+
+    from tidemind.runner.distributed import destroy_tp_group, init_tp_group
 
     torch.set_num_threads(1)
     group = init_tp_group(rank, size, address, CPU, timeout_s=120)
@@ -77,6 +79,11 @@ def _rank_main(rank: int, size: int, address: str, jobs: List[Tuple[str, str, st
         results[name] = steps_logits(model, model_config, group, toks)
     if rank == 0:
         torch.save(results, out_path)
+    # Leave together and tear the group down before the interpreter exits: a rank that exits while
+    # its peer still talks to it leaves gloo's threads joinable, and the process aborts ("terminate
+    # called without an active exception", SIGABRT) though its work is done.
+    dist.barrier()
+    destroy_tp_group()
 
 
 def run_ranks(size: int, jobs: List[Tuple[str, str, str]], toks: Sequence[int],

@@ -35,6 +35,9 @@ logger = logging.getLogger("tidemind")
 
 # Environment passed to every actor (the driver's values, when it has them): fault plans for tests,
 # NCCL settings, and where this tidemind lives.
+# How long an error raised by a rank's collective waits for news of a peer's death (see _dead_rank).
+_DEATH_NOTICE_GRACE_S = 5.0
+
 _PASSED_ENV = ("TIDEMIND_INJECT_FAULTS", "NCCL_NVLS_ENABLE", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
                "NCCL_DEBUG", "TIDEMIND_CACHE_DIR", "HF_HOME")
 
@@ -165,9 +168,23 @@ class RayExecutor(DistributedExecutor):
                                      f"{str(exc).strip().splitlines()[0]}") from None
                 except ray.exceptions.RayTaskError as exc:
                     text = str(exc)
+                    dead = self._dead_rank(min(_DEATH_NOTICE_GRACE_S, timeout_s))
+                    if dead is not None:  # the error is the peer's death, seen first through a collective
+                        raise self._fail(f"tensor-parallel rank {dead} (Ray actor) died; rank {rank}'s "
+                                         f"collective failed with it", text) from None
                     raise self._fail(f"tensor-parallel rank {rank} failed: {text.strip().splitlines()[-1]}",
                                      text) from None
         return [results[rank] for rank in (answering if answering is not None else range(len(refs)))]
+
+    def _dead_rank(self, grace_s: float) -> Optional[int]:
+        """A rank whose actor died, waiting up to grace_s for Ray to notice; None if every actor lives.
+        A rank that dies mid-step breaks its peers' collectives (gloo: connection reset) before Ray
+        reports the death, so an error raised by a live rank is first checked against this."""
+        sentinels = getattr(self, "_sentinels", None)
+        if not sentinels:  # still starting: no sentinel calls yet
+            return None
+        done, _ = self.ray.wait(list(sentinels), num_returns=1, timeout=grace_s)
+        return sentinels[done[0]] if done else None
 
     def _call_all(self, method: str, *args) -> list:
         refs = [actor.call.remote(method, *args) for actor in self.actors]
