@@ -212,3 +212,37 @@ def test_paged_attention_every_isa(kernels, head_dim):
     backend = CPUAttentionBackend()
     got = kernels.paged_attention(q, k, v, cache.clone(), backend.build_metadata(layout).args, spec.scale, 0)
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("window", [0, 90])
+def test_paged_attention_gives_a_position_the_same_bits_in_a_decode_and_in_a_prefill(kernels, window):
+    """A batch-1 decode is split over the threads by key segments and merged by the caller; a long
+    prefill runs a task per row. The last row's result must not depend on which: the same bits
+    (a recompute after preemption, or a prompt cached by another request, must not change a token).
+    Two threads, 200 keys (four segments; with the window, the first one starts mid-segment)."""
+    from tidemind.attention.base import layout_from_lists
+    from tidemind.attention.cpu_backend import CPUAttentionBackend
+
+    gen = torch.Generator().manual_seed(11)
+    heads, kv_heads, head_dim, block_size, n = 12, 3, 64, 16, 200
+    blocks = -(-n // block_size)
+    table = torch.randperm(blocks + 3, generator=gen)[:blocks].tolist()
+    q = torch.randn(n, heads, head_dim, generator=gen)
+    k, v = torch.randn(n, kv_heads, head_dim, generator=gen), torch.randn(n, kv_heads, head_dim, generator=gen)
+    backend = CPUAttentionBackend()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        results = []
+        for rows in (60, 1):  # a chunk of 60 rows after 140 cached keys; the last row alone
+            cache = torch.zeros(2, blocks + 3, block_size, kv_heads, head_dim)
+            layout = layout_from_lists([n - rows], [n - rows], [table], block_size, torch.device("cpu"))
+            kernels.paged_attention(q[:n - rows], k[:n - rows], v[:n - rows], cache,
+                                    backend.build_metadata(layout).args, head_dim ** -0.5, window)
+            layout = layout_from_lists([rows], [n], [table], block_size, torch.device("cpu"))
+            results.append(kernels.paged_attention(q[n - rows:], k[n - rows:], v[n - rows:], cache,
+                                                   backend.build_metadata(layout).args, head_dim ** -0.5, window))
+    finally:
+        torch.set_num_threads(threads)
+    prefill, decode = results
+    assert torch.equal(prefill[-1], decode[0]), float((prefill[-1] - decode[0]).abs().max())

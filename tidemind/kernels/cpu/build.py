@@ -1,9 +1,9 @@
 """Build the CPU kernels (csrc/) into one shared library with the machine's C compiler, once per
 source version, and cache it.
 
-The library holds every instruction-set variant (qlinear.c, layer_ops.c and decoder_layer.c
-compiled once per ISA, their symbols suffixed _avx512_vnni / _avx2 / _scalar) plus common.c and
-pool.c; library.py picks the variant at start-up from what the CPU reports. Nothing beyond a C
+The library holds every instruction-set variant (qlinear.c, layer_ops.c, attention.c and
+decoder_layer.c compiled once per ISA, their symbols suffixed _avx512_vnni / _avx2 / _scalar) plus
+common.c and pool.c; library.py picks the variant at start-up from what the CPU reports. Nothing beyond a C
 compiler with OpenMP (gcc) is needed, and no Python or torch headers: Python calls the library
 through ctypes. OpenMP calls resolve to the libgomp torch has already loaded (same soname), so the
 kernels share torch's thread pool.
@@ -28,9 +28,9 @@ logger = logging.getLogger("tidemind")
 
 CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 LIBRARY_NAME = "libtidemind_cpu.so"
-PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c", "decoder_layer.c")
+PER_ISA_SOURCES = ("qlinear.c", "layer_ops.c", "attention.c", "decoder_layer.c")
 COMMON_SOURCES = ("common.c", "pool.c")
-HEADERS = ("tm_cpu.h",)
+HEADERS = ("tm_cpu.h", "tm_math.h")
 CFLAGS = ["-O3", "-std=gnu11", "-fPIC", "-fopenmp", "-pthread", "-ffp-contract=off", "-fno-math-errno",
           "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 _X86_ISA_FLAGS: Dict[str, List[str]] = {

@@ -43,7 +43,7 @@ int64_t tm_cpu_features(void) {
 
 /* ------------------------------------------------------------------ scratch */
 
-#define TM_SLOTS 8
+#define TM_SLOTS 9
 static __thread void *scratch_buf[TM_SLOTS];
 static __thread size_t scratch_cap[TM_SLOTS];
 

@@ -1,7 +1,7 @@
 /* tidemind CPU kernels: shared types and the layouts every kernel file agrees on.
  *
- * qlinear.c and layer_ops.c are compiled once per instruction set (build.py passes -DTM_ISA=avx512_vnni,
- * avx2 or scalar with the matching -m flags); TM_FN(name) gives each copy its own symbol, name_<isa>,
+ * qlinear.c, layer_ops.c, attention.c and decoder_layer.c are compiled once per instruction set
+ * (build.py passes -DTM_ISA=avx512_vnni, avx2 or scalar with the matching -m flags); TM_FN(name) gives each copy its own symbol, name_<isa>,
  * and Python picks one set at start-up. common.c is compiled once (feature probe, repacking,
  * embedding rows, scratch memory).
  *
@@ -89,7 +89,7 @@ typedef struct {
     int64_t nthreads;
 } tm_step;
 
-/* The per-ISA kernels the layer call strings together (qlinear.c, layer_ops.c). */
+/* The per-ISA kernels the layer call strings together (qlinear.c, layer_ops.c, attention.c). */
 void TM_FN(tm_qlinear)(const tm_qweight *w, const float *x, int64_t ldx, int64_t m, float *y, int64_t ldy,
                        const float *bias, int nthreads);
 void TM_FN(tm_rms_norm)(const float *x, int64_t ldx, float *out, int64_t ldo, const float *w, int64_t m, int64_t k,
@@ -114,7 +114,7 @@ void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int6
 void tm_parallel(int64_t ntasks, void (*fn)(void *, int64_t), void *ctx, int nthreads);
 
 /* Scratch memory of the calling thread, grown on demand and kept (one engine thread calls).
- * Slots: 0-2 qlinear's quantized activations, 3 attention, 4-7 decoder_layer's intermediates. */
+ * Slots: 0-2 qlinear's quantized activations, 3 and 8 attention, 4-7 decoder_layer's intermediates. */
 void *tm_scratch(size_t bytes, int slot);
 
 /* IEEE half -> float, exact (subnormals, infinities and NaNs included). */
