@@ -37,15 +37,17 @@ class _FakeProxy(http.server.BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A server registered with a (fake) proxy: it must say so at start and at shutdown."""
+@pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
+def server(tmp_path_factory, request):
+    """A server registered with a (fake) proxy: it must say so at start and at shutdown. Its engine
+    runs in a thread of the server, then in a process of its own (the sessions' lengths live there)."""
+    _FakeProxy.calls = []
     proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeProxy)
     threading.Thread(target=proxy.serve_forever, daemon=True).start()
     proxy_url = f"http://127.0.0.1:{proxy.server_address[1]}"
     log = str(tmp_path_factory.mktemp("server") / "api_server.log")
     try:
-        with api_server("--session-len", "1024", "--proxy-url", proxy_url, log_path=log) as url:
+        with api_server("--session-len", "1024", "--proxy-url", proxy_url, request.param, log_path=log) as url:
             # registration runs once the socket listens, so it may finish just after /health answers
             assert wait_until(lambda: _FakeProxy.calls == [("/nodes/add", {"url": url})], timeout=5)
             yield url

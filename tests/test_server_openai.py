@@ -23,9 +23,10 @@ pytestmark = pytest.mark.slow
 SESSION_LEN = 1024
 
 
-@pytest.fixture(scope="module")
-def server_and_pipe(tmp_path_factory):
-    """The server, and a pipeline in this process to compare with; loaded side by side."""
+@pytest.fixture(scope="module", params=["--no-engine-process", "--engine-process"])
+def server_and_pipe(tmp_path_factory, request):
+    """The server (its engine in a thread of the server, then in a process of its own), and a
+    pipeline in this process to compare with; loaded side by side."""
     log = str(tmp_path_factory.mktemp("server") / "api_server.log")
     resolve_model(None)  # with a fresh cache, convert the GGUF once here rather than in both loaders
     loaded = {}
@@ -40,7 +41,7 @@ def server_and_pipe(tmp_path_factory):
     loader = threading.Thread(target=load)
     loader.start()
     try:
-        with api_server("--session-len", str(SESSION_LEN), log_path=log) as url:
+        with api_server("--session-len", str(SESSION_LEN), request.param, log_path=log) as url:
             loader.join()
             if "error" in loaded:
                 raise loaded["error"]
@@ -96,7 +97,7 @@ def test_models_health_encode_and_metrics(server, server_and_pipe, pipe, model):
     with open(server_and_pipe[2]) as f:
         log = f.read()  # the start-up log shows the URL and the KV budget at the default log level
     assert re.search(rf"INFO tidemind: serving smollm2-135m at {server} \(KV cache: \d+ blocks x 64 tokens\)", log)
-    assert re.search(r"INFO tidemind: KV cache: \d+ blocks x 64 tokens", log)
+    assert re.search(r"INFO tidemind(\[engine\])?: KV cache: \d+ blocks x 64 tokens", log)
     cards = httpx.get(f"{server}/v1/models").json()
     assert cards["object"] == "list" and cards["data"][0]["max_model_len"] == SESSION_LEN
     assert httpx.get(f"{server}/health").status_code == 200

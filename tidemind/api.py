@@ -11,7 +11,7 @@ from .chat.grammar import check_response_format
 from .chat.templates import ChatTemplateConfig, get_chat_template
 from .config import EngineConfig, GenerationConfig
 from .config_compat import engine_config_from_kwargs
-from .engine.async_engine import AsyncEngine
+from .engine.async_engine import AsyncEngine, EngineFront
 from .engine.engine import Engine
 from .messages import RequestOutput, Response
 
@@ -51,15 +51,24 @@ class Session:
 
 class Pipeline:
     def __init__(self, model_path: Optional[str] = None, backend_config: Optional[EngineConfig] = None,
-                 chat_template_config: Optional[ChatTemplateConfig] = None, chat_template: Optional[str] = None):
-        self.engine = Engine(model_path, backend_config or EngineConfig())
+                 chat_template_config: Optional[ChatTemplateConfig] = None, chat_template: Optional[str] = None,
+                 engine_process: bool = False):
+        """engine_process: run the engine in a process of its own (engine/engine_client.py); then
+        `engine` is a RemoteEngine (the engine's model, limits and stats, not its internals)."""
+        if engine_process:
+            from .engine.engine_client import EngineProcessClient
+
+            self._async: Optional[EngineFront] = EngineProcessClient(model_path, backend_config or EngineConfig())
+            self.engine = self._async.engine
+        else:
+            self.engine = Engine(model_path, backend_config or EngineConfig())
+            self._async = AsyncEngine(self.engine)
         self.tokenizer = self.engine.tokenizer
         self.chat_template = get_chat_template(self.tokenizer, chat_template, chat_template_config)
-        self._async = AsyncEngine(self.engine)
         self._session_ids = iter(range(1, 1 << 62))
 
     @property
-    def async_engine(self) -> AsyncEngine:
+    def async_engine(self) -> EngineFront:
         """The engine's driver, for callers that submit token ids directly (benchmarks, the server)."""
         return self._async
 
@@ -270,14 +279,16 @@ def _configure_logging(level: str) -> None:
 def pipeline(model_path: Optional[str] = None, backend_config: Optional[EngineConfig] = None,
              chat_template_config: Optional[ChatTemplateConfig] = None, log_level: str = "WARNING",
              chat_template: Optional[str] = None, model_name: Optional[str] = None,
-             max_log_len: Optional[int] = None, speculative_config=None, **kwargs) -> Pipeline:
+             max_log_len: Optional[int] = None, speculative_config=None, engine_process: bool = False,
+             **kwargs) -> Pipeline:
     """Load a model (a directory, a .gguf file, a bundled model name; None: the bundled default)
     and return a Pipeline that answers prompts.
 
     LMDeploy's signatures are taken as written: extra keyword arguments are EngineConfig fields or
     LMDeploy engine arguments (tp=1, block_size=64, download_dir=...); ``model_name`` (LMDeploy 0.3,
     also its second positional argument) picks the chat template when it names a built-in one;
-    ``max_log_len`` has no effect (prompts are never logged)."""
+    ``max_log_len`` has no effect (prompts are never logged). ``engine_process=True`` runs the engine
+    in a process of its own (what the api_server does on a GPU)."""
     _configure_logging(log_level)
     if isinstance(backend_config, str):  # LMDeploy 0.3: pipeline(model_path, model_name, ...)
         model_name, backend_config = backend_config, None
@@ -290,7 +301,7 @@ def pipeline(model_path: Optional[str] = None, backend_config: Optional[EngineCo
     model_name = model_name or getattr(backend_config, "lmdeploy_model_name", None)
     if model_name:
         chat_template = _template_from_model_name(model_name, chat_template, chat_template_config)
-    return Pipeline(model_path, backend_config, chat_template_config, chat_template)
+    return Pipeline(model_path, backend_config, chat_template_config, chat_template, engine_process)
 
 
 def _template_from_model_name(model_name: str, chat_template: Optional[str],

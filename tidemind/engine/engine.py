@@ -57,6 +57,28 @@ def _load_tokenizer(path: str) -> Tokenizer:
     return tokenizer
 
 
+def check_request(prompt_token_ids: Sequence[int], gen_config: GenerationConfig, vocab_size: int,
+                  max_total_tokens: int, session_len: int, session_id: Optional[int] = None, history: int = 0) -> None:
+    """Raise ValueError naming the fix when a request cannot run in an engine of these limits.
+    history: tokens the session holds already (its turn's prompt follows them)."""
+    if not isinstance(gen_config, GenerationConfig):
+        raise ValueError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
+    if len(prompt_token_ids) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab_size})")
+    if history and history + len(prompt_token_ids) >= max_total_tokens:
+        raise ValueError(
+            f"session {session_id} holds {history} tokens; with this turn's {len(prompt_token_ids)} it "
+            f"would leave no room for an answer within {max_total_tokens} tokens "
+            f"(session_len={session_len}): end the session and start a new one, or raise --session-len")
+    if len(prompt_token_ids) >= max_total_tokens:
+        raise ValueError(
+            f"the prompt has {len(prompt_token_ids)} tokens but a session holds at most "
+            f"{max_total_tokens} (session_len={session_len}), leaving no room for an answer: "
+            f"shorten the prompt or raise --session-len")
+
+
 class Engine:
     def __init__(self, model: Optional[str] = None, config: Optional[EngineConfig] = None):
         self.config = config or EngineConfig()
@@ -110,24 +132,9 @@ class Engine:
         """Raise ValueError naming the fix when the request cannot run; changes nothing.
 
         With a session, the request's prompt is the conversation so far plus `prompt_token_ids`."""
-        if not isinstance(gen_config, GenerationConfig):
-            raise ValueError(f"gen_config must be a GenerationConfig, got {type(gen_config).__name__}")
-        if len(prompt_token_ids) == 0:
-            raise ValueError("the prompt is empty: give at least one token")
         history = len(self.scheduler.sessions.history(session_id)) if session_id is not None else 0
-        vocab = self.model_config.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise ValueError(f"the prompt holds token ids outside the vocabulary [0, {vocab})")
-        if history and history + len(prompt_token_ids) >= self.max_total_tokens:
-            raise ValueError(
-                f"session {session_id} holds {history} tokens; with this turn's {len(prompt_token_ids)} it "
-                f"would leave no room for an answer within {self.max_total_tokens} tokens "
-                f"(session_len={self.session_len}): end the session and start a new one, or raise --session-len")
-        if len(prompt_token_ids) >= self.max_total_tokens:
-            raise ValueError(
-                f"the prompt has {len(prompt_token_ids)} tokens but a session holds at most "
-                f"{self.max_total_tokens} (session_len={self.session_len}), leaving no room for an answer: "
-                f"shorten the prompt or raise --session-len")
+        check_request(prompt_token_ids, gen_config, self.model_config.vocab_size, self.max_total_tokens,
+                      self.session_len, session_id, history)
 
     def add_request(self, request_id: int, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
                     seed: Optional[int] = None, session_id: Optional[int] = None) -> None:

@@ -37,7 +37,7 @@ LOOPBACK = "127.0.0.1"  # where the ranks of one machine meet unless dist_init_a
 _KILL_GRACE_S = 5.0  # a rank told to stop (SIGTERM) gets this long before SIGKILL
 
 
-def _worker_env() -> Dict[str, str]:
+def worker_env() -> Dict[str, str]:
     import tidemind
 
     from ..runner.distributed import WORKER_ENV_DEFAULTS
@@ -48,7 +48,7 @@ def _worker_env() -> Dict[str, str]:
     return env
 
 
-def _device_type(config: EngineConfig) -> str:
+def resolved_device_type(config: EngineConfig) -> str:
     import torch
 
     if config.device == "auto":
@@ -56,7 +56,7 @@ def _device_type(config: EngineConfig) -> str:
     return config.device
 
 
-def _exit_text(code: int) -> str:
+def exit_text(code: int) -> str:
     if code is not None and code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"
@@ -72,7 +72,7 @@ class MultiprocessExecutor(DistributedExecutor):
         from ..runner.distributed import free_port
         from ..runner.worker import WorkerInit
 
-        device_type = _device_type(config)
+        device_type = resolved_device_type(config)
         self._check_devices(device_type)
         address = config.dist_init_addr or f"{LOOPBACK}:{free_port(LOOPBACK)}"
         # CPU ranks share this machine's cores; on GPUs torch's default thread count stays
@@ -80,7 +80,7 @@ class MultiprocessExecutor(DistributedExecutor):
         level = logging.getLogger("tidemind").getEffectiveLevel()
         self.procs: List[subprocess.Popen] = []
         self.conns: List[Connection] = []
-        env = _worker_env()
+        env = worker_env()
         for rank in range(self.size):
             ours, theirs = socket.socketpair()
             with theirs:
@@ -165,12 +165,12 @@ class MultiprocessExecutor(DistributedExecutor):
             code = proc.wait(timeout=2.0)
         except subprocess.TimeoutExpired:
             return f"(pid {proc.pid}) closed its connection"
-        return f"(pid {proc.pid}) {_exit_text(code)}"
+        return f"(pid {proc.pid}) {exit_text(code)}"
 
     def _watch(self, rank: int, proc: subprocess.Popen) -> None:
         code = proc.wait()
         if not self._closing and self.failure is None:
-            self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) {_exit_text(code)}")
+            self._fail(f"tensor-parallel rank {rank} (pid {proc.pid}) {exit_text(code)}")
 
     def close(self) -> None:
         super().close()

@@ -100,16 +100,16 @@ class RayExecutor(DistributedExecutor):
 
     def _start(self, model_path: str, config: EngineConfig) -> list:
         from ..runner.worker import WorkerInit
-        from .mp_executor import _device_type, _worker_env
+        from .mp_executor import resolved_device_type, worker_env
 
         ray = self.ray = _import_ray()
         self._step_refs: Deque[List[Any]] = deque()  # per step sent and not yet collected: one ref per rank
         self._owns_ray = not ray.is_initialized()  # a cluster joined (or started) here is left at close
         if self._owns_ray:
             ray.init(logging_level=logging.WARNING)
-        device_type = _device_type(config)
+        device_type = resolved_device_type(config)
         self.placement_group = self._place(ray, device_type)
-        env = {key: value for key, value in _worker_env().items() if key in _PASSED_ENV or key == "PYTHONPATH"}
+        env = {key: value for key, value in worker_env().items() if key in _PASSED_ENV or key == "PYTHONPATH"}
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy as strategy
 
         actor_cls = _actor_class(ray)

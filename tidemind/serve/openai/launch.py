@@ -60,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=os.environ.get(REGISTRATION_KEY_ENV) or None, metavar="KEY",
                         help="the key to present when registering with the proxy: its --registration-key "
                              f"(default: ${REGISTRATION_KEY_ENV}); for a proxy without one, one of its --api-keys")
+    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the engine in a process of its own, so that streaming answers over HTTP and "
+                             "the engine's host work never wait for one Python lock (default: on with a GPU, off "
+                             "on the CPU, where both share the same cores anyway)")
     server.add_argument("--chat-template", default=None,
                         help="a built-in template name (see `tidemind list`) or a JSON file with "
                              "ChatTemplateConfig fields; default: the model's own template")
@@ -78,6 +82,14 @@ def _check_args(args: argparse.Namespace) -> None:
         raise SystemExit("--api-keys got an empty key: give non-empty keys")
     if args.proxy_url is not None and urlsplit(args.proxy_url).scheme not in ("http", "https"):
         raise SystemExit(f"--proxy-url {args.proxy_url!r} must start with http:// or https://")
+
+
+def _engine_process(args: argparse.Namespace, engine_config: EngineConfig) -> bool:
+    if args.engine_process is not None:
+        return args.engine_process
+    from ...engine.mp_executor import resolved_device_type
+
+    return resolved_device_type(engine_config) == "cuda"
 
 
 def _cors(args: argparse.Namespace) -> Optional[dict]:
@@ -165,10 +177,10 @@ def _server_class():
                 return
             port = self.servers[0].sockets[0].getsockname()[1] if self.servers else self.config.port
             self.url = public_url(self.config.host, port, self.proxy_url)
-            blocks = self.pipe.engine.block_manager
+            kv = self.pipe.engine.kv_spec
             logger.info("serving %s at http://%s:%d%s (KV cache: %d blocks x %d tokens)", self.model_name,
                         self.config.host, port, f", reachable at {self.url}" if self.config.host == "0.0.0.0" else "",
-                        blocks.num_total_blocks, blocks.block_size)
+                        kv.num_blocks, kv.block_size)
             if self.proxy_url:
                 await _tell_proxy(self.proxy_url, "add", self.url, self.proxy_api_key)
 
@@ -189,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
 
     engine_config = config_from_args(EngineConfig, args)
     pipe = pipeline(args.model, backend_config=engine_config, chat_template=args.chat_template,
-                    log_level=args.log_level)
+                    log_level=args.log_level, engine_process=_engine_process(args, engine_config))
     try:
         model_name = args.model_name or pipe.engine.resolved.name
         app = create_app(pipe, model_name, api_keys=args.api_keys,
