@@ -7,6 +7,7 @@
                                                      # then (PERF_PLAIN=1, the default) start-up again,
                                                      # D1 and T1 once in the plain loop (no overlap)
     python benchmarks/gpu_bench.py serve MODEL_DIR   # S1 at rate inf through tidemind's own api_server
+                                                     # (engine process, then engine thread)
 
 Every figure is appended to $OUT/results.jsonl in the same format as the peer scripts
 (../shared/bench/gpu), so one summary table holds tidemind and its peers from the same machine.
@@ -263,23 +264,33 @@ def _wait_healthy(url: str, server, timeout: float) -> None:
 
 
 def serve(model_dir: str) -> None:
-    """S1 at rate inf: the T1 requests over HTTP to `tidemind serve api_server`, streamed."""
+    """S1 at rate inf: the T1 requests over HTTP to `tidemind serve api_server`, streamed; once with
+    the engine in a process of its own (the default on a GPU), once in a thread of the server
+    (S1_ENGINE_MODES picks: "process thread")."""
+    for mode in os.environ.get("S1_ENGINE_MODES", "process thread").split():
+        _serve_once(model_dir, mode)
+
+
+def _serve_once(model_dir: str, engine: str) -> None:
     import subprocess
 
     port = int(os.environ.get("S1_PORT", 23400))
-    out = os.path.join(os.environ.get("OUT", "/tmp"), "s1")
+    out = os.path.join(os.environ.get("OUT", "/tmp"), f"s1-{engine}")
+    flag = "--engine-process" if engine == "process" else "--no-engine-process"
     server = subprocess.Popen([sys.executable, "-m", "tidemind.cli.main", "serve", "api_server", model_dir,
                                "--server-port", str(port), "--session-len", "8192", "--max-batch-size", "256",
-                               "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                               flag, "--log-level", "WARNING"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     try:
         cmd = [sys.executable, "-m", "tidemind.cli.main", "bench", "serve", "--url", f"http://127.0.0.1:{port}",
                "--workload", "S1", "--request-rate", "inf", "--num-prompts", str(T1_N), "--max-tokens", str(T1_NEW),
-               "--vocab-size", os.environ.get("S1_VOCAB", "49152"), "--out", out, "--no-progress"]
+               "--vocab-size", os.environ.get("S1_VOCAB", "49152"), "--out", out, "--no-progress",
+               "--label", f"tidemind, engine {engine}"]
         _wait_healthy(f"http://127.0.0.1:{port}/health", server, timeout=300)
         subprocess.run(cmd, check=True)
         with open(out + ".json") as f:
             summary = json.load(f)["runs"][0]["summary"]
-        record(system="tidemind", workload="S1", request_rate="inf", cmd=" ".join(cmd[1:]), **summary)
+        record(system="tidemind", workload="S1", request_rate="inf", engine=engine,
+               cmd=f"serve api_server {flag}; " + " ".join(cmd[1:]), **summary)
     finally:
         server.terminate()
         server.wait(timeout=60)

@@ -21,7 +21,7 @@
 #   kvquant   tidemind with its KV cache bf16, int8 and int4 (quant_policy 0 / 8 / 4) on /tmp/llama8b: the
 #             decode and KV-write kernels, then per policy the KV tokens and T1 (twice), and their ratios
 #             to bf16 (benchmarks/gpu_kv_quant.py; needs mk; about 6 minutes: STAGES="setup mk kvquant")
-#   serve     tidemind: S1 at rate inf through its own api_server
+#   serve     tidemind: S1 at rate inf through its own api_server, engine process then engine thread
 #   profile   benchmarks/gpu_profile.py: decode steps at batch 1 and 256, device busy against wall time and the host's
 #             phases, in the overlapped and the plain loop (needs mk)
 #   tp        tidemind at --tp 1 then --tp 2 on /tmp/llama8b: start-up, D1, T1 and their ratios (benchmarks/gpu_tp.py;
@@ -63,7 +63,7 @@ has peers && LMD_T1_REP=2 stage peers ${PEERS_LIM:-300} python3 .peers/lmd_bench
 # perf starts with an empty Triton kernel cache: its first start-up is a first start on a bare machine
 has perf && TRITON_CACHE_DIR=$(mktemp -d) stage perf ${PERF_LIM:-300} python3 benchmarks/gpu_bench.py perf $MD
 has kvquant && TAILN=${TAILN:-14} stage kvquant ${KVQUANT_LIM:-420} python3 benchmarks/gpu_kv_quant.py $MD
-has serve && stage serve ${SERVE_LIM:-150} python3 benchmarks/gpu_bench.py serve $MD
+has serve && stage serve ${SERVE_LIM:-240} python3 benchmarks/gpu_bench.py serve $MD
 has profile && stage profile ${PROFILE_LIM:-150} python3 benchmarks/gpu_profile.py $MD
 has tp && T1_REP=${T1_REP:-1} TAILN=${TAILN:-6} stage tp ${TP_LIM:-480} python3 benchmarks/gpu_tp.py $MD
 has peerstp2 && LMD_TP=2 LMD_TAG=-tp2 stage peerstp2 ${PEERS_LIM:-360} python3 .peers/lmd_bench.py $MD 2
