@@ -136,10 +136,15 @@ def local_server(command: Sequence[str], port: int, log_path: Optional[PathLike]
         yield server.wait_healthy(timeout)
 
 
+# Flags every api_server started here gets after its own (`bench reliability --server-arg`).
+EXTRA_API_SERVER_ARGS: List[str] = []
+
+
 def api_server_command(port: int, *extra_args: str, model: Optional[str] = None) -> List[str]:
     """`serve api_server` on 127.0.0.1:`port`, float32 on the CPU (the model's reference precision)."""
     return ["serve", "api_server", *([model] if model else []), "--server-name", "127.0.0.1",
-            "--server-port", str(port), "--device", "cpu", "--dtype", "float32", *extra_args]
+            "--server-port", str(port), "--device", "cpu", "--dtype", "float32", *extra_args,
+            *EXTRA_API_SERVER_ARGS]
 
 
 @contextlib.contextmanager

@@ -44,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="JSON results file (default: reliability_<scale>.json); the servers' logs go to "
                              "the folder beside it named <PATH without .json>-logs")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    parser.add_argument("--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
+                        help="a flag every api_server of the run gets, repeatable; e.g. --server-arg=--engine-process "
+                             "runs each server's engine in a process of its own")
 
 
 def run_scenario(name: str, scale: str, workdir: Path, progress: bool = False, env: Optional[Dict[str, str]] = None,
@@ -99,8 +102,11 @@ def report(results: Sequence[ScenarioResult]) -> str:
 def run(args: argparse.Namespace) -> int:
     from .serve_report import output_paths, write_json
 
+    from .local_servers import EXTRA_API_SERVER_ARGS
+
     json_path, _ = output_paths(args.out or f"reliability_{args.scale}.json")
     logs = json_path.with_name(json_path.stem + "-logs")
+    EXTRA_API_SERVER_ARGS[:] = args.server_args
     load_start = os.getloadavg()
     # Ctrl-C raises KeyboardInterrupt wherever the main thread is. (asyncio.run would turn it into a
     # cancellation of its task, which httpx's connection pool can swallow: the suite would go on.)

@@ -22,6 +22,7 @@ import argparse
 import dataclasses
 import logging
 import pickle
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fd", type=int, required=True, help="this end of the client's socket")
     args = parser.parse_args(argv)
+    # Ctrl-C in a terminal reaches the whole process group: the client decides when this process
+    # ends (it closes the engine, or its socket closes when it exits)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     return serve(Connection(args.fd))
 
 
