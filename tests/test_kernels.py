@@ -26,6 +26,9 @@ triton = pytest.importorskip("triton")
 from tidemind.kernels import activation, decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
 from tidemind.kernels import rms_norm as rms_norm_kernels  # noqa: E402
 from tidemind.kernels import rotary  # noqa: E402
+from tidemind.kernels.int_to_float import small_int_to_float  # noqa: E402
+
+tl = triton.language
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -77,6 +80,27 @@ def test_rms_norm_rejects_bad_input():
         rms_norm_kernels.rms_norm(randn(8, 4).t(), randn(2), 1e-6)
     with pytest.raises(ValueError, match="weight must be"):
         rms_norm_kernels.rms_norm(randn(2, 8), randn(4), 1e-6)
+
+
+# ---- small integers to float (the dequantizing kernels' conversion) --------------------------------
+
+
+@triton.jit
+def _convert_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < n
+    tl.store(dst_ptr + offsets, small_int_to_float(tl.load(src_ptr + offsets, mask=mask, other=0)), mask=mask)
+
+
+def test_small_int_to_float_is_exact_over_its_range():
+    """Every value the kernels convert (uint8 codes, nibbles, nibble differences) and the ends of the
+    documented range |v| < 2^22 come out exactly as a plain int-to-float conversion."""
+    edge = (1 << 22) - 1
+    values = torch.cat([torch.arange(-256, 256), torch.tensor([edge, -edge, edge - 1, -edge + 1, 1 << 21])])
+    src = values.to(torch.int32).to(DEVICE)
+    dst = torch.full(src.shape, float("nan"), device=DEVICE)
+    _convert_kernel[(triton.cdiv(src.numel(), 128),)](src, dst, src.numel(), BLOCK=128)
+    assert torch.equal(dst.cpu(), values.to(torch.float32))
 
 
 # ---- activations ----------------------------------------------------------------------------------

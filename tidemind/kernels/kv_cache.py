@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .int_to_float import small_int_to_float
 from .reference import FLOAT16_MAX, FLOAT16_TINY, KV_MARGIN_HIGH, KV_MARGIN_LOW
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -143,7 +144,7 @@ def load_kv_tile(cache_ptr, scales_ptr, rows, scale_rows, row_mask, HEAD_DIM: tl
         q = x.to(tl.int32)
         if KV_BITS == 4:
             q = (q >> ((dims // (HEAD_DIM // 2)) * 4)[None, :]) & 15
-        x = q.to(tl.float32) * scale[:, None] + zero[:, None]
+        x = small_int_to_float(q) * scale[:, None] + zero[:, None]
     return x
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .int_to_float import small_int_to_float
+
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACK = 8
 
@@ -58,7 +60,7 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
         zeros = tl.reshape((zero_words[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = ((q - zeros[None, :]).to(tl.float32) * scales[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
+        w = (small_int_to_float(q - zeros[None, :]) * scales[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
         acc += tl.dot(x, w, input_precision=DOT_PRECISION)
     out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])

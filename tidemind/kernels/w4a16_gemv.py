@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .int_to_float import small_int_to_float
 from .w4a16_gemm import PACK, awq_nibble_shifts, check_w4a16_args, k_tile
 
 _TARGET_WAVES = 2  # programs aimed at, in multiples of the SM count, when splitting K
@@ -50,7 +51,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, K
         x = tl.load(x_ptr + row * x_row_stride + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)  # [BLOCK_K]
         packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
                          mask=k_mask[:, None] & word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
-        q = ((packed[:, :, None] >> shifts[None, None, :]) & 0xF).to(tl.float32)  # [BLOCK_K, BLOCK_N / 8, 8]
+        q = small_int_to_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)  # [BLOCK_K, BLOCK_N / 8, 8]
         group = k0 // group_size
         in_range = word_mask & (k0 < K)
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=in_range, other=0)

@@ -1,0 +1,22 @@
+"""Small integers to float32 without the int-to-float instruction, for the kernels that dequantize
+4- and 8-bit values in registers (KV int8 / int4, W4A16).
+
+A GPU converts int to float at a fraction of its float rate (on Hopper a quarter of the FMA rate or
+less), which is what bounds in-register dequantization. Adding v to the bits of 1.5 * 2^23 gives
+the bits of the float 1.5 * 2^23 + v whenever |v| < 2^22 (v lands in the mantissa), so one integer
+add, a free reinterpretation and one float subtract give v exactly: the same value as
+v.to(tl.float32), on full-rate instructions.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_MAGIC_BITS = 0x4B400000  # 1.5 * 2^23 as float32 bits
+_MAGIC = 12582912.0  # 1.5 * 2^23
+
+
+@triton.jit
+def small_int_to_float(v):
+    """v: int32 tensor with |v| < 2^22 -> float32, exactly v.to(tl.float32)."""
+    return (v + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
