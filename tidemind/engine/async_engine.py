@@ -26,8 +26,8 @@ import logging
 import queue
 import threading
 import weakref
+from abc import ABC, abstractmethod
 from collections import deque
-from abc import abstractmethod
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Union
 
@@ -113,7 +113,7 @@ class EndSession:
 Command = Union[AddRequest, AbortRequest, EndSession]
 
 
-class EngineFront:
+class EngineFront(ABC):
     """The callers' side of an engine that runs elsewhere: request ids, each request's sink, the
     session turns in flight, and the hand-over of outputs. A subclass carries the commands to the
     engine (`_send`, called with self._wake held, in the order callers made them) and hands the

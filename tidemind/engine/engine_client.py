@@ -193,7 +193,7 @@ class EngineProcessClient(EngineFront):
             try:
                 message = pickle.loads(self._conn.recv_bytes())
             except (EOFError, OSError):
-                if not self._closed:
+                if not self._closed or self._sinks:  # nobody may be left waiting, closing or not
                     try:
                         self._proc.wait(_EXIT_TIMEOUT_S)
                     except subprocess.TimeoutExpired:
