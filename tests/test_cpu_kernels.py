@@ -246,3 +246,26 @@ def test_paged_attention_gives_a_position_the_same_bits_in_a_decode_and_in_a_pre
         torch.set_num_threads(threads)
     prefill, decode = results
     assert torch.equal(prefill[-1], decode[0]), float((prefill[-1] - decode[0]).abs().max())
+
+
+def test_argmax_rows_answers_as_torch_ties_nan_and_infinities_included(kernels):
+    """The greedy choice of each row (kernels/cpu argmax_rows) against torch.argmax: ties resolve to
+    the first index, a NaN wins (its first index), a row of -inf picks 0; rows of a wider tensor;
+    enough values for the pool to split the rows over two threads."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(40, 49200, generator=gen)[:, :49152]
+    logits[1, [7, 300, 40000]] = 50.0  # a three-way tie
+    logits[2, [11, 9000]] = float("nan")
+    logits[2, 5] = 1e30
+    logits[3] = float("-inf")
+    logits[4, -1] = float("inf")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = kernels.argmax_rows(logits)
+        single = kernels.argmax_rows(logits[5:6])
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert got[1] == 7 and got[2] == 11 and got[3] == 0 and got[4] == 49151
+    assert torch.equal(single, logits[5:6].argmax(dim=-1))

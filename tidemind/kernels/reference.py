@@ -88,6 +88,12 @@ def gelu_tanh_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh") * up
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, vocab] -> [rows] int64: each row's largest logit's index, the first on ties (a NaN
+    counts as the largest)."""
+    return logits.argmax(dim=-1)
+
+
 def write_kv_cache_split(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor,
                          value_cache: torch.Tensor, slot_mapping: torch.Tensor, key_scales: Optional[torch.Tensor] = None,
                          value_scales: Optional[torch.Tensor] = None, kv_bits: int = 0) -> None:

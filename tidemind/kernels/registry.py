@@ -1,4 +1,5 @@
-"""The layer kernels (norms, rotary, gated activations) as one set, chosen once at start-up.
+"""The layer kernels (norms, rotary, gated activations, the greedy choice) as one set, chosen once
+at start-up.
 
 Layers receive a KernelSet through the model's BuildContext and call its functions; they never
 import a kernel module. "reference" is kernels/reference.py (torch; the CPU path and the
@@ -28,6 +29,8 @@ class KernelSet:
     rotary_embedding: Callable
     silu_and_mul: Callable  # gate_up [n, 2d] -> [n, d]
     gelu_tanh_and_mul: Callable  # gate_up [n, 2d] -> [n, d]
+    # logits [rows, vocab] float32 -> [rows] int64: each row's first largest index (greedy decoding)
+    greedy_ids: Callable = reference.greedy_ids
 
 
 REFERENCE_KERNELS = KernelSet(
@@ -57,7 +60,8 @@ def _cpu_kernels() -> KernelSet:
         return normed.view(x.shape), summed.view(residual.shape)
 
     return KernelSet(name="cpu", rms_norm=rms_norm, add_rms_norm=add_rms_norm, rotary_embedding=cpu.rope,
-                     silu_and_mul=cpu.silu_and_mul, gelu_tanh_and_mul=cpu.gelu_tanh_and_mul)
+                     silu_and_mul=cpu.silu_and_mul, gelu_tanh_and_mul=cpu.gelu_tanh_and_mul,
+                     greedy_ids=cpu.argmax_rows)
 
 
 def kernel_set(name: str) -> KernelSet:

@@ -201,7 +201,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32, the same on every rank
         rows = step.sampled_rows
         if self.tp.size == 1 and batch.plain_greedy[rows].all():  # argmax alone decides: stays on the device
-            token_ids, host_ids, logprobs = logits.argmax(dim=-1), None, []
+            token_ids, host_ids, logprobs = self.build_context.kernels.greedy_ids(logits), None, []
         else:  # the sampler reads earlier tokens on the host; its ids go back for the next step's inputs
             for launched in self._launched:
                 self._resolve(launched)
@@ -256,7 +256,7 @@ class ModelRunner:
         batch = self.batch
         rows = step.sampled_rows
         if batch.plain_greedy[rows].all():  # argmax alone decides (tensor parallelism: rank 0 sends these)
-            return logits.argmax(dim=-1).tolist(), [None] * len(rows)
+            return self.build_context.kernels.greedy_ids(logits).tolist(), [None] * len(rows)
         out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in rows])
         return out.token_ids, out.logprobs
 

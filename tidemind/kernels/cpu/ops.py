@@ -25,6 +25,7 @@ _SIGNATURES = {
     "tm_rope": [_P, _I, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _INT],
     "tm_silu_mul": [_P, _I, _P, _I, _I, _I, _INT],
     "tm_gelu_tanh_mul": [_P, _I, _P, _I, _I, _I, _INT],
+    "tm_argmax_rows": [_P, _I, _I, _I, _P, _INT],
     "tm_paged_attention": [_P, _I, _P, _I, _P, _I, _P, _P, _P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _F, _I, _P,
                            _I, _INT],
 }
@@ -177,6 +178,14 @@ class CPUKernels:
         out = torch.empty((gate_up.shape[0], inter), dtype=torch.float32)
         fn(gate_up.data_ptr(), gate_up.stride(0), out.data_ptr(), inter, gate_up.shape[0], inter,
            torch.get_num_threads())
+        return out
+
+    def argmax_rows(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [m, n] float32 -> [m] int64: each row's first largest index, as logits.argmax(-1)."""
+        logits = _rows(logits)
+        out = torch.empty(logits.shape[0], dtype=torch.int64)
+        self._argmax_rows(logits.data_ptr(), logits.stride(0), logits.shape[0], logits.shape[1], out.data_ptr(),
+                          torch.get_num_threads())
         return out
 
     def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:

@@ -109,3 +109,40 @@ void TM_FN(tm_gelu_tanh_mul)(const float *gu, int64_t ldg, float *out, int64_t l
         }
     }
 }
+
+/* ------------------------------------------------------------------ greedy choice */
+
+/* out[i] = the index of row i's largest value, the first one on ties, as torch.argmax answers
+ * (a NaN counts as the largest: the first NaN's index). x [m][n] (row stride ldx). Rows are tasks
+ * of the pool (pool.c) when the call holds PAR_MIN values or more. */
+typedef struct {
+    const float *x;
+    int64_t ldx, n;
+    int64_t *out;
+} argmax_job;
+
+static void argmax_task(void *arg, int64_t i) {
+    const argmax_job *jb = (const argmax_job *)arg;
+    const float *x = jb->x + i * jb->ldx;
+    const int64_t n = jb->n;
+    float best = -INFINITY;
+    int nan = 0;
+#pragma omp simd reduction(max : best) reduction(| : nan)
+    for (int64_t j = 0; j < n; j++) {
+        best = x[j] > best ? x[j] : best;
+        nan |= x[j] != x[j];
+    }
+    int64_t found = 0;
+    for (int64_t j = 0; j < n; j++) {
+        if (nan ? x[j] != x[j] : x[j] == best) {
+            found = j;
+            break;
+        }
+    }
+    jb->out[i] = found;
+}
+
+void TM_FN(tm_argmax_rows)(const float *x, int64_t ldx, int64_t m, int64_t n, int64_t *out, int nthreads) {
+    argmax_job job = {x, ldx, n, out};
+    tm_parallel(m, argmax_task, &job, m * n >= PAR_MIN ? nthreads : 1);
+}

@@ -102,6 +102,7 @@ void TM_FN(tm_silu_mul)(const float *gu, int64_t ldg, float *out, int64_t ldo, i
                         int nthreads);
 void TM_FN(tm_gelu_tanh_mul)(const float *gu, int64_t ldg, float *out, int64_t ldo, int64_t m, int64_t inter,
                              int nthreads);
+void TM_FN(tm_argmax_rows)(const float *x, int64_t ldx, int64_t m, int64_t n, int64_t *out, int nthreads);
 void TM_FN(tm_paged_attention)(const float *q, int64_t ldq, const float *k, int64_t ldk, const float *v,
                                int64_t ldv, float *k_cache, float *v_cache, const int32_t *slots,
                                const int32_t *seq_lens, const int32_t *query_start, const int32_t *block_tables,
