@@ -141,6 +141,8 @@ class EngineProcessClient(EngineFront):
     def request_stats(self) -> Dict[str, float]:
         """Engine.stats() of the engine process (a round trip over the socket)."""
         with self._stats_lock:
+            while not self._stats.empty():  # an answer that came after its caller gave up
+                self._stats.get_nowait()
             with self._wake:
                 if self.failure is not None or self._closed:
                     raise EngineDeadError(f"the engine is not running ({self.failure or 'closed'})")
