@@ -108,9 +108,11 @@ def test_pipeline_takes_lmdeploys_arguments(monkeypatch):
     import tidemind.api as api
 
     built = []
-    monkeypatch.setattr(api, "Pipeline", lambda *args: built.append(args))
+    options = []
+    monkeypatch.setattr(api, "Pipeline", lambda *args, **kwargs: built.append(args) or options.append(kwargs))
     api.pipeline("MODEL", tp=1, download_dir=None, block_size=32, session_len=512)
     model_path, backend_config, _, chat_template = built[-1]
+    assert options[-1] == {"engine_process": False}  # the engine runs in this process unless asked
     assert model_path == "MODEL" and chat_template is None
     assert (backend_config.cache_block_seq_len, backend_config.session_len, backend_config.tp) == (32, 512, 1)
     api.pipeline("MODEL", "llama3")  # LMDeploy 0.3: pipeline(model_path, model_name)

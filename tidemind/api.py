@@ -301,7 +301,7 @@ def pipeline(model_path: Optional[str] = None, backend_config: Optional[EngineCo
     model_name = model_name or getattr(backend_config, "lmdeploy_model_name", None)
     if model_name:
         chat_template = _template_from_model_name(model_name, chat_template, chat_template_config)
-    return Pipeline(model_path, backend_config, chat_template_config, chat_template, engine_process)
+    return Pipeline(model_path, backend_config, chat_template_config, chat_template, engine_process=engine_process)
 
 
 def _template_from_model_name(model_name: str, chat_template: Optional[str],
