@@ -88,7 +88,13 @@ class EngineProcessClient(EngineFront):
         # the tokenizer's libraries import (seconds on a fresh machine) while the engine loads
         threading.Thread(target=_import_tokenizer_libraries, name="tidemind-tokenizer-import", daemon=True).start()
         summary = self._wait_ready()
-        super().__init__(RemoteEngine(summary, _load_tokenizer(summary.resolved.path), self))
+        try:
+            tokenizer = _load_tokenizer(summary.resolved.path)
+        except BaseException:
+            self._conn.close()  # the engine process sees its client gone and stops
+            self._proc.wait(_CLOSE_TIMEOUT_S)
+            raise
+        super().__init__(RemoteEngine(summary, tokenizer, self))
         self._outbox: Deque[object] = deque()
         self._stopping = False  # the sender's end, after close
         self._stats_lock = threading.Lock()
