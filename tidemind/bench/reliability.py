@@ -100,9 +100,8 @@ def report(results: Sequence[ScenarioResult]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .serve_report import output_paths, write_json
-
     from .local_servers import EXTRA_API_SERVER_ARGS
+    from .serve_report import output_paths, write_json
 
     json_path, _ = output_paths(args.out or f"reliability_{args.scale}.json")
     logs = json_path.with_name(json_path.stem + "-logs")

@@ -50,10 +50,11 @@ STEP_FAILED = "the engine failed while running this request; the server log has 
 OUTPUT_FAILED = "the engine failed while making this request's output; the server log has the details"
 
 
-def _load_tokenizer(path: str) -> Tokenizer:
+def load_tokenizer(path: str, note: str) -> Tokenizer:
+    """The model's tokenizer, its load time logged with `note` (where it loads, and why)."""
     start = time.perf_counter()
     tokenizer = Tokenizer.from_pretrained(path)
-    logger.info("tokenizer loaded in %.1f s (beside the weights)", time.perf_counter() - start)
+    logger.info("tokenizer loaded in %.1f s (%s)", time.perf_counter() - start, note)
     return tokenizer
 
 
@@ -87,7 +88,7 @@ class Engine:
         # The tokenizer (its first import of transformers takes seconds on a fresh machine) loads in
         # a thread while the weights go to the device, which mostly waits on I/O and copies.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tidemind-tokenizer") as pool:
-            tokenizer = pool.submit(_load_tokenizer, self.resolved.path)
+            tokenizer = pool.submit(load_tokenizer, self.resolved.path, "beside the weights")
             self.executor = create_executor(self.resolved.path, self.config)
             self.tokenizer = tokenizer.result()
         self.model_config = self.executor.model_config
@@ -132,9 +133,13 @@ class Engine:
         """Raise ValueError naming the fix when the request cannot run; changes nothing.
 
         With a session, the request's prompt is the conversation so far plus `prompt_token_ids`."""
-        history = len(self.scheduler.sessions.history(session_id)) if session_id is not None else 0
+        history = self.session_tokens(session_id) if session_id is not None else 0
         check_request(prompt_token_ids, gen_config, self.model_config.vocab_size, self.max_total_tokens,
                       self.session_len, session_id, history)
+
+    def session_tokens(self, session_id: int) -> int:
+        """How many tokens the conversation holds (0 for a new session)."""
+        return len(self.scheduler.sessions.history(session_id))
 
     def add_request(self, request_id: int, prompt_token_ids: Sequence[int], gen_config: GenerationConfig,
                     seed: Optional[int] = None, session_id: Optional[int] = None) -> None:

@@ -24,14 +24,13 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections import deque
 from multiprocessing.connection import Connection
 from typing import Deque, Dict, Optional, Sequence
 
 from ..config import EngineConfig, GenerationConfig
 from .async_engine import AbortRequest, Command, EndSession, EngineDeadError, EngineFront
-from .engine import check_request
+from .engine import check_request, load_tokenizer
 from .engine_process import EngineSummary, send, unpack_output
 from .mp_executor import exit_text, worker_env
 
@@ -89,7 +88,7 @@ class EngineProcessClient(EngineFront):
         threading.Thread(target=_import_tokenizer_libraries, name="tidemind-tokenizer-import", daemon=True).start()
         summary = self._wait_ready()
         try:
-            tokenizer = _load_tokenizer(summary.resolved.path)
+            tokenizer = load_tokenizer(summary.resolved.path, "for the engine process's requests")
         except BaseException:
             self._conn.close()  # the engine process sees its client gone and stops
             self._proc.wait(_CLOSE_TIMEOUT_S)
@@ -223,15 +222,6 @@ class EngineProcessClient(EngineFront):
 def _import_tokenizer_libraries() -> None:
     from ..chat.tokenizer import Tokenizer  # noqa: F401
     import transformers  # noqa: F401
-
-
-def _load_tokenizer(path: str):
-    from ..chat.tokenizer import Tokenizer
-
-    start = time.perf_counter()
-    tokenizer = Tokenizer.from_pretrained(path)
-    logger.info("tokenizer loaded in %.1f s (for the engine process's requests)", time.perf_counter() - start)
-    return tokenizer
 
 
 def _process_exit_text(code: Optional[int]) -> str:

@@ -27,11 +27,14 @@ import sys
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
-from ..config import EngineConfig
+from ..config import EngineConfig, ModelConfig
 from ..loader.resolve import ResolvedModel
 from ..messages import RequestOutput
+
+if TYPE_CHECKING:  # torch comes with it; the engine process imports it only with the Engine
+    from ..runner.kv_cache import KVCacheSpec
 
 logger = logging.getLogger("tidemind")
 
@@ -57,12 +60,12 @@ class EngineSummary:
     """What the client needs of a started Engine: its model, limits and KV cache."""
 
     resolved: ResolvedModel
-    model_config: object  # models.ModelConfig
+    model_config: ModelConfig
     config: EngineConfig
     session_len: int
     max_total_tokens: int
     max_batch_size: int
-    kv_spec: object  # runner.kv_cache.KVCacheSpec
+    kv_spec: "KVCacheSpec"
     description: str
 
     @classmethod
@@ -95,10 +98,9 @@ class EngineLink:
         self._lock = threading.Lock()
 
     def send(self, message) -> None:
-        payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             try:
-                self.conn.send_bytes(payload)
+                send(self.conn, message)
             except OSError:
                 pass
 
@@ -107,7 +109,7 @@ class EngineLink:
         sessions: Dict[int, int] = {}
         for sink, out in items:
             if out.finished and sink.session_id is not None:
-                sessions[sink.session_id] = len(self.engine.scheduler.sessions.history(sink.session_id))
+                sessions[sink.session_id] = self.engine.session_tokens(sink.session_id)
         self.send(("outputs", [pack_output(out) for _, out in items], sessions))
 
 

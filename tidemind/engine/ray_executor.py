@@ -35,11 +35,10 @@ logger = logging.getLogger("tidemind")
 
 # Environment passed to every actor (the driver's values, when it has them): fault plans for tests,
 # NCCL settings, and where this tidemind lives.
-# How long an error raised by a rank's collective waits for news of a peer's death (see _dead_rank).
-_DEATH_NOTICE_GRACE_S = 5.0
-
 _PASSED_ENV = ("TIDEMIND_INJECT_FAULTS", "NCCL_NVLS_ENABLE", "NCCL_SOCKET_IFNAME", "GLOO_SOCKET_IFNAME",
                "NCCL_DEBUG", "TIDEMIND_CACHE_DIR", "HF_HOME")
+# How long an error raised by a rank's collective waits for news of a peer's death (see _dead_rank).
+_DEATH_NOTICE_GRACE_S = 5.0
 
 
 def _import_ray():

@@ -3,9 +3,9 @@ source version, and cache it.
 
 The library holds every instruction-set variant (qlinear.c, layer_ops.c, attention.c and
 decoder_layer.c compiled once per ISA, their symbols suffixed _avx512_vnni / _avx2 / _scalar) plus
-common.c and pool.c; library.py picks the variant at start-up from what the CPU reports. Nothing beyond a C
-compiler with OpenMP (gcc) is needed, and no Python or torch headers: Python calls the library
-through ctypes. OpenMP calls resolve to the libgomp torch has already loaded (same soname), so the
+common.c and pool.c; library.py picks the variant at start-up from what the CPU reports. Nothing
+beyond a C compiler with OpenMP (gcc) is needed, and no Python or torch headers: Python calls the
+library through ctypes. OpenMP calls resolve to the libgomp torch has already loaded (same soname), so the
 kernels share torch's thread pool.
 
 Where: $TIDEMIND_KERNEL_CACHE_DIR, else <tidemind cache>/kernels, in a directory named after a hash

@@ -87,9 +87,9 @@ def _check_args(args: argparse.Namespace) -> None:
 def _engine_process(args: argparse.Namespace, engine_config: EngineConfig) -> bool:
     if args.engine_process is not None:
         return args.engine_process
-    from ...engine.mp_executor import resolved_device_type
+    from ...runner.device import resolve_device
 
-    return resolved_device_type(engine_config) == "cuda"
+    return resolve_device(engine_config.device).type == "cuda"
 
 
 def _cors(args: argparse.Namespace) -> Optional[dict]:

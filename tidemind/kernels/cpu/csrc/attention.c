@@ -298,7 +298,7 @@ typedef struct {
  * one key / value head. */
 typedef struct {
     int nh;
-    int64_t first_head, lo, pos;  /* pos < 0: no key to attend (not a row the runner makes) */
+    int64_t kv_head, first_head, lo, pos;  /* pos < 0: no key to attend (not a row the runner makes) */
     kv_view kv;
     const float *q;
     float *out;
@@ -309,6 +309,7 @@ static row_part row_part_of(const attention_job *jb, int64_t pair) {
     const int64_t i = pair / jb->parts, kv_head = (pair % jb->parts) / per_kv, part = pair % per_kv;
     const int64_t j = jb->seq_of[i];
     row_part rp;
+    rp.kv_head = kv_head;
     rp.first_head = kv_head * jb->group + part * GROUP_MAX;
     rp.nh = (int)(jb->group - part * GROUP_MAX < GROUP_MAX ? jb->group - part * GROUP_MAX : GROUP_MAX);
     rp.pos = jb->seq_lens[j] - (jb->query_start[j + 1] - i);
@@ -349,7 +350,7 @@ static void row_part_task(void *arg, int64_t pair) {
     for (int64_t k = 0; k < count; k++) {
         int64_t from, to;
         segment_keys(&rp, k, &from, &to);
-        attend_segment(rp.q, rp.nh, &rp.kv, rp.first_head / jb->group, from, to, jb->scale, k ? segment : running);
+        attend_segment(rp.q, rp.nh, &rp.kv, rp.kv_head, from, to, jb->scale, k ? segment : running);
         if (k) merge_partial(running, segment, rp.nh, d);
     }
     normalize(running, rp.nh, d, rp.out);
@@ -364,7 +365,7 @@ static void segment_task(void *arg, int64_t item) {
     int64_t from, to;
     segment_keys(&rp, k, &from, &to);
     const partial out = partial_at(jb->partials + item * PARTIAL_FLOATS(jb->d), jb->d);
-    attend_segment(rp.q, rp.nh, &rp.kv, rp.first_head / jb->group, from, to, jb->scale, out);
+    attend_segment(rp.q, rp.nh, &rp.kv, rp.kv_head, from, to, jb->scale, out);
 }
 
 /* After the segment tasks: each row part's partials merged in order, as row_part_task does. */
