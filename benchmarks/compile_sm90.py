@@ -1,7 +1,9 @@
-"""Compile the KV-cache and attention Triton kernels for an H200 (sm_90) on a machine without a GPU,
-and report each variant's registers, spills and shared memory (cuobjdump on the cubin).
+"""Compile the KV-cache, attention and W4A16 Triton kernels for an H200 (sm_90) on a machine without
+a GPU, and report each variant's registers, spills and shared memory (cuobjdump on the cubin).
 
     python benchmarks/compile_sm90.py            # every variant below; exit code 1 if one fails
+    python benchmarks/compile_sm90.py w4a16      # only the variants whose name contains "w4a16"
+    python benchmarks/compile_sm90.py --quick    # one shape per kernel, default tiles only (CI: ~20 s)
 
 Triton's interpreter (the CPU tests) checks what a kernel computes, not what the GPU compiler
 accepts (tl.dot shapes, constexpr use, layouts) nor what it costs (register spills). This script
@@ -21,12 +23,15 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_quant's sweep lists
 from triton._C.libtriton import native_specialize_impl  # noqa: E402
 from triton.backends.compiler import BaseBackend, GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
+from tidemind.kernels import w4a16_dequant, w4a16_gemm, w4a16_gemv  # noqa: E402
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
@@ -88,11 +93,15 @@ def quantized_cache(num_blocks, block_size, num_kv_heads, head_dim, bits, dtype)
     return cache[0], cache[1], {"key_scales": scales[0], "value_scales": scales[1], "kv_bits": bits}
 
 
+QUICK = "--quick" in sys.argv
+
+
 def variants():
     """(name, launch) pairs: the model shapes the engine runs (llama8b, Gemma 3, SmolLM2), bf16."""
     dtype = torch.bfloat16
+    shapes = ((32, 8, 128, None), (4, 1, 256, 512), (9, 3, 64, None))
     for bits in (0, 8, 4):
-        for heads, kv_heads, head_dim, window in ((32, 8, 128, None), (4, 1, 256, 512), (9, 3, 64, None)):
+        for heads, kv_heads, head_dim, window in shapes[:1] if QUICK else shapes:
             key_cache, value_cache, quant = quantized_cache(8, 64, kv_heads, head_dim, bits, dtype)
             tables = torch.zeros(4, 8, dtype=torch.int32)
             seq_lens = torch.full((4,), 300, dtype=torch.int32)
@@ -119,12 +128,42 @@ def variants():
             yield f"write_kv_cache   {shape}", write
             yield f"decode (split)   {shape}", decode
             yield f"prefill          {shape}", prefill
+    yield from w4a16_variants(dtype)
+
+
+def w4a16_variants(dtype):
+    """The W4A16 kernels at llama8b's down projection (K 14336 -> N 4096, group 128): the GEMV for
+    1..4 rows and the configurations benchmarks/gpu_quant.py sweeps, the GEMM's, the dequantizer."""
+    k, n, group = 14336, 4096, 128
+    qweight = torch.zeros(k, n // 8, dtype=torch.int32)
+    qzeros = torch.zeros(k // group, n // 8, dtype=torch.int32)
+    scales = torch.zeros(k // group, n, dtype=torch.float16)
+    from gpu_quant import GEMM_SWEEP, GEMV_SWEEP  # the configurations the GPU run times
+
+    import dataclasses
+
+    if QUICK:
+        GEMV_SWEEP, GEMM_SWEEP = [], []  # noqa: N806 (the defaults only)
+    compiled_alike = [dataclasses.replace(c, programs_per_sm=1) for c in (w4a16_gemv.DEFAULT_CONFIG, *GEMV_SWEEP)]
+    for rows in (1, 4) if QUICK else (1, 2, 4):
+        for config in dict.fromkeys(compiled_alike):  # programs_per_sm is a host value: one compile
+            yield (f"w4a16_gemv M{rows} {config}",
+                   lambda rows=rows, config=config: w4a16_gemv.w4a16_gemv(torch.zeros(rows, k, dtype=dtype), qweight,
+                                                                          qzeros, scales, group, config))
+    for config in dict.fromkeys((w4a16_gemm.default_config(256, n), *GEMM_SWEEP)):
+        yield (f"w4a16_gemm {config}",
+               lambda config=config: w4a16_gemm.w4a16_gemm(torch.zeros(256, k, dtype=dtype), qweight, qzeros, scales,
+                                                            group, config))
+    yield "w4a16_dequantize", lambda: w4a16_dequant.w4a16_dequantize(qweight, qzeros, scales, group, dtype)
 
 
 def main() -> int:
     assert reference  # the layout's definition; imported so a broken reference fails here too
     failures = 0
+    wanted = next((a for a in sys.argv[1:] if not a.startswith("--")), "")
     for name, launch in variants():
+        if wanted not in name:
+            continue
         for kernel, arguments, options in captured_launches(launch):
             start = time.perf_counter()
             try:

@@ -2,6 +2,7 @@
 AWQ-layout round-to-nearest int4 copy of a bf16 model) through the engine.
 
     python benchmarks/gpu_quant.py kernels                 # about 2 minutes on an H200
+    python benchmarks/gpu_quant.py sweep                   # the GEMV / GEMM tile configurations, ~3 minutes
     python benchmarks/gpu_quant.py q1 /tmp/llama8b [--bf16-too]
     python benchmarks/gpu_quant.py --cpu-smoke kernels     # dry run on the CPU: Triton's interpreter,
     python benchmarks/gpu_quant.py --cpu-smoke q1 smollm2-135m   # tiny sizes, wall-clock timers
@@ -15,6 +16,10 @@ PASS under 1.5e-2, the tests' bf16 bound); (c) timings, median, weight sets rota
 device time, and proof the launchers can be captured), the reference eagerly, and bf16 cuBLAS
 (F.linear on the dense weight, also from a graph) beside them; bandwidth counts every byte the
 kernel must read or write once, and is given as a share of the copy ceiling.
+sweep: every configuration of GEMV_SWEEP (M = 1, 4) and GEMM_SWEEP (M = 8 .. 4096), plus dequantize-
+then-cuBLAS from M = 256, timed as in kernels at the four shapes; per M, the configurations ranked by
+their time summed over the four shapes (one decoder layer's linear layers), which is what the
+defaults in kernels/w4a16_gemv.py, kernels/w4a16_gemm.py and layers/quantization/awq.py are set from.
 q1: `tidemind lite auto_awq MODEL --rtn --w-group-size 128` on the GPU (timed), then benchmarks/
 gpu_bench.py's D1 and T1 on the result (and on the bf16 model with --bf16-too, for the ratio); the
 model is the `llama8b-shape` directory made by ../shared/bench/gpu/mkmodel.py (see benchmarks/
@@ -56,8 +61,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter._patch_lang_tensor = _patch_squeezed
 
 from tidemind.bench.device_ceilings import measure_copy_bandwidth  # noqa: E402
-from tidemind.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
-from tidemind.kernels.w4a16_gemv import w4a16_gemv  # noqa: E402
+from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
+from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
+from tidemind.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
 
@@ -73,6 +79,16 @@ SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
 ROWS = [1, 3, 17] if SMOKE else [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at GEMV_MAX_ROWS)
 RESULTS: List[dict] = []
+GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=p)
+              for bn in (64, 128, 256) for bk in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]
+GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap) for tiles, swap in (
+    ((16, 64, 64, 4, 3), False), ((16, 128, 64, 4, 3), False), ((32, 128, 64, 4, 3), False),
+    ((64, 128, 64, 4, 3), False), ((64, 128, 64, 4, 4), False), ((64, 256, 64, 8, 3), False),
+    ((128, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False), ((128, 128, 32, 4, 4), False),
+    ((16, 128, 64, 4, 3), True), ((32, 128, 64, 4, 3), True), ((64, 128, 64, 4, 3), True),
+    ((64, 256, 64, 8, 3), True), ((128, 128, 64, 8, 3), True), ((16, 64, 128, 4, 3), True))]
+SWEEP_GEMV_ROWS = [1, 4] if not SMOKE else [1]
+SWEEP_GEMM_ROWS = [8, 16, 64, 256, 1024, 4096] if not SMOKE else [17]
 CMD = "python benchmarks/gpu_quant.py " + " ".join(sys.argv[1:])
 
 
@@ -159,6 +175,50 @@ def kernels() -> None:
                       f"ref {rec['reference_us']:9.1f} us  err {err:.1e} {rec['result']}", flush=True)
 
 
+def dequantize_then_matmul(x, qweight, qzeros, scales, group, config=None):
+    return x @ w4a16_dequantize(qweight, qzeros, scales, group, x.dtype)
+
+
+def sweep() -> None:
+    """Each candidate at each shape and M; then per M the candidates ranked by their summed time."""
+    ceiling = copy_ceiling_gbs()
+    totals = {}  # (m, candidate) -> [us summed over shapes, shapes timed, worst error]
+    for name, k, n in SHAPES:
+        w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)
+        sets = [awq_set(k, n, seed) for seed in range(1 if SMOKE else max(1, min(16, math.ceil(
+            ROTATING_BYTES / w_bytes))))]
+        candidates = [(m, f"gemv {c}", w4a16_gemv, c) for m in SWEEP_GEMV_ROWS for c in GEMV_SWEEP]
+        candidates += [(m, f"gemm {c}", w4a16_gemm, c) for m in SWEEP_GEMM_ROWS for c in GEMM_SWEEP]
+        candidates += [(m, "dequantize + cuBLAS", dequantize_then_matmul, None) for m in SWEEP_GEMM_ROWS if m >= 256]
+        candidates += [(m, "bf16 cuBLAS (dense)", None, None) for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS]
+        for m, label, kernel, config in candidates:
+            x = torch.randn(m, k, device=DEVICE).to(BF16)
+            if kernel is None:
+                err, (ms, how) = 0.0, time_ms(lambda: [F.linear(x, s[3]) for s in sets], len(sets), graph=True)
+            else:
+                def run(x, qweight, qzeros, scales, group, kernel=kernel, config=config):
+                    return kernel(x, qweight, qzeros, scales, group, config=config)
+                err = check(run, x, sets[0])
+                ms, how = time_ms(lambda: [run(x, *s[:3], GROUP) for s in sets], len(sets), graph=True)
+            gbs = (w_bytes + 2 * m * (k + n)) / ms / 1e6
+            record(kind="w4a16-sweep", name=name, k=k, n=n, m=m, candidate=label, timed=how, us=round(ms * 1e3, 2),
+                   gbs=round(gbs, 1), roofline_share=round(gbs / ceiling, 3), tflops=round(2 * m * k * n / ms / 1e9, 2),
+                   max_rel_err=float(f"{err:.2e}"), result="PASS" if err < TOL else "FAIL")
+            total = totals.setdefault((m, label), [0.0, 0, 0.0])
+            total[0] += ms * 1e3
+            total[1] += 1
+            total[2] = max(total[2], err)
+        print(f"{name}: {len(candidates)} candidates timed", flush=True)
+    for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS:
+        ranked = sorted((us, label, err) for (mm, label), (us, _, err) in totals.items() if mm == m)
+        dense = next(us for us, label, _ in ranked if label.startswith("bf16"))
+        print(f"M={m}: one layer's four linears, best first (bf16 cuBLAS {dense:.1f} us)", flush=True)
+        for us, label, err in ranked[:6]:
+            print(f"  {us:9.1f} us  x{dense / us:5.2f} of bf16  err {err:.1e}  {label}", flush=True)
+            record(kind="w4a16-sweep-rank", m=m, candidate=label, layer_us=round(us, 2),
+                   speedup_vs_bf16=round(dense / us, 3), max_rel_err=float(f"{err:.2e}"))
+
+
 def q1(model: str, bf16_too: bool) -> None:
     import gpu_bench
     from gpu_bench import d1, t1
@@ -193,9 +253,13 @@ def q1(model: str, bf16_too: bool) -> None:
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if not args or args[0] not in ("kernels", "q1") or (args[0] == "q1" and len(args) < 2):
+    if not args or args[0] not in ("kernels", "sweep", "q1") or (args[0] == "q1" and len(args) < 2):
         raise SystemExit(__doc__)
-    if args[0] == "kernels":
+    if args[0] == "sweep":
+        sweep()
+        failed = [r for r in RESULTS if r.get("result") == "FAIL"]
+        print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} sweep checks failed", flush=True)
+    elif args[0] == "kernels":
         kernels()
         failed = [r for r in RESULTS if r.get("result") == "FAIL"]
         print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} kernel checks failed", flush=True)

@@ -22,6 +22,11 @@
 #             decode and KV-write kernels, then per policy the KV tokens and T1 (twice), and their ratios
 #             to bf16 (benchmarks/gpu_kv_quant.py; needs mk; about 6 minutes: STAGES="setup mk kvquant")
 #   serve     tidemind: S1 at rate inf through its own api_server, engine process then engine thread
+#             (S1_ENGINE_MODES picks), each after a warm-up as T1's
+#   t1        tidemind: T1 alone (warm-up, T1_REP reps), the figure S1 is judged against (needs mk)
+#   sweep     benchmarks/gpu_quant.py sweep: the W4A16 GEMV / GEMM tile configurations at llama8b's shapes
+#   q1        benchmarks/gpu_quant.py q1: an RTN W4A16 copy of /tmp/llama8b, its D1 and T1 (Q1_ARGS=--bf16-too:
+#             the bf16 model's too, for the ratio; needs mk)
 #   profile   benchmarks/gpu_profile.py: decode steps at batch 1 and 256, device busy against wall time and the host's
 #             phases, in the overlapped and the plain loop (needs mk)
 #   tp        tidemind at --tp 1 then --tp 2 on /tmp/llama8b: start-up, D1, T1 and their ratios (benchmarks/gpu_tp.py;
@@ -64,6 +69,9 @@ has peers && LMD_T1_REP=2 stage peers ${PEERS_LIM:-300} python3 .peers/lmd_bench
 has perf && TRITON_CACHE_DIR=$(mktemp -d) stage perf ${PERF_LIM:-300} python3 benchmarks/gpu_bench.py perf $MD
 has kvquant && TAILN=${TAILN:-14} stage kvquant ${KVQUANT_LIM:-420} python3 benchmarks/gpu_kv_quant.py $MD
 has serve && stage serve ${SERVE_LIM:-240} python3 benchmarks/gpu_bench.py serve $MD
+has t1 && stage t1 ${T1_LIM:-150} python3 benchmarks/gpu_bench.py t1 $MD
+has sweep && TAILN=${TAILN:-60} stage sweep ${SWEEP_LIM:-300} python3 benchmarks/gpu_quant.py sweep
+has q1 && stage q1 ${Q1_LIM:-360} python3 benchmarks/gpu_quant.py q1 $MD ${Q1_ARGS:-}
 has profile && stage profile ${PROFILE_LIM:-150} python3 benchmarks/gpu_profile.py $MD
 has tp && T1_REP=${T1_REP:-1} TAILN=${TAILN:-6} stage tp ${TP_LIM:-480} python3 benchmarks/gpu_tp.py $MD
 has peerstp2 && LMD_TP=2 LMD_TAG=-tp2 stage peerstp2 ${PEERS_LIM:-360} python3 .peers/lmd_bench.py $MD 2

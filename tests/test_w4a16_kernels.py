@@ -1,6 +1,7 @@
-"""The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemm.py) against
-dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1, 3, 17, 64 rows, N not a multiple
-of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs.
+"""The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemm.py, kernels/w4a16_dequant.py)
+against dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1 .. 64 rows, N not a multiple
+of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs, every tile
+configuration the benchmarks sweep.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)
 in float32 and float16; on a GPU the same tests run natively, bfloat16 too.
@@ -17,8 +18,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from tidemind.kernels.w4a16_gemm import w4a16_gemm  # noqa: E402
-from tidemind.kernels.w4a16_gemv import split_count, w4a16_gemv  # noqa: E402
+from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
+from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
+from tidemind.kernels.w4a16_gemv import GemvConfig, split_count, w4a16_gemv  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
 
@@ -36,11 +38,11 @@ def awq_tensors(k: int, n: int, group: int, seed: int = 0):
     return pack_awq(q).to(DEVICE), pack_awq(z).to(DEVICE), s.to(DEVICE)
 
 
-def check(kernel, m: int, k: int, n: int, group: int, dtype: torch.dtype) -> None:
+def check(kernel, m: int, k: int, n: int, group: int, dtype: torch.dtype, config=None) -> None:
     qweight, qzeros, scales = awq_tensors(k, n, group, seed=m + k + n)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
     expected = x.float() @ awq_dequantize(qweight, qzeros, scales, group, torch.float32)
-    actual = kernel(x, qweight, qzeros, scales, group)
+    actual = kernel(x, qweight, qzeros, scales, group, config=config)
     assert actual.dtype == dtype and actual.shape == (m, n)
     scale = expected.abs().max().item()
     err = (actual.float() - expected).abs().max().item()
@@ -58,17 +60,55 @@ def test_gemm_matches_dequantize_then_matmul(m, k, n, group, dtype):
     check(w4a16_gemm, m, k, n, group, dtype)
 
 
+@pytest.mark.parametrize("config", [GemmConfig(16, 64, 32, swap_ab=True), GemmConfig(32, 128, 64, swap_ab=True),
+                                    GemmConfig(64, 64, 16, num_warps=8)], ids=str)
+@pytest.mark.parametrize("m", [5, 40])
+def test_gemm_configs_match_dequantize_then_matmul(m, config):
+    # the swept tiles, the transposed (swap_ab) form included, on N and M not multiples of them
+    check(w4a16_gemm, m, 192, 200, 64, torch.float16, config)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k,n,group", SHAPES + [(256, 64, 32)])
-@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("m", [1, 3, 4])
 def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
     check(w4a16_gemv, m, k, n, group, dtype)
+
+
+@pytest.mark.parametrize("config", [GemvConfig(block_n=64, block_k=16, programs_per_sm=64),
+                                    GemvConfig(block_n=256, block_k=128, num_warps=8, programs_per_sm=1)], ids=str)
+@pytest.mark.parametrize("m", [1, 2])
+def test_gemv_configs_match_dequantize_then_matmul(m, config):
+    # many K shares reduced in one launch (the last program to arrive adds them), or none
+    check(w4a16_gemv, m, 512, 136, 32, torch.float32, config)
+
+
+def test_gemv_arrival_counters_are_reset_for_the_next_launch():
+    # a counter left non-zero makes the next launch's reduction run early, on missing partials
+    config = GemvConfig(block_n=64, block_k=32, programs_per_sm=64)
+    for seed in range(3):
+        check(w4a16_gemv, 1, 256 + 32 * seed, 128, 32, torch.float32, config)
+
+
+def test_gemv_refuses_more_rows_than_it_takes():
+    qweight, qzeros, scales = awq_tensors(64, 64, 32)
+    with pytest.raises(ValueError, match="at most 4 rows, got 5"):
+        w4a16_gemv(torch.randn(5, 64, device=DEVICE), qweight, qzeros, scales, 32)
 
 
 def test_gemv_splits_k_when_columns_are_few():
     # one program's worth of columns: K is split (in whole groups) so the GPU is not left idle
     assert split_count(1, 64, 256, 32, 64, DEVICE) > 1
-    assert split_count(64, 4096, 4096, 128, 256, torch.device("cpu")) == 1
+    assert split_count(64, 4096, 4096, 128, 256, torch.device("cpu"), programs_per_sm=1) == 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k,n,group", SHAPES)
+def test_dequantize_matches_the_reference(k, n, group, dtype):
+    qweight, qzeros, scales = awq_tensors(k, n, group)
+    expected = awq_dequantize(qweight, qzeros, scales, group, torch.float32).to(dtype)
+    actual = w4a16_dequantize(qweight, qzeros, scales, group, dtype)
+    assert actual.dtype == dtype and torch.equal(actual, expected)  # both round float32 once
 
 
 def test_bad_arguments_are_refused():
@@ -86,9 +126,10 @@ def test_bad_arguments_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
-@pytest.mark.parametrize("m", [1, 4, 5, 100, 1024])
+@pytest.mark.parametrize("m", [1, 4, 5, 100, 1024, 3000])
 def test_dispatch_at_llama8b_sizes(m, k, n):
-    # what the AWQ method runs: the GEMV up to GEMV_MAX_ROWS rows, the GEMM above
+    # what the AWQ method runs: the GEMV up to GEMV_MAX_ROWS rows, the GEMM above, dequantize + matmul
+    # from DEQUANT_MIN_ROWS
     from tidemind.layers.quantization.awq import w4a16_matmul
 
     qweight, qzeros, scales = awq_tensors(k, n, 128)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_MAGIC_BITS = 0x4B400000  # 1.5 * 2^23 as float32 bits
-_MAGIC = 12582912.0  # 1.5 * 2^23
+# constexpr: a jitted function reads only globals made with tl.constexpr (the interpreter reads any)
+_MAGIC_BITS = tl.constexpr(0x4B400000)  # 1.5 * 2^23 as float32 bits
+_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
 
 @triton.jit

@@ -11,10 +11,18 @@ one group g = k0 // G:
     zeros  [BLOCK_N / 8] int32 of group g ->  z [BLOCK_N];  scales [BLOCK_N] of group g
     acc   += x @ ((q - z) * s)                float32 accumulator
 
+With SWAP_AB the program computes the transposed tile, acc^T [BLOCK_N, BLOCK_M] += ((q - z) * s)^T
+@ x^T: the dequantized weights become the left operand, which Hopper's MMA reads from registers
+(the right one must come from shared memory), and a few rows make a narrow BLOCK_M instead of a
+16-row minimum.
+
 Reference: awq_dequantize (layers/quantization/awq.py) followed by a matmul. N must be a multiple
 of 8 (whole packed words); K a multiple of the group size; rows past M and columns past N masked.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -24,6 +32,23 @@ from .int_to_float import small_int_to_float
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACK = 8
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tiles and launch options of the GEMM (block_k is capped by the group size)."""
+    block_m: int
+    block_n: int
+    block_k: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+    swap_ab: bool = False
+
+
+def default_config(m: int, n: int) -> GemmConfig:
+    """The tiles for m rows of n columns."""
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    return GemmConfig(block_m=block_m, block_n=64 if n <= 64 else 128)
 
 
 @triton.jit
@@ -38,7 +63,7 @@ def awq_nibble_shifts():
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -49,10 +74,12 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
     col_mask = cols < N
     word_mask = words < N // 8
     shifts = awq_nibble_shifts()
-    x_rows = x_ptr + rows.to(tl.int64)[:, None] * x_row_stride
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + rows.to(tl.int64) * x_row_stride  # [BLOCK_M]
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = tl.load(x_rows + (k0 + ks)[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
         packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
                          mask=word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
         q = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
@@ -60,10 +87,20 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
         zeros = tl.reshape((zero_words[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-        w = (small_int_to_float(q - zeros[None, :]) * scales[None, :]).to(x.dtype)  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(x, w, input_precision=DOT_PRECISION)
+        w = small_int_to_float(q - zeros[None, :]) * scales[None, :]  # [BLOCK_K, BLOCK_N] float32
+        if SWAP_AB:
+            x_t = tl.load(x_rows[None, :] + (k0 + ks)[:, None], mask=row_mask[None, :],
+                          other=0.0)  # [BLOCK_K, BLOCK_M]
+            acc += tl.dot(tl.trans(w.to(x_t.dtype)), x_t, input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+        else:
+            x = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
+            acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
     out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & col_mask[None, :])
+    mask = row_mask[:, None] & col_mask[None, :]
+    if SWAP_AB:
+        tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def check_w4a16_args(name: str, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -97,25 +134,24 @@ def k_tile(group_size: int, largest: int) -> int:
 
 
 def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
-               group_size: int) -> torch.Tensor:
+               group_size: int, config: Optional[GemmConfig] = None) -> torch.Tensor:
     """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype.
 
     qweight [K, N / 8] int32, qzeros [K / G, N / 8] int32 (AWQ order), scales [K / G, N]; G a
     multiple of 16 dividing K. No host synchronization (CUDA-graph safe).
     """
-    block_k = k_tile(group_size, 64)
-    check_w4a16_args("w4a16_gemm", x, qweight, qzeros, scales, group_size, block_k)
     m, k = x.shape
     n = qweight.shape[1] * PACK
+    config = config or default_config(m, n)
+    block_k = k_tile(group_size, config.block_k)
+    check_w4a16_args("w4a16_gemm", x, qweight, qzeros, scales, group_size, block_k)
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    block_n = 64 if n <= 64 else 128
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n))
     _w4a16_gemm_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, group_size,
                              x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
                              DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                             num_warps=4, num_stages=3)
+                             SWAP_AB=config.swap_ab, num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -8,7 +8,9 @@ Per linear layer (K = in_features, N = out_features, G = group_size):
 The same runtime layout serves GPTQ checkpoints (gptq.py repacks them into it at load time).
 
 On a CUDA device with Triton the matmul dequantizes in registers (kernels/w4a16_gemv.py for a few
-rows, kernels/w4a16_gemm.py otherwise); elsewhere it dequantizes the whole weight, then matmuls.
+rows, kernels/w4a16_gemm.py up to DEQUANT_MIN_ROWS) or, for prefill-sized inputs, dequantizes the
+weight with kernels/w4a16_dequant.py and calls matmul; elsewhere it dequantizes in torch, then
+matmuls.
 """
 from __future__ import annotations
 
@@ -26,8 +28,11 @@ from .packing import unpack_awq
 logger = logging.getLogger("tidemind")
 
 PACK = 8  # int4 values per int32 word
-# Rows at most this many take the GEMV kernel (decode); more take the tiled GEMM (prefill).
+# Rows at most this many take the GEMV kernel (decode); more take the tiled GEMM; from
+# DEQUANT_MIN_ROWS on, the weight is dequantized and cuBLAS multiplies (benchmarks/gpu_quant.py
+# sweep measures where each wins, on an H200).
 GEMV_MAX_ROWS = 4
+DEQUANT_MIN_ROWS = 1024
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -61,6 +66,10 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
         from ...kernels.w4a16_gemv import w4a16_gemv
 
         return w4a16_gemv(x, qweight, qzeros, scales, group_size)
+    if x.shape[0] >= DEQUANT_MIN_ROWS:
+        from ...kernels.w4a16_dequant import w4a16_dequantize
+
+        return x @ w4a16_dequantize(qweight, qzeros, scales, group_size, x.dtype)
     from ...kernels.w4a16_gemm import w4a16_gemm
 
     return w4a16_gemm(x, qweight, qzeros, scales, group_size)

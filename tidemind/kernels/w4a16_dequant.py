@@ -1,0 +1,63 @@
+"""W4A16 weights dequantized to a dense matrix on the GPU, for prefill-sized matmuls: from a few
+hundred rows up, one pass over the weight (reading 0.5 bytes and writing 2 per weight) costs less
+than the time a fused kernel loses to cuBLAS, so the AWQ method dequantizes, then calls matmul.
+
+Grid (cdiv(K, BLOCK_K), cdiv(N, BLOCK_N)); each program writes a [BLOCK_K, BLOCK_N] tile of
+W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n], BLOCK_K dividing G so the tile lies in one
+group (layout: kernels/w4a16_gemm.py). Reference: awq_dequantize (layers/quantization/awq.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int_to_float import small_int_to_float
+from .w4a16_gemm import PACK, awq_nibble_shifts, k_tile
+
+_BLOCK_K = 32
+_BLOCK_N = 256
+
+
+@triton.jit
+def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group_size,
+                          qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
+                          BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    k0 = tl.program_id(0) * BLOCK_K
+    words = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
+    word_mask = words < N // 8
+    ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BLOCK_K]; K is a multiple of BLOCK_K
+    shifts = awq_nibble_shifts()
+    packed = tl.load(qweight_ptr + ks[:, None] * qweight_row_stride + words[None, :], mask=word_mask[None, :],
+                     other=0)  # [BLOCK_K, BLOCK_N / 8]
+    q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_K, BLOCK_N / 8, 8]
+    group = k0 // group_size
+    zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
+    zeros = (zero_words[:, None] >> shifts[None, :]) & 0xF  # [BLOCK_N / 8, 8]
+    cols = words[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_N / 8, 8]
+    scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=word_mask[:, None], other=0.0)
+    w = small_int_to_float(q - zeros[None, :, :]) * scales.to(tl.float32)[None, :, :]
+    tl.store(out_ptr + ks[:, None, None] * out_row_stride + cols[None, :, :], w.to(out_ptr.dtype.element_ty),
+             mask=word_mask[None, :, None])
+
+
+def w4a16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     dtype: torch.dtype) -> torch.Tensor:
+    """The dense W [K, N] in `dtype` of AWQ-layout tensors (as awq_dequantize, computed in float32
+    and rounded once). qweight [K, N / 8] int32, qzeros [K / G, N / 8] int32, scales [K / G, N]."""
+    k, n = qweight.shape[0], qweight.shape[1] * PACK
+    block_k = k_tile(group_size, _BLOCK_K)
+    if group_size <= 0 or k % group_size or group_size % block_k:
+        raise ValueError(f"w4a16_dequantize: group size {group_size} must divide K={k} and be a multiple of "
+                         f"{block_k}")
+    if tuple(qzeros.shape) != (k // group_size, n // PACK) or tuple(scales.shape) != (k // group_size, n):
+        raise ValueError(f"w4a16_dequantize: qzeros {tuple(qzeros.shape)} and scales {tuple(scales.shape)} do not "
+                         f"match qweight {tuple(qweight.shape)} with group size {group_size}")
+    if not (qweight.is_contiguous() and qzeros.is_contiguous() and scales.is_contiguous()):
+        raise ValueError("w4a16_dequantize: qweight, qzeros and scales must be contiguous")
+    out = torch.empty((k, n), dtype=dtype, device=qweight.device)
+    block_n = min(_BLOCK_N, max(64, triton.next_power_of_2(n)))
+    grid = (k // block_k, triton.cdiv(n, block_n))
+    _w4a16_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, qweight.stride(0), qzeros.stride(0),
+                                scales.stride(0), out.stride(0), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    return out
