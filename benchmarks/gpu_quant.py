@@ -79,16 +79,19 @@ SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
 ROWS = [1, 3, 17] if SMOKE else [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at GEMV_MAX_ROWS)
 RESULTS: List[dict] = []
-GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=p)
-              for bn in (64, 128, 256) for bk in (32, 64, 128) for w in (4, 8) for p in (2, 4, 8)]
+# from the first sweep on an H200 (BENCHMARKS.md): 4 warps beat 8; each tile shape at two launch widths
+# and 0 / 1 / 2 tiles requested ahead
+GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=4, programs_per_sm=p, ahead=a)
+              for bn, bk in ((256, 32), (128, 64), (128, 32), (256, 64), (64, 128)) for p in (4, 8) for a in (0, 1, 2)]
 GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap) for tiles, swap in (
     ((16, 64, 64, 4, 3), False), ((16, 128, 64, 4, 3), False), ((32, 128, 64, 4, 3), False),
     ((64, 128, 64, 4, 3), False), ((64, 128, 64, 4, 4), False), ((64, 256, 64, 8, 3), False),
     ((128, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False), ((128, 128, 32, 4, 4), False),
     ((16, 128, 64, 4, 3), True), ((32, 128, 64, 4, 3), True), ((64, 128, 64, 4, 3), True),
     ((64, 256, 64, 8, 3), True), ((128, 128, 64, 8, 3), True), ((16, 64, 128, 4, 3), True))]
-SWEEP_GEMV_ROWS = [1, 4] if not SMOKE else [1]
-SWEEP_GEMM_ROWS = [8, 16, 64, 256, 1024, 4096] if not SMOKE else [17]
+SWEEP_PARTS = os.environ.get("SWEEP_PARTS", "gemv gemm").split()  # "gemv" alone: M = 1 only, ~1 minute
+SWEEP_GEMV_ROWS = [1] if SMOKE or "gemm" not in SWEEP_PARTS else [1, 4]
+SWEEP_GEMM_ROWS = ([8, 16, 64, 256, 1024, 4096] if not SMOKE else [17]) if "gemm" in SWEEP_PARTS else []
 CMD = "python benchmarks/gpu_quant.py " + " ".join(sys.argv[1:])
 
 
@@ -219,6 +222,23 @@ def sweep() -> None:
                    speedup_vs_bf16=round(dense / us, 3), max_rel_err=float(f"{err:.2e}"))
 
 
+def use_best_gemv_config() -> None:
+    """Run the engine with the best M = 1 GEMV configuration of a sweep earlier in this call (its
+    records in OUT_FILE), if there was one: what that configuration gives end to end."""
+    from tidemind.kernels import w4a16_gemv as gemv_module
+
+    if not os.path.exists(OUT_FILE):
+        return
+    with open(OUT_FILE) as f:
+        ranked = [r for r in map(json.loads, f) if r.get("kind") == "w4a16-sweep-rank" and r["m"] == 1
+                  and r["candidate"].startswith("gemv ")]
+    if ranked:
+        best = min(ranked, key=lambda r: r["layer_us"])["candidate"]
+        gemv_module.DEFAULT_CONFIG = eval(best[len("gemv "):], {"GemvConfig": GemvConfig})  # our own record
+        print(f"GEMV configuration from this call's sweep: {gemv_module.DEFAULT_CONFIG}", flush=True)
+        record(kind="q1", name="gemv-config", config=str(gemv_module.DEFAULT_CONFIG))
+
+
 def q1(model: str, bf16_too: bool) -> None:
     import gpu_bench
     from gpu_bench import d1, t1
@@ -228,6 +248,7 @@ def q1(model: str, bf16_too: bool) -> None:
     from tidemind.lite.pipeline import CalibrationSettings, LiteJob, run_lite
     from tidemind.loader.resolve import resolve_model
 
+    use_best_gemv_config()
     source = resolve_model(model).path
     group = 64 if SMOKE else GROUP  # SmolLM2's width 576 takes groups of 64, not 128
     settings = AWQSettings(group_size=group, rtn=True)

@@ -76,6 +76,8 @@ def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
 
 
 @pytest.mark.parametrize("config", [GemvConfig(block_n=64, block_k=16, programs_per_sm=64),
+                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, ahead=2),
+                                    GemvConfig(block_n=128, block_k=16, programs_per_sm=2, ahead=1),
                                     GemvConfig(block_n=256, block_k=128, num_warps=8, programs_per_sm=1)], ids=str)
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_configs_match_dequantize_then_matmul(m, config):

@@ -46,9 +46,11 @@ class GemmConfig:
 
 
 def default_config(m: int, n: int) -> GemmConfig:
-    """The tiles for m rows of n columns."""
-    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
-    return GemmConfig(block_m=block_m, block_n=64 if n <= 64 else 128)
+    """The tiles for m rows of n columns: the fastest of `benchmarks/gpu_quant.py sweep` on an H200 at
+    llama8b's shapes (BENCHMARKS.md), narrow column tiles keeping more programs for few rows."""
+    if n <= 64 or m <= 32:
+        return GemmConfig(block_m=16, block_n=64)
+    return GemmConfig(block_m=32, block_n=128) if m <= 128 else GemmConfig(block_m=64, block_n=128)
 
 
 @triton.jit

@@ -50,16 +50,25 @@ class GemvConfig:
     block_k: int = 128
     num_warps: int = 4
     programs_per_sm: int = 4
+    ahead: int = 0  # tiles requested ahead of the one computed (0, 1 or 2)
 
 
 DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=128, num_warps=8, programs_per_sm=4)
 
 
 @triton.jit
+def _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_stride):
+    """Packed weights [BLOCK_K, BLOCK_N / 8] of rows k0 + ks; rows at or past k_end read as 0."""
+    k_mask = (k0 + ks) < k_end
+    return tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
+                   mask=k_mask[:, None] & word_mask[None, :], other=0, eviction_policy="evict_first")
+
+
+@triton.jit
 def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, counter_ptr,
                        M, N, K, group_size, k_per_split, splits,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
@@ -70,13 +79,20 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, part
     shifts = awq_nibble_shifts()
     ks = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)  # this split's rows: [k_start, k_end)
+    # software pipeline: the tile AHEAD iterations on is requested before this one is computed, so
+    # a program keeps up to AHEAD + 1 tiles in flight (a packed tile costs BLOCK_K * BLOCK_N / 8 words
+    # of registers; its unpacked floats, 8 times more, are what limit the programs per SM)
+    tile = _weight_tile(qweight_ptr, k_start, ks, k_end, words, word_mask, qweight_row_stride)
+    if AHEAD == 2:
+        next_tile = _weight_tile(qweight_ptr, k_start + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
     acc = tl.zeros((ROWS, BLOCK_N // 8, 8), dtype=tl.float32)
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         k_mask = (k0 + ks) < K  # the last split may run past K
-        packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
-                         mask=k_mask[:, None] & word_mask[None, :], other=0,
-                         eviction_policy="evict_first")  # [BLOCK_K, BLOCK_N / 8], read once
+        if AHEAD > 0:
+            later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
+        packed = tile  # [BLOCK_K, BLOCK_N / 8]
         q = small_int_to_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)  # [BLOCK_K, BLOCK_N / 8, 8]
         group = k0 // group_size
         in_range = word_mask & (k0 < K)
@@ -90,6 +106,13 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, part
             xq = tl.sum(x[:, None, None] * q, axis=0)  # [BLOCK_N / 8, 8]
             row_acc = scales * (xq - zeros * tl.sum(x, axis=0))
             acc += tl.where((rows == r)[:, None, None], row_acc[None, :, :], 0.0)
+        if AHEAD == 0:
+            tile = _weight_tile(qweight_ptr, k0 + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
+        elif AHEAD == 1:
+            tile = later
+        else:
+            tile = next_tile
+            next_tile = later
     out = out_ptr + rows.to(tl.int64)[:, None, None] * out_row_stride + cols[None, :, :]
     out_mask = row_mask[:, None, None] & word_mask[None, :, None]
     if splits == 1:
@@ -169,5 +192,6 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     _w4a16_gemv_kernel[(column_blocks, splits)](
         x, qweight, qzeros, scales, out, partials, counters, m, n, k, group_size, groups_per_split * group_size,
         splits, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=config.num_warps)
+        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=config.ahead,
+        num_warps=config.num_warps)
     return out

@@ -30,9 +30,9 @@ logger = logging.getLogger("tidemind")
 PACK = 8  # int4 values per int32 word
 # Rows at most this many take the GEMV kernel (decode); more take the tiled GEMM; from
 # DEQUANT_MIN_ROWS on, the weight is dequantized and cuBLAS multiplies (benchmarks/gpu_quant.py
-# sweep measures where each wins, on an H200).
+# sweep on an H200: at 256 rows dequantize + cuBLAS took 0.71-0.78x the fused GEMM's best time).
 GEMV_MAX_ROWS = 4
-DEQUANT_MIN_ROWS = 1024
+DEQUANT_MIN_ROWS = 256
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
