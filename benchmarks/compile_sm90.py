@@ -144,7 +144,8 @@ def w4a16_variants(dtype):
 
     if QUICK:
         GEMV_SWEEP, GEMM_SWEEP = [], []  # noqa: N806 (the defaults only)
-    compiled_alike = [dataclasses.replace(c, programs_per_sm=1) for c in (w4a16_gemv.DEFAULT_CONFIG, *GEMV_SWEEP)]
+    compiled_alike = [dataclasses.replace(c, programs_per_sm=1)
+                      for c in (w4a16_gemv.DEFAULT_CONFIG, w4a16_gemv.FEW_ROWS_CONFIG, *GEMV_SWEEP)]
     for rows in (1, 4) if QUICK else (1, 2, 4):
         for config in dict.fromkeys(compiled_alike):  # programs_per_sm is a host value: one compile
             yield (f"w4a16_gemv M{rows} {config}",

@@ -21,4 +21,3 @@ _MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 def small_int_to_float(v):
     """v: int32 tensor with |v| < 2^22 -> float32, exactly v.to(tl.float32)."""
     return (v + _MAGIC_BITS).to(tl.float32, bitcast=True) - _MAGIC
-

@@ -53,7 +53,10 @@ class GemvConfig:
     ahead: int = 0  # tiles requested ahead of the one computed (0, 1 or 2)
 
 
-DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=128, num_warps=8, programs_per_sm=4)
+# The fastest of `benchmarks/gpu_quant.py sweep` on an H200 at llama8b's four shapes (BENCHMARKS.md):
+# one row, then a few (each row's products cost as much as the shared dequantization)
+DEFAULT_CONFIG = GemvConfig(block_n=256, block_k=32, num_warps=4, programs_per_sm=8, ahead=2)
+FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=32, num_warps=4, programs_per_sm=4)
 
 
 @triton.jit
@@ -87,32 +90,24 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, part
     if AHEAD == 2:
         next_tile = _weight_tile(qweight_ptr, k_start + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
     acc = tl.zeros((ROWS, BLOCK_N // 8, 8), dtype=tl.float32)
-    # column c of a word (AWQ order, awq_nibble_shifts) is the nibble at bit e = 4 * (c // 2) of the
-    # word's low half (c even) or high half (c odd)
-    c = tl.arange(0, 8)
-    in_high_half = (c % 2) == 1
-    nibble_masks = 0xF << ((c // 2) * 4)  # [8]
-    unscale = 1.0 / (1 << ((c // 2) * 4)).to(tl.float32)  # 2^-e, exact
     for kk in range(0, k_per_split, BLOCK_K):
         k0 = k_start + kk
         k_mask = (k0 + ks) < K  # the last split may run past K
         if AHEAD > 0:
             later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
+        packed = tile  # [BLOCK_K, BLOCK_N / 8]
+        q = small_int_to_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)  # [BLOCK_K, BLOCK_N / 8, 8]
         group = k0 // group_size
         in_range = word_mask & (k0 < K)
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=in_range, other=0)
-        zeros = (zero_words[:, None] >> shifts[None, :]) & 0xF  # [BLOCK_N / 8, 8] int32
-        # q * 2^e exactly, without shifting each nibble down: column c's nibble sits at bit e of the
-        # word's low or high half; masked in place it is a float's mantissa bits (int_to_float)
-        halves = tl.where(in_high_half[None, None, :], (tile >> 16)[:, :, None], tile[:, :, None])
-        q_scaled = small_int_to_float(halves & nibble_masks[None, None, :])  # [BLOCK_K, BLOCK_N / 8, 8]
+        zeros = ((zero_words[:, None] >> shifts[None, :]) & 0xF).to(tl.float32)  # [BLOCK_N / 8, 8]
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=in_range[:, None],
                          other=0.0).to(tl.float32)
         # one row at a time: a [ROWS, BLOCK_K, BLOCK_N] product would not fit in registers
         for r in tl.static_range(ROWS):
             x = tl.load(x_ptr + r * x_row_stride + k0 + ks, mask=k_mask & (r < M), other=0.0).to(tl.float32)
-            xq = tl.sum(x[:, None, None] * q_scaled, axis=0) * unscale[None, :]  # [BLOCK_N / 8, 8]
-            row_acc = scales * (xq - zeros.to(tl.float32) * tl.sum(x, axis=0))
+            xq = tl.sum(x[:, None, None] * q, axis=0)  # [BLOCK_N / 8, 8]
+            row_acc = scales * (xq - zeros * tl.sum(x, axis=0))
             acc += tl.where((rows == r)[:, None, None], row_acc[None, :, :], 0.0)
         if AHEAD == 0:
             tile = _weight_tile(qweight_ptr, k0 + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
@@ -177,7 +172,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                group_size: int, config: Optional[GemvConfig] = None) -> torch.Tensor:
     """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype, for M <= MAX_ROWS. Arguments as
     w4a16_gemm's. One launch, no host synchronization (CUDA-graph safe)."""
-    config = config or DEFAULT_CONFIG
+    config = config or (DEFAULT_CONFIG if x.shape[0] <= 1 else FEW_ROWS_CONFIG)
     block_k = k_tile(group_size, config.block_k)
     check_w4a16_args("w4a16_gemv", x, qweight, qzeros, scales, group_size, block_k)
     m, k = x.shape
