@@ -1,5 +1,6 @@
-"""Compile the KV-cache, attention and W4A16 Triton kernels for an H200 (sm_90) on a machine without
-a GPU, and report each variant's registers, spills and shared memory (cuobjdump on the cubin).
+"""Compile every Triton kernel of tidemind (KV cache, attention, W4A16, norms, rotary, activations) for
+an H200 (sm_90) on a machine without a GPU, and report each variant's registers, spills and shared
+memory (cuobjdump on the cubin).
 
     python benchmarks/compile_sm90.py            # every variant below; exit code 1 if one fails
     python benchmarks/compile_sm90.py w4a16      # only the variants whose name contains "w4a16"
@@ -31,9 +32,9 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
-from tidemind.kernels import w4a16_dequant, w4a16_gemm, w4a16_gemv  # noqa: E402
+from tidemind.kernels import activation, rms_norm, rotary, w4a16_dequant, w4a16_gemm, w4a16_gemv  # noqa: E402
 
-_LAUNCH_OPTIONS = ("num_warps", "num_stages")
+_LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
 
 def captured_launches(launch) -> list:
@@ -129,6 +130,22 @@ def variants():
             yield f"decode (split)   {shape}", decode
             yield f"prefill          {shape}", prefill
     yield from w4a16_variants(dtype)
+    yield from elementwise_variants(dtype)
+
+
+def elementwise_variants(dtype):
+    """The per-token kernels at llama8b's widths (hidden 4096, 32 / 8 heads of 128, MLP 14336)."""
+    x = torch.zeros(64, 4096, dtype=dtype)
+    weight = torch.zeros(4096, dtype=dtype)
+    yield "rms_norm", lambda: rms_norm.rms_norm(x, weight, 1e-5)
+    yield "add_rms_norm", lambda: rms_norm.add_rms_norm(x.clone(), x.clone(), weight, 1e-5)
+    qkv = torch.zeros(64, 6144, dtype=dtype)
+    yield "rotary_embedding", lambda: rotary.rotary_embedding(qkv[:, :4096], qkv[:, 4096:5120],
+                                                              torch.zeros(64, dtype=torch.int64),
+                                                              torch.zeros(8192, 128, dtype=torch.float32))
+    gate_up = torch.zeros(64, 2 * 14336, dtype=dtype)
+    yield "silu_and_mul", lambda: activation.silu_and_mul(gate_up)
+    yield "gelu_tanh_and_mul", lambda: activation.gelu_tanh_and_mul(gate_up)
 
 
 def w4a16_variants(dtype):
