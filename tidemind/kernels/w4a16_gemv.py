@@ -11,9 +11,10 @@ point and scale are common to the tile, so
 
 Columns are held as [BLOCK_N / 8, 8] (packed word, column within it), which is how they unpack.
 
-A GEMV is bound by the bytes in flight: the weights stream once, so the GPU needs several programs
-per SM, each with a large tile, to cover the memory latency. Few columns (N / BLOCK_N below
-programs_per_sm x SMs) therefore split K. The splits are reduced in the same launch: each program
+The weights stream once, so the GPU needs several programs per SM to cover the memory latency: few
+columns (N / BLOCK_N below programs_per_sm x SMs) split K. On an H200 the kernel is then bound by
+its instructions per weight (shift, mask, conversion, multiply-add), not by bandwidth
+(docs/GPU_NOTES.md, section 7). The splits are reduced in the same launch: each program
 writes its float32 partial sums [splits, M, N] and bumps its column block's arrival counter; the
 last to arrive adds the partials in split order (deterministic), writes the output and resets the
 counter to 0 for the next launch. The counters live in one zeroed int32 buffer per device; the
@@ -46,8 +47,8 @@ _COUNTERS = 1 << 14  # column blocks one launch may have (N / BLOCK_N); 16,384 x
 class GemvConfig:
     """Tile sizes and launch width of the GEMV. block_k is capped by the group size (a tile lies
     in one group); programs_per_sm sets how far K is split when the columns alone are too few."""
-    block_n: int = 128
-    block_k: int = 128
+    block_n: int
+    block_k: int
     num_warps: int = 4
     programs_per_sm: int = 4
     ahead: int = 0  # tiles requested ahead of the one computed (0, 1 or 2)
@@ -157,10 +158,10 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
     return counters
 
 
-def split_count(m: int, n: int, k: int, group_size: int, block_n: int, device: torch.device,
+def split_count(n: int, k: int, group_size: int, block_n: int, device: torch.device,
                 programs_per_sm: int = DEFAULT_CONFIG.programs_per_sm) -> int:
     """How many K shares (of whole groups) give programs_per_sm programs per SM (1 when the column
-    blocks alone do; m does not count: one program serves every row)."""
+    blocks alone do; the rows do not count: one program serves every row)."""
     programs = triton.cdiv(n, block_n)
     wanted = programs_per_sm * _sm_count(device)
     if programs >= wanted:
@@ -183,7 +184,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if m == 0:
         return out
     block_n = min(config.block_n, max(64, triton.next_power_of_2(n)))
-    splits = split_count(m, n, k, group_size, block_n, x.device, config.programs_per_sm)
+    splits = split_count(n, k, group_size, block_n, x.device, config.programs_per_sm)
     groups_per_split = triton.cdiv(k // group_size, splits)
     splits = triton.cdiv(k // group_size, groups_per_split)  # no empty share
     rows = triton.next_power_of_2(m)
