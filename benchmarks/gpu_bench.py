@@ -273,9 +273,8 @@ def _wait_healthy(url: str, server, timeout: float) -> None:
 
 def serve(model_dir: str) -> None:
     """S1 at rate inf: the T1 requests over HTTP to `tidemind serve api_server`, streamed, after the
-    warm-up T1 has; once with
-    the engine in a process of its own (the default on a GPU), once in a thread of the server
-    (S1_ENGINE_MODES picks: "process thread")."""
+    warm-up T1 has; once with the engine in a process of its own (the default on a GPU), once in a
+    thread of the server (S1_ENGINE_MODES picks: "process thread")."""
     for mode in os.environ.get("S1_ENGINE_MODES", "process thread").split():
         _serve_once(model_dir, mode)
 

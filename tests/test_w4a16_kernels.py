@@ -1,7 +1,7 @@
 """The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemm.py, kernels/w4a16_dequant.py)
 against dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1 .. 64 rows, N not a multiple
-of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs, every tile
-configuration the benchmarks sweep.
+of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs, tile
+configurations of the kinds the benchmarks sweep.
 
 Without a GPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py)
 in float32 and float16; on a GPU the same tests run natively, bfloat16 too.
