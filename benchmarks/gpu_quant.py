@@ -185,6 +185,7 @@ def sweep() -> None:
     """Each candidate at each shape and M; then per M the candidates ranked by their summed time."""
     ceiling = copy_ceiling_gbs()
     totals = {}  # (m, candidate) -> [us summed over shapes, shapes timed, worst error]
+    configs = {}  # candidate -> its GemvConfig / GemmConfig (None for the others)
     for name, k, n in SHAPES:
         w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)
         sets = [awq_set(k, n, seed) for seed in range(1 if SMOKE else max(1, min(16, math.ceil(
@@ -194,6 +195,7 @@ def sweep() -> None:
         candidates += [(m, "dequantize + cuBLAS", dequantize_then_matmul, None) for m in SWEEP_GEMM_ROWS if m >= 256]
         candidates += [(m, "bf16 cuBLAS (dense)", None, None) for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS]
         for m, label, kernel, config in candidates:
+            configs[label] = config
             x = torch.randn(m, k, device=DEVICE).to(BF16)
             if kernel is None:
                 err, (ms, how) = 0.0, time_ms(lambda: [F.linear(x, s[3]) for s in sets], len(sets), graph=True)
@@ -217,8 +219,10 @@ def sweep() -> None:
         print(f"M={m}: one layer's four linears, best first (bf16 cuBLAS {dense:.1f} us)", flush=True)
         for us, label, err in ranked[:6]:
             print(f"  {us:9.1f} us  x{dense / us:5.2f} of bf16  err {err:.1e}  {label}", flush=True)
+            config = configs[label]
             record(kind="w4a16-sweep-rank", m=m, candidate=label, layer_us=round(us, 2),
-                   speedup_vs_bf16=round(dense / us, 3), max_rel_err=float(f"{err:.2e}"))
+                   speedup_vs_bf16=round(dense / us, 3), max_rel_err=float(f"{err:.2e}"),
+                   gemv_config=dataclasses.asdict(config) if isinstance(config, GemvConfig) else None)
 
 
 def use_best_gemv_config() -> None:
@@ -230,10 +234,9 @@ def use_best_gemv_config() -> None:
         return
     with open(OUT_FILE) as f:
         ranked = [r for r in map(json.loads, f) if r.get("kind") == "w4a16-sweep-rank" and r["m"] == 1
-                  and r["candidate"].startswith("gemv ")]
+                  and r.get("gemv_config")]
     if ranked:
-        best = min(ranked, key=lambda r: r["layer_us"])["candidate"]
-        gemv_module.DEFAULT_CONFIG = eval(best[len("gemv "):], {"GemvConfig": GemvConfig})  # our own record
+        gemv_module.DEFAULT_CONFIG = GemvConfig(**min(ranked, key=lambda r: r["layer_us"])["gemv_config"])
         print(f"GEMV configuration from this call's sweep: {gemv_module.DEFAULT_CONFIG}", flush=True)
         record(kind="q1", name="gemv-config", config=str(gemv_module.DEFAULT_CONFIG))
 
@@ -275,14 +278,10 @@ def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     if not args or args[0] not in ("kernels", "sweep", "q1") or (args[0] == "q1" and len(args) < 2):
         raise SystemExit(__doc__)
-    if args[0] == "sweep":
-        sweep()
+    if args[0] in ("sweep", "kernels"):
+        (sweep if args[0] == "sweep" else kernels)()
         failed = [r for r in RESULTS if r.get("result") == "FAIL"]
-        print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} sweep checks failed", flush=True)
-    elif args[0] == "kernels":
-        kernels()
-        failed = [r for r in RESULTS if r.get("result") == "FAIL"]
-        print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} kernel checks failed", flush=True)
+        print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} {args[0]} checks failed", flush=True)
     else:
         q1(args[1], "--bf16-too" in sys.argv)
 
