@@ -77,7 +77,7 @@ OUT_FILE = os.path.join(os.environ.get("OUT", "/tmp"), "quant.jsonl")
 SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
           [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)])
 ROWS = [1, 3, 17] if SMOKE else [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
-GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at GEMV_MAX_ROWS)
+GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at w4a16_gemv.MAX_ROWS)
 RESULTS: List[dict] = []
 # The sweeps on an H200 so far (BENCHMARKS.md): 4 warps beat 8; tiles requested ahead gave 0-5%
 GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=4, programs_per_sm=p, ahead=a)
@@ -143,6 +143,14 @@ def awq_set(k: int, n: int, seed: int):
     return (*tensors, dense)
 
 
+def weight_sets(k: int, n: int):
+    """(bytes of one AWQ weight set: int4 values, fp16 scales, int4 zeros; enough random sets to
+    rotate past L2, one in the smoke run)."""
+    w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)
+    count = 1 if SMOKE else max(1, min(16, math.ceil(ROTATING_BYTES / w_bytes)))
+    return w_bytes, [awq_set(k, n, seed) for seed in range(count)]
+
+
 def check(kernel, x, weights) -> float:
     qweight, qzeros, scales, _ = weights
     expected = x.float() @ awq_dequantize(qweight, qzeros, scales, GROUP, torch.float32)
@@ -152,9 +160,7 @@ def check(kernel, x, weights) -> float:
 def kernels() -> None:
     ceiling = copy_ceiling_gbs()
     for name, k, n in SHAPES:
-        w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)  # int4 values, fp16 scales, int4 zeros
-        sets = [awq_set(k, n, seed) for seed in range(1 if SMOKE else max(1, min(16, math.ceil(
-            ROTATING_BYTES / w_bytes))))]
+        w_bytes, sets = weight_sets(k, n)
         for m in ROWS:
             x = torch.randn(m, k, device=DEVICE).to(BF16)
             kinds = [("gemv", w4a16_gemv)] if m <= GEMV_ROWS else []
@@ -187,9 +193,7 @@ def sweep() -> None:
     totals = {}  # (m, candidate) -> [us summed over shapes, shapes timed, worst error]
     configs = {}  # candidate -> its GemvConfig / GemmConfig (None for the others)
     for name, k, n in SHAPES:
-        w_bytes = k * n // 2 + (k // GROUP) * n * (2 + 0.5)
-        sets = [awq_set(k, n, seed) for seed in range(1 if SMOKE else max(1, min(16, math.ceil(
-            ROTATING_BYTES / w_bytes))))]
+        w_bytes, sets = weight_sets(k, n)
         candidates = [(m, f"gemv {c}", w4a16_gemv, c) for m in SWEEP_GEMV_ROWS for c in GEMV_SWEEP]
         candidates += [(m, f"gemm {c}", w4a16_gemm, c) for m in SWEEP_GEMM_ROWS for c in GEMM_SWEEP]
         candidates += [(m, "dequantize + cuBLAS", dequantize_then_matmul, None) for m in SWEEP_GEMM_ROWS if m >= 256]

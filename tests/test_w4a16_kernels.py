@@ -130,7 +130,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
 @pytest.mark.parametrize("m", [1, 4, 5, 100, 1024, 3000])
 def test_dispatch_at_llama8b_sizes(m, k, n):
-    # what the AWQ method runs: the GEMV up to GEMV_MAX_ROWS rows, the GEMM above, dequantize + matmul
+    # what the AWQ method runs: the GEMV up to its MAX_ROWS rows, the GEMM above, dequantize + matmul
     # from DEQUANT_MIN_ROWS
     from tidemind.layers.quantization.awq import w4a16_matmul
 

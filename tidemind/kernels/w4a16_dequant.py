@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .int_to_float import small_int_to_float
-from .w4a16_gemm import PACK, awq_nibble_shifts, k_tile
+from .w4a16_gemm import PACK, awq_unpack, k_tile
 
 _BLOCK_K = 32
 _BLOCK_N = 256
@@ -27,13 +27,12 @@ def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group
     words = tl.program_id(1) * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
     word_mask = words < N // 8
     ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BLOCK_K]; K is a multiple of BLOCK_K
-    shifts = awq_nibble_shifts()
     packed = tl.load(qweight_ptr + ks[:, None] * qweight_row_stride + words[None, :], mask=word_mask[None, :],
                      other=0)  # [BLOCK_K, BLOCK_N / 8]
-    q = (packed[:, :, None] >> shifts[None, None, :]) & 0xF  # [BLOCK_K, BLOCK_N / 8, 8]
+    q = awq_unpack(packed)  # [BLOCK_K, BLOCK_N / 8, 8]
     group = k0 // group_size
     zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-    zeros = (zero_words[:, None] >> shifts[None, :]) & 0xF  # [BLOCK_N / 8, 8]
+    zeros = awq_unpack(zero_words)  # [BLOCK_N / 8, 8]
     cols = words[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_N / 8, 8]
     scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=word_mask[:, None], other=0.0)
     w = small_int_to_float(q - zeros[None, :, :]) * scales.to(tl.float32)[None, :, :]

@@ -62,6 +62,13 @@ def awq_nibble_shifts():
 
 
 @triton.jit
+def awq_unpack(words):
+    """int32 words [..., W] -> their int4 values [..., W, 8] in column order (nibble of column 8j + c
+    of word j at bits awq_nibble_shifts()[c]), int32."""
+    return (tl.expand_dims(words, len(words.shape)) >> awq_nibble_shifts()) & 0xF
+
+
+@triton.jit
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -75,7 +82,6 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
     row_mask = rows < M
     col_mask = cols < N
     word_mask = words < N // 8
-    shifts = awq_nibble_shifts()
     x_rows = x_ptr + rows.to(tl.int64) * x_row_stride  # [BLOCK_M]
     if SWAP_AB:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -84,10 +90,10 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
     for k0 in range(0, K, BLOCK_K):
         packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
                          mask=word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
-        q = tl.reshape((packed[:, :, None] >> shifts[None, None, :]) & 0xF, (BLOCK_K, BLOCK_N))
+        q = tl.reshape(awq_unpack(packed), (BLOCK_K, BLOCK_N))
         group = k0 // group_size
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-        zeros = tl.reshape((zero_words[:, None] >> shifts[None, :]) & 0xF, (BLOCK_N,))
+        zeros = tl.reshape(awq_unpack(zero_words), (BLOCK_N,))
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         w = small_int_to_float(q - zeros[None, :]) * scales[None, :]  # [BLOCK_K, BLOCK_N] float32
         if SWAP_AB:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .int_to_float import small_int_to_float
-from .w4a16_gemm import PACK, awq_nibble_shifts, check_w4a16_args, k_tile
+from .w4a16_gemm import PACK, awq_unpack, check_w4a16_args, k_tile
 
 MAX_ROWS = 4  # rows one launch takes (a constexpr loop bound: 1, 2 or 4 after rounding up)
 _MAX_SPLITS = 64
@@ -80,7 +80,6 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, part
     word_mask = words < N // 8
     rows = tl.arange(0, ROWS)  # [ROWS]
     row_mask = rows < M
-    shifts = awq_nibble_shifts()
     ks = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)  # this split's rows: [k_start, k_end)
@@ -96,12 +95,11 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, part
         k_mask = (k0 + ks) < K  # the last split may run past K
         if AHEAD > 0:
             later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
-        packed = tile  # [BLOCK_K, BLOCK_N / 8]
-        q = small_int_to_float((packed[:, :, None] >> shifts[None, None, :]) & 0xF)  # [BLOCK_K, BLOCK_N / 8, 8]
+        q = small_int_to_float(awq_unpack(tile))  # [BLOCK_K, BLOCK_N / 8, 8] from tile [BLOCK_K, BLOCK_N / 8]
         group = k0 // group_size
         in_range = word_mask & (k0 < K)
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=in_range, other=0)
-        zeros = ((zero_words[:, None] >> shifts[None, :]) & 0xF).to(tl.float32)  # [BLOCK_N / 8, 8]
+        zeros = awq_unpack(zero_words).to(tl.float32)  # [BLOCK_N / 8, 8]
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=in_range[:, None],
                          other=0.0).to(tl.float32)
         # one row at a time: a [ROWS, BLOCK_K, BLOCK_N] product would not fit in registers

@@ -28,10 +28,9 @@ from .packing import unpack_awq
 logger = logging.getLogger("tidemind")
 
 PACK = 8  # int4 values per int32 word
-# Rows at most this many take the GEMV kernel (decode); more take the tiled GEMM; from
+# Rows up to the GEMV's MAX_ROWS take the GEMV kernel (decode); more take the tiled GEMM; from
 # DEQUANT_MIN_ROWS on, the weight is dequantized and cuBLAS multiplies (benchmarks/gpu_quant.py
 # sweep on an H200: at 256 rows dequantize + cuBLAS took 0.71-0.78x the fused GEMM's best time).
-GEMV_MAX_ROWS = 4
 DEQUANT_MIN_ROWS = 256
 
 
@@ -62,9 +61,9 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, s
     """x [M, K] @ W [K, N] -> [M, N] in x's dtype, W in AWQ layout."""
     if not use_triton:
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        from ...kernels.w4a16_gemv import w4a16_gemv
+    from ...kernels.w4a16_gemv import MAX_ROWS, w4a16_gemv
 
+    if x.shape[0] <= MAX_ROWS:
         return w4a16_gemv(x, qweight, qzeros, scales, group_size)
     if x.shape[0] >= DEQUANT_MIN_ROWS:
         from ...kernels.w4a16_dequant import w4a16_dequantize
