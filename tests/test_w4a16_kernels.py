@@ -78,11 +78,31 @@ def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
 @pytest.mark.parametrize("config", [GemvConfig(block_n=64, block_k=16, programs_per_sm=64),
                                     GemvConfig(block_n=64, block_k=16, programs_per_sm=64, ahead=2),
                                     GemvConfig(block_n=128, block_k=16, programs_per_sm=2, ahead=1),
-                                    GemvConfig(block_n=256, block_k=128, num_warps=8, programs_per_sm=1)], ids=str)
+                                    GemvConfig(block_n=256, block_k=128, num_warps=8, programs_per_sm=1),
+                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, ahead=2, fold_groups=True),
+                                    GemvConfig(block_n=128, block_k=32, programs_per_sm=1, fold_groups=True)], ids=str)
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_configs_match_dequantize_then_matmul(m, config):
-    # many K shares reduced in one launch (the last program to arrive adds them), or none
+    # many K shares reduced in one launch (the last program to arrive adds them), or none; group
+    # sums folded after every tile (block_k = group) or after two (one row; more rows do not fold)
     check(w4a16_gemv, m, 512, 136, 32, torch.float32, config)
+
+
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_reads_bfloat16_scales(m):
+    # the kernel reads the scales as int32 pairs and widens them itself: bfloat16 by a shift
+    qweight, qzeros, scales = awq_tensors(256, 136, 64, seed=7)
+    scales = scales.to(torch.bfloat16)
+    x = torch.randn(m, 256, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    expected = x @ awq_dequantize(qweight, qzeros, scales, 64, torch.float32)
+    err = (w4a16_gemv(x, qweight, qzeros, scales, 64) - expected).abs().max().item()
+    assert err <= TOL[torch.float32] * expected.abs().max().item()
+
+
+def test_gemv_refuses_float32_scales():
+    qweight, qzeros, scales = awq_tensors(64, 64, 32)
+    with pytest.raises(ValueError, match="scales must be float16 or bfloat16"):
+        w4a16_gemv(torch.randn(1, 64, device=DEVICE), qweight, qzeros, scales.float(), 32)
 
 
 def test_gemv_arrival_counters_are_reset_for_the_next_launch():

@@ -12,15 +12,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_to_float import small_int_to_float
-from .w4a16_gemm import PACK, awq_unpack, k_tile
+from .w4a16_gemm import BIASED_BITS, PACK, UNPACK_BIAS, awq_unpack, awq_unpack_biased, k_tile
 
 _BLOCK_K = 32
 _BLOCK_N = 256
 
 
 @triton.jit
-def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group_size,
+def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group_size, biased_bits,
                           qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                           BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     k0 = tl.program_id(0) * BLOCK_K
@@ -29,13 +28,13 @@ def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group
     ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # [BLOCK_K]; K is a multiple of BLOCK_K
     packed = tl.load(qweight_ptr + ks[:, None] * qweight_row_stride + words[None, :], mask=word_mask[None, :],
                      other=0)  # [BLOCK_K, BLOCK_N / 8]
-    q = awq_unpack(packed)  # [BLOCK_K, BLOCK_N / 8, 8]
+    biased = awq_unpack_biased(packed, biased_bits)  # [BLOCK_K, BLOCK_N / 8, 8] float32 128 + q
     group = k0 // group_size
     zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-    zeros = awq_unpack(zero_words)  # [BLOCK_N / 8, 8]
+    zeros = awq_unpack(zero_words).to(tl.float32)  # [BLOCK_N / 8, 8]
     cols = words[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_N / 8, 8]
-    scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=word_mask[:, None], other=0.0)
-    w = small_int_to_float(q - zeros[None, :, :]) * scales.to(tl.float32)[None, :, :]
+    scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=word_mask[:, None], other=0.0).to(tl.float32)
+    w = biased * scales[None, :, :] - ((zeros + UNPACK_BIAS) * scales)[None, :, :]  # (q - z) * s, one multiply-add
     tl.store(out_ptr + ks[:, None, None] * out_row_stride + cols[None, :, :], w.to(out_ptr.dtype.element_ty),
              mask=word_mask[None, :, None])
 
@@ -57,6 +56,6 @@ def w4a16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     block_n = min(_BLOCK_N, max(64, triton.next_power_of_2(n)))
     grid = (k // block_k, triton.cdiv(n, block_n))
-    _w4a16_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, qweight.stride(0), qzeros.stride(0),
+    _w4a16_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, BIASED_BITS, qweight.stride(0), qzeros.stride(0),
                                 scales.stride(0), out.stride(0), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
     return out

@@ -4,23 +4,29 @@ are summed over K in float32.
 
 Grid (cdiv(N, BLOCK_N), splits). One program owns BLOCK_N output columns of every row (all M <= 4
 rows share each weight tile it loads: the weights are read once) and a share of K (k_per_split
-rows, whole groups), walked in BLOCK_K tiles that each lie in one group. Inside a group the zero
-point and scale are common to the tile, so
+rows, whole groups), walked group by group in BLOCK_K tiles. Columns are held as [BLOCK_N / 8, 8]
+(packed word, column within it), which is how they unpack.
 
-    sum_k x[k] * (q[k, n] - z[n]) * s[n] = s[n] * (sum_k x[k] * q[k, n]  -  z[n] * sum_k x[k])
-
-Columns are held as [BLOCK_N / 8, 8] (packed word, column within it), which is how they unpack.
+What a weight costs is what bounds this kernel on an H200 (docs/GPU_NOTES.md, sections 7 and 8),
+so the loop is cut to about four instructions a weight:
+- awq_unpack_biased turns a nibble into the float 128 + q with a shift or two and one logic op
+  (no int-to-float conversion); the group's W = (128 + q) * s - (128 + z) * s is one multiply-add;
+- products are summed elementwise into [BLOCK_K, BLOCK_N / 8, 8] accumulators laid out as the
+  unpacked tile, and over K once after the loop: nothing crosses threads or shared memory inside
+  it (a per-tile sum over K did, and so did any tensor whose own layout met the tile's: the row
+  accumulators are separate, the scales load as pairs, see _group_scales);
+- with fold_groups (one row) even the scaling leaves the loop: per group,
+      sum_k x[k] W[k, n] = s[n] * sum_k x[k] (128 + q[k, n])  +  offset[n] * sum_k x[k],
+  both sums kept per K row of the tile and folded into the accumulator after the group's tiles.
 
 The weights stream once, so the GPU needs several programs per SM to cover the memory latency: few
-columns (N / BLOCK_N below programs_per_sm x SMs) split K. On an H200 the kernel is then bound by
-its instructions per weight (shift, mask, conversion, multiply-add), not by bandwidth
-(docs/GPU_NOTES.md, section 7). The splits are reduced in the same launch: each program
-writes its float32 partial sums [splits, M, N] and bumps its column block's arrival counter; the
-last to arrive adds the partials in split order (deterministic), writes the output and resets the
-counter to 0 for the next launch. The counters live in one zeroed int32 buffer per device; the
-launches of a device run on one stream at a time (the engine's invariant), so no two GEMVs share
-a counter at once. The split depends only on host values (shapes, SM count), so launches can be
-captured in CUDA graphs.
+columns (N / BLOCK_N below programs_per_sm x SMs) split K. The splits are reduced in the same
+launch: each program writes its float32 partial sums [splits, M, N] and bumps its column block's
+arrival counter; the last to arrive adds the partials in split order (deterministic), writes the
+output and resets the counter to 0 for the next launch. The counters live in one zeroed int32
+buffer per device; the launches of a device run on one stream at a time (the engine's invariant),
+so no two GEMVs share a counter at once. The split depends only on host values (shapes, SM count),
+so launches can be captured in CUDA graphs.
 
 Reference: awq_dequantize (layers/quantization/awq.py) followed by a matmul.
 """
@@ -34,8 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int_to_float import small_int_to_float
-from .w4a16_gemm import PACK, awq_unpack, check_w4a16_args, k_tile
+from .w4a16_gemm import BIASED_BITS, PACK, UNPACK_BIAS, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile
 
 MAX_ROWS = 4  # rows one launch takes (a constexpr loop bound: 1, 2 or 4 after rounding up)
 _MAX_SPLITS = 64
@@ -52,12 +57,13 @@ class GemvConfig:
     num_warps: int = 4
     programs_per_sm: int = 4
     ahead: int = 0  # tiles requested ahead of the one computed (0, 1 or 2)
+    fold_groups: bool = False  # one row: scale the sums once a group (module docstring)
 
 
-# The fastest of `benchmarks/gpu_quant.py sweep` on an H200 at llama8b's four shapes (BENCHMARKS.md):
-# one row, then a few (each row's products cost as much as the shared dequantization)
-DEFAULT_CONFIG = GemvConfig(block_n=256, block_k=32, num_warps=4, programs_per_sm=8, ahead=2)
-FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=32, num_warps=4, programs_per_sm=4)
+# One row, then a few: the smallest register footprints that keep a tile's loop free of spills
+# (benchmarks/compile_sm90.py), to be replaced by the fastest of `benchmarks/gpu_quant.py sweep`
+DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=8, ahead=2, fold_groups=True)
+FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, ahead=1)
 
 
 @triton.jit
@@ -69,67 +75,126 @@ def _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_strid
 
 
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, counter_ptr,
-                       M, N, K, group_size, k_per_split, splits,
+def _x_tile(x_ptr, r, M, k0, ks, k_end, x_row_stride):
+    """Row r of x at k0 + ks as float32 [BLOCK_K]; zeros past k_end, or for a row past M."""
+    return tl.load(x_ptr + r * x_row_stride + k0 + ks, mask=((k0 + ks) < k_end) & (r < M), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _emit_row(result, r, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+              ROWS: tl.constexpr):
+    """Row r's sums [BLOCK_N / 8, 8] of this split: the output itself when K is not split, else
+    the split's partials (partials [splits, ROWS, N], added by the column block's last program)."""
+    if splits == 1:
+        tl.store(out_ptr + r * out_row_stride + cols, result.to(out_ptr.dtype.element_ty),
+                 mask=word_mask[:, None] & (r < M))
+    else:
+        tl.store(partial_ptr + (split * ROWS + r) * N + cols, result, mask=word_mask[:, None])
+
+
+@triton.jit
+def _group_scales(scale_pairs_ptr, row_offset, words, in_range, SCALES_BF16: tl.constexpr):
+    """A group's scales [BLOCK_N / 8, 8] as float32, read as int32 pairs of 16-bit floats: half the
+    elements of a [BLOCK_N] load, which keeps this load from deciding the layout of the weights'
+    registers (Triton lays out the tensors that meet a big load to match it, so a [BLOCK_N] load here
+    had every dequantized tile moved through shared memory to the scales' layout)."""
+    pairs = tl.load(scale_pairs_ptr + row_offset + words[:, None] * 4 + tl.arange(0, 4)[None, :],
+                    mask=in_range[:, None], other=0)  # [BLOCK_N / 8, 4]: columns 2i (low half), 2i + 1
+    if SCALES_BF16:  # bfloat16 is float32's upper half
+        low = (pairs << 16).to(tl.float32, bitcast=True)
+        high = (pairs & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return tl.reshape(tl.join(low, high), (words.shape[0], 8))
+
+
+@triton.jit
+def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr, partial_ptr, counter_ptr,
+                       M, N, K, k_per_split, splits, biased_bits,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
-                       ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
+                       GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       AHEAD: tl.constexpr, SCALES_BF16: tl.constexpr, FOLD_GROUPS: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
     cols = words[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_N / 8, 8] output columns
     word_mask = words < N // 8
-    rows = tl.arange(0, ROWS)  # [ROWS]
-    row_mask = rows < M
     ks = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)  # this split's rows: [k_start, k_end)
     # software pipeline: the tile AHEAD iterations on is requested before this one is computed, so
-    # a program keeps up to AHEAD + 1 tiles in flight (a packed tile costs BLOCK_K * BLOCK_N / 8 words
-    # of registers; its unpacked floats, 8 times more, are what limit the programs per SM)
+    # a program keeps up to AHEAD + 1 packed tiles (BLOCK_K * BLOCK_N / 8 words) in flight
     tile = _weight_tile(qweight_ptr, k_start, ks, k_end, words, word_mask, qweight_row_stride)
     if AHEAD == 2:
         next_tile = _weight_tile(qweight_ptr, k_start + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
-    acc = tl.zeros((ROWS, BLOCK_N // 8, 8), dtype=tl.float32)
-    for kk in range(0, k_per_split, BLOCK_K):
-        k0 = k_start + kk
-        k_mask = (k0 + ks) < K  # the last split may run past K
-        if AHEAD > 0:
-            later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
-        q = small_int_to_float(awq_unpack(tile))  # [BLOCK_K, BLOCK_N / 8, 8] from tile [BLOCK_K, BLOCK_N / 8]
-        group = k0 // group_size
-        in_range = word_mask & (k0 < K)
-        zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=in_range, other=0)
-        zeros = awq_unpack(zero_words).to(tl.float32)  # [BLOCK_N / 8, 8]
-        scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=in_range[:, None],
-                         other=0.0).to(tl.float32)
-        # one row at a time: a [ROWS, BLOCK_K, BLOCK_N] product would not fit in registers
-        for r in tl.static_range(ROWS):
-            x = tl.load(x_ptr + r * x_row_stride + k0 + ks, mask=k_mask & (r < M), other=0.0).to(tl.float32)
-            xq = tl.sum(x[:, None, None] * q, axis=0)  # [BLOCK_N / 8, 8]
-            row_acc = scales * (xq - zeros * tl.sum(x, axis=0))
-            acc += tl.where((rows == r)[:, None, None], row_acc[None, :, :], 0.0)
-        if AHEAD == 0:
-            tile = _weight_tile(qweight_ptr, k0 + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
-        elif AHEAD == 1:
-            tile = later
-        else:
-            tile = next_tile
-            next_tile = later
-    out = out_ptr + rows.to(tl.int64)[:, None, None] * out_row_stride + cols[None, :, :]
-    out_mask = row_mask[:, None, None] & word_mask[None, :, None]
-    if splits == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
-    else:
-        # partials [splits, ROWS, N]: this split's share, then the column block's arrival count
-        partial = partial_ptr + rows[:, None, None] * N + cols[None, :, :]
-        tl.store(partial + split * ROWS * N, acc, mask=out_mask)
+    # Each row's products are summed elementwise, [BLOCK_K, BLOCK_N / 8, 8] in the layout of the
+    # unpacked tile, and over K once after the loop: nothing crosses threads inside the loop. One
+    # accumulator per row (a leading row dimension would give the product a layout of its own, and
+    # every tile would be moved to it through shared memory).
+    acc0 = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    # FOLD_GROUPS (one row): sum_k x[k] * W[k, n] over a group = s[n] * sum_k x[k] * (128 + q[k, n])
+    # + offset[n] * sum_k x[k], both sums kept per K row of the tile and folded in at the group's end:
+    # one multiply-add a weight instead of two
+    group_acc = acc0
+    group_x = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for group_start in range(k_start, k_end, GROUP_SIZE):  # a split holds whole groups
+        # the group's W = (128 + q) * s - (128 + z) * s: one multiply-add from the biased codes
+        group = group_start // GROUP_SIZE
+        zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
+        scales = _group_scales(scale_pairs_ptr, group * scales_row_stride // 2, words, word_mask, SCALES_BF16)
+        offsets = -(awq_unpack(zero_words).to(tl.float32) + UNPACK_BIAS) * scales  # [BLOCK_N / 8, 8]
+        for k0 in range(group_start, group_start + GROUP_SIZE, BLOCK_K):
+            if AHEAD > 0:
+                later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask,
+                                     qweight_row_stride)
+            if FOLD_GROUPS:  # one row: products of the biased codes, scaled after the group
+                x = _x_tile(x_ptr, 0, M, k0, ks, k_end, x_row_stride)
+                group_acc += x[:, None, None] * awq_unpack_biased(tile, biased_bits)
+                group_x += x
+            else:
+                w = awq_unpack_biased(tile, biased_bits) * scales[None, :, :] + offsets[None, :, :]
+                acc0 += _x_tile(x_ptr, 0, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
+                if ROWS > 1:
+                    acc1 += _x_tile(x_ptr, 1, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
+                if ROWS > 2:
+                    acc2 += _x_tile(x_ptr, 2, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
+                    acc3 += _x_tile(x_ptr, 3, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
+            if AHEAD == 0:
+                tile = _weight_tile(qweight_ptr, k0 + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
+            elif AHEAD == 1:
+                tile = later
+            else:
+                tile = next_tile
+                next_tile = later
+        if FOLD_GROUPS:
+            acc0 += scales[None, :, :] * group_acc + offsets[None, :, :] * group_x[:, None, None]
+            group_acc = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
+            group_x = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    # splits == 1: each row straight to the output; else to partials [splits, ROWS, N]
+    _emit_row(tl.sum(acc0, axis=0), 0, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr, ROWS)
+    if ROWS > 1:
+        _emit_row(tl.sum(acc1, axis=0), 1, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                  ROWS)
+    if ROWS > 2:
+        _emit_row(tl.sum(acc2, axis=0), 2, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                  ROWS)
+        _emit_row(tl.sum(acc3, axis=0), 3, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                  ROWS)
+    if splits > 1:
         tl.debug_barrier()  # every thread's partials are written before the arrival is published
         arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")  # one thread; orders the stores
         if arrived == splits - 1:  # the last split to arrive reduces, in split order
-            total = tl.zeros((ROWS, BLOCK_N // 8, 8), dtype=tl.float32)
-            for s in range(0, splits):
-                total += tl.load(partial + s * ROWS * N, mask=out_mask, other=0.0, cache_modifier=".cg")
-            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=out_mask)
+            for r in tl.static_range(ROWS):
+                total = tl.zeros((BLOCK_N // 8, 8), dtype=tl.float32)
+                for s in range(0, splits):
+                    total += tl.load(partial_ptr + (s * ROWS + r) * N + cols, mask=word_mask[:, None], other=0.0,
+                                     cache_modifier=".cg")
+                tl.store(out_ptr + r * out_row_stride + cols, total.to(out_ptr.dtype.element_ty),
+                         mask=word_mask[:, None] & (r < M))
             tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
 
 
@@ -175,6 +240,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     block_k = k_tile(group_size, config.block_k)
     check_w4a16_args("w4a16_gemv", x, qweight, qzeros, scales, group_size, block_k)
     m, k = x.shape
+    if scales.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"w4a16_gemv: scales must be float16 or bfloat16 (read as pairs), got {scales.dtype}")
     if m > MAX_ROWS:
         raise ValueError(f"w4a16_gemv: at most {MAX_ROWS} rows, got {m} (use w4a16_gemm)")
     n = qweight.shape[1] * PACK
@@ -192,8 +259,9 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
         raise ValueError(f"w4a16_gemv: N={n} needs {column_blocks} column blocks, more than {counters.numel()}")
     partials = torch.empty((splits, rows, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     _w4a16_gemv_kernel[(column_blocks, splits)](
-        x, qweight, qzeros, scales, out, partials, counters, m, n, k, group_size, groups_per_split * group_size,
-        splits, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=config.ahead,
+        x, qweight, qzeros, scales.view(torch.int32), out, partials, counters, m, n, k, groups_per_split * group_size,
+        splits, BIASED_BITS, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=config.ahead,
+        SCALES_BF16=scales.dtype == torch.bfloat16, FOLD_GROUPS=config.fold_groups and rows == 1,
         num_warps=config.num_warps)
     return out
