@@ -76,11 +76,11 @@ def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
 
 
 @pytest.mark.parametrize("config", [GemvConfig(block_n=64, block_k=16, programs_per_sm=64),
-                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, ahead=2),
-                                    GemvConfig(block_n=128, block_k=16, programs_per_sm=2, ahead=1),
+                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, stages=1),
+                                    GemvConfig(block_n=128, block_k=16, programs_per_sm=2, stages=3),
                                     GemvConfig(block_n=256, block_k=128, num_warps=8, programs_per_sm=1),
-                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, ahead=2, fold_groups=True),
-                                    GemvConfig(block_n=128, block_k=32, programs_per_sm=1, fold_groups=True)], ids=str)
+                                    GemvConfig(block_n=64, block_k=16, programs_per_sm=64, stages=2),
+                                    GemvConfig(block_n=128, block_k=32, programs_per_sm=1, stages=5)], ids=str)
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_configs_match_dequantize_then_matmul(m, config):
     # many K shares reduced in one launch (the last program to arrive adds them), or none; group

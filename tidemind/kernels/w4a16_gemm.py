@@ -75,8 +75,8 @@ BIASED_BITS = 0x43000000
 @triton.jit
 def _nibble_as_float(words, right: tl.constexpr, left: tl.constexpr, biased_bits):
     """The nibble at bit `right - left` of each word moved to bits 16..19 -> float32 128 + q."""
-    at_16 = (words >> right) << left
-    return ((at_16 & 0x000F0000) | biased_bits).to(tl.float32, bitcast=True)
+    at_16 = (words.to(tl.uint32, bitcast=True) >> right) << left  # logical: no sign to carry
+    return ((at_16 & 0x000F0000) | biased_bits.to(tl.uint32, bitcast=True)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -56,14 +56,13 @@ class GemvConfig:
     block_k: int
     num_warps: int = 4
     programs_per_sm: int = 4
-    ahead: int = 0  # tiles requested ahead of the one computed (0, 1 or 2)
-    fold_groups: bool = False  # one row: scale the sums once a group (module docstring)
+    stages: int = 3  # tiles in flight: the software pipeline's depth
 
 
 # One row, then a few: the smallest register footprints that keep a tile's loop free of spills
 # (benchmarks/compile_sm90.py), to be replaced by the fastest of `benchmarks/gpu_quant.py sweep`
-DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=8, ahead=2, fold_groups=True)
-FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, ahead=1)
+DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=4)
+FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=4)
 
 
 @triton.jit
@@ -75,9 +74,16 @@ def _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_strid
 
 
 @triton.jit
-def _x_tile(x_ptr, r, M, k0, ks, k_end, x_row_stride):
-    """Row r of x at k0 + ks as float32 [BLOCK_K]; zeros past k_end, or for a row past M."""
-    return tl.load(x_ptr + r * x_row_stride + k0 + ks, mask=((k0 + ks) < k_end) & (r < M), other=0.0).to(tl.float32)
+def _x_tile(x_ptr, r, M, k0, k_end, x_row_stride, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr, X_BF16: tl.constexpr):
+    """Row r of x at k0 .. k0 + BLOCK_K as float32 [BLOCK_K]; zeros past k_end, or for a row past M.
+    X_PAIRS: 16-bit x read as int32 pairs (x_ptr and x_row_stride in int32 units), which Triton's
+    pipeliner can copy ahead (it copies 4 bytes a thread or more, not a lone 16-bit value)."""
+    if X_PAIRS:
+        halves = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        pairs = tl.load(x_ptr + r * x_row_stride + halves, mask=(halves < k_end // 2) & (r < M), other=0)
+        return _widen_pairs(pairs, X_BF16)
+    ks = k0 + tl.arange(0, BLOCK_K)
+    return tl.load(x_ptr + r * x_row_stride + ks, mask=(ks < k_end) & (r < M), other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -93,20 +99,29 @@ def _emit_row(result, r, M, N, cols, word_mask, split, splits, out_ptr, out_row_
 
 
 @triton.jit
-def _group_scales(scale_pairs_ptr, row_offset, words, in_range, SCALES_BF16: tl.constexpr):
-    """A group's scales [BLOCK_N / 8, 8] as float32, read as int32 pairs of 16-bit floats: half the
-    elements of a [BLOCK_N] load, which keeps this load from deciding the layout of the weights'
-    registers (Triton lays out the tensors that meet a big load to match it, so a [BLOCK_N] load here
-    had every dequantized tile moved through shared memory to the scales' layout)."""
-    pairs = tl.load(scale_pairs_ptr + row_offset + words[:, None] * 4 + tl.arange(0, 4)[None, :],
-                    mask=in_range[:, None], other=0)  # [BLOCK_N / 8, 4]: columns 2i (low half), 2i + 1
-    if SCALES_BF16:  # bfloat16 is float32's upper half
+def _group_params(scale_pairs_ptr, qzeros_ptr, group, words, word_mask, scales_row_stride, qzeros_row_stride):
+    """A group's scales as int32 pairs of 16-bit floats [BLOCK_N / 8, 4] (columns 2i in the low half,
+    2i + 1 in the high) and its packed zero points [BLOCK_N / 8]. Pairs: half the elements of a
+    [BLOCK_N] load, which keeps this load from deciding the layout of the weights' registers (Triton
+    lays out the tensors that meet a big load to match it, so a [BLOCK_N] load here had every
+    dequantized tile moved through shared memory to the scales' layout)."""
+    pairs = tl.load(scale_pairs_ptr + group * (scales_row_stride // 2) + words[:, None] * 4 + tl.arange(0, 4)[None, :],
+                    mask=word_mask[:, None], other=0)
+    zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
+    return pairs, zero_words
+
+
+@triton.jit
+def _widen_pairs(pairs, BF16: tl.constexpr):
+    """int32 pairs [..., P] of 16-bit floats (element 2i in the low half, 2i + 1 in the high) ->
+    float32 [..., 2P] in element order."""
+    if BF16:  # bfloat16 is float32's upper half
         low = (pairs << 16).to(tl.float32, bitcast=True)
         high = (pairs & -65536).to(tl.float32, bitcast=True)
     else:
         low = (pairs & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
         high = (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return tl.reshape(tl.join(low, high), (words.shape[0], 8))
+    return tl.reshape(tl.join(low, high), pairs.shape[:-1] + [2 * pairs.shape[-1]])
 
 
 @triton.jit
@@ -114,7 +129,8 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
                        M, N, K, k_per_split, splits, biased_bits,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                        GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       AHEAD: tl.constexpr, SCALES_BF16: tl.constexpr, FOLD_GROUPS: tl.constexpr):
+                       STAGES: tl.constexpr, SCALES_BF16: tl.constexpr, X_PAIRS: tl.constexpr,
+                       X_BF16: tl.constexpr):
     pid_n = tl.program_id(0)
     split = tl.program_id(1)
     words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8]
@@ -122,12 +138,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
     word_mask = words < N // 8
     ks = tl.arange(0, BLOCK_K)
     k_start = split * k_per_split
-    k_end = tl.minimum(k_start + k_per_split, K)  # this split's rows: [k_start, k_end)
-    # software pipeline: the tile AHEAD iterations on is requested before this one is computed, so
-    # a program keeps up to AHEAD + 1 packed tiles (BLOCK_K * BLOCK_N / 8 words) in flight
-    tile = _weight_tile(qweight_ptr, k_start, ks, k_end, words, word_mask, qweight_row_stride)
-    if AHEAD == 2:
-        next_tile = _weight_tile(qweight_ptr, k_start + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
+    k_end = tl.minimum(k_start + k_per_split, K)  # this split's rows: [k_start, k_end), whole groups
     # Each row's products are summed elementwise, [BLOCK_K, BLOCK_N / 8, 8] in the layout of the
     # unpacked tile, and over K once after the loop: nothing crosses threads inside the loop. One
     # accumulator per row (a leading row dimension would give the product a layout of its own, and
@@ -136,44 +147,36 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    # FOLD_GROUPS (one row): sum_k x[k] * W[k, n] over a group = s[n] * sum_k x[k] * (128 + q[k, n])
-    # + offset[n] * sum_k x[k], both sums kept per K row of the tile and folded in at the group's end:
-    # one multiply-add a weight instead of two
-    group_acc = acc0
-    group_x = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for group_start in range(k_start, k_end, GROUP_SIZE):  # a split holds whole groups
-        # the group's W = (128 + q) * s - (128 + z) * s: one multiply-add from the biased codes
-        group = group_start // GROUP_SIZE
-        zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-        scales = _group_scales(scale_pairs_ptr, group * scales_row_stride // 2, words, word_mask, SCALES_BF16)
-        offsets = -(awq_unpack(zero_words).to(tl.float32) + UNPACK_BIAS) * scales  # [BLOCK_N / 8, 8]
-        for k0 in range(group_start, group_start + GROUP_SIZE, BLOCK_K):
-            if AHEAD > 0:
-                later = _weight_tile(qweight_ptr, k0 + AHEAD * BLOCK_K, ks, k_end, words, word_mask,
-                                     qweight_row_stride)
-            if FOLD_GROUPS:  # one row: products of the biased codes, scaled after the group
-                x = _x_tile(x_ptr, 0, M, k0, ks, k_end, x_row_stride)
-                group_acc += x[:, None, None] * awq_unpack_biased(tile, biased_bits)
-                group_x += x
-            else:
-                w = awq_unpack_biased(tile, biased_bits) * scales[None, :, :] + offsets[None, :, :]
-                acc0 += _x_tile(x_ptr, 0, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
-                if ROWS > 1:
-                    acc1 += _x_tile(x_ptr, 1, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
-                if ROWS > 2:
-                    acc2 += _x_tile(x_ptr, 2, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
-                    acc3 += _x_tile(x_ptr, 3, M, k0, ks, k_end, x_row_stride)[:, None, None] * w
-            if AHEAD == 0:
-                tile = _weight_tile(qweight_ptr, k0 + BLOCK_K, ks, k_end, words, word_mask, qweight_row_stride)
-            elif AHEAD == 1:
-                tile = later
-            else:
-                tile = next_tile
-                next_tile = later
-        if FOLD_GROUPS:
-            acc0 += scales[None, :, :] * group_acc + offsets[None, :, :] * group_x[:, None, None]
-            group_acc = tl.zeros((BLOCK_K, BLOCK_N // 8, 8), dtype=tl.float32)
-            group_x = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    scales = tl.zeros((BLOCK_N // 8, 8), dtype=tl.float32)
+    offsets = scales
+    # a group's scales and zero points are requested a group ahead of their use
+    next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, k_start // GROUP_SIZE, words, word_mask,
+                                                scales_row_stride, qzeros_row_stride)
+    # STAGES: Triton's software pipeliner keeps the tile and x loads STAGES - 1 iterations ahead
+    # (through shared memory); a tile carried in registers instead waits at each copy of a register
+    # still being loaded (the GPU does not rename registers), which left this loop latency-bound
+    for kk in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+        k0 = k_start + kk
+        tile = _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_stride)
+        x0 = _x_tile(x_ptr, 0, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
+        if ROWS > 1:
+            x1 = _x_tile(x_ptr, 1, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
+        if ROWS > 2:
+            x2 = _x_tile(x_ptr, 2, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
+            x3 = _x_tile(x_ptr, 3, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
+        if kk % GROUP_SIZE == 0:  # a new group: W = (128 + q) * s - (128 + z) * s, one multiply-add
+            scales = _widen_pairs(next_pairs, SCALES_BF16)
+            offsets = -(awq_unpack(next_zero_words).to(tl.float32) + UNPACK_BIAS) * scales  # [BLOCK_N / 8, 8]
+            following = tl.where(k0 + GROUP_SIZE < k_end, k0 // GROUP_SIZE + 1, k0 // GROUP_SIZE)
+            next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, following, words, word_mask,
+                                                        scales_row_stride, qzeros_row_stride)
+        w = awq_unpack_biased(tile, biased_bits) * scales[None, :, :] + offsets[None, :, :]  # [BLOCK_K, BLOCK_N / 8, 8]
+        acc0 += x0[:, None, None] * w
+        if ROWS > 1:
+            acc1 += x1[:, None, None] * w
+        if ROWS > 2:
+            acc2 += x2[:, None, None] * w
+            acc3 += x3[:, None, None] * w
     # splits == 1: each row straight to the output; else to partials [splits, ROWS, N]
     _emit_row(tl.sum(acc0, axis=0), 0, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr, ROWS)
     if ROWS > 1:
@@ -258,10 +261,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     if column_blocks > counters.numel():
         raise ValueError(f"w4a16_gemv: N={n} needs {column_blocks} column blocks, more than {counters.numel()}")
     partials = torch.empty((splits, rows, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    # 16-bit x goes as int32 pairs (see _x_tile) where its rows start on 4-byte boundaries
+    x_pairs = x.element_size() == 2 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
+    x_arg, x_row_stride = (x.view(torch.int32), x.stride(0) // 2) if x_pairs else (x, x.stride(0))
     _w4a16_gemv_kernel[(column_blocks, splits)](
-        x, qweight, qzeros, scales.view(torch.int32), out, partials, counters, m, n, k, groups_per_split * group_size,
-        splits, BIASED_BITS, x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
-        GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, AHEAD=config.ahead,
-        SCALES_BF16=scales.dtype == torch.bfloat16, FOLD_GROUPS=config.fold_groups and rows == 1,
+        x_arg, qweight, qzeros, scales.view(torch.int32), out, partials, counters, m, n, k, groups_per_split * group_size,
+        splits, BIASED_BITS, x_row_stride, qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
+        SCALES_BF16=scales.dtype == torch.bfloat16, X_PAIRS=x_pairs, X_BF16=x.dtype == torch.bfloat16,
         num_warps=config.num_warps)
     return out
