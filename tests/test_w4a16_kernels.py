@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
 from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
+from tidemind.kernels import w4a16_gemv as gemv_module  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, split_count, w4a16_gemv  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
@@ -103,6 +104,22 @@ def test_gemv_refuses_float32_scales():
     qweight, qzeros, scales = awq_tensors(64, 64, 32)
     with pytest.raises(ValueError, match="scales must be float16 or bfloat16"):
         w4a16_gemv(torch.randn(1, 64, device=DEVICE), qweight, qzeros, scales.float(), 32)
+
+
+def test_gemv_reads_no_group_past_the_last_split(monkeypatch):
+    # 10 groups in 3 splits of 4: the last holds 2; were it to walk as far as the others, it would
+    # read the scales and zeros of the groups past K, here NaN
+    monkeypatch.setattr(gemv_module, "_sm_count", lambda device: 1)  # 3 programs per SM -> 3 splits
+    qweight, qzeros, scales = awq_tensors(320, 64, 32, seed=3)
+    padded = torch.full((scales.shape[0] + 4, scales.shape[1]), float("nan"), dtype=scales.dtype, device=DEVICE)
+    padded[: scales.shape[0]] = scales
+    scales = padded[: scales.shape[0]]
+    assert split_count(64, 320, 32, 64, DEVICE, programs_per_sm=3) == 3
+    x = torch.randn(1, 320, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    expected = x @ awq_dequantize(qweight, qzeros, scales, 32, torch.float32)
+    actual = w4a16_gemv(x, qweight, qzeros, scales, 32, GemvConfig(block_n=64, block_k=16, programs_per_sm=3))
+    assert torch.isfinite(actual).all()
+    assert (actual - expected).abs().max().item() <= TOL[torch.float32] * expected.abs().max().item()
 
 
 def test_gemv_arrival_counters_are_reset_for_the_next_launch():

@@ -4,20 +4,19 @@ are summed over K in float32.
 
 Grid (cdiv(N, BLOCK_N), splits). One program owns BLOCK_N output columns of every row (all M <= 4
 rows share each weight tile it loads: the weights are read once) and a share of K (k_per_split
-rows, whole groups), walked group by group in BLOCK_K tiles. Columns are held as [BLOCK_N / 8, 8]
+rows, whole groups), walked in BLOCK_K tiles (a group's scales at its first). Columns are [BLOCK_N / 8, 8]
 (packed word, column within it), which is how they unpack.
 
-What a weight costs is what bounds this kernel on an H200 (docs/GPU_NOTES.md, sections 7 and 8),
-so the loop is cut to about four instructions a weight:
+What the loop costs per weight decides this kernel's speed on an H200 (docs/GPU_NOTES.md,
+sections 7 and 8), so it is kept short:
 - awq_unpack_biased turns a nibble into the float 128 + q with a shift or two and one logic op
   (no int-to-float conversion); the group's W = (128 + q) * s - (128 + z) * s is one multiply-add;
 - products are summed elementwise into [BLOCK_K, BLOCK_N / 8, 8] accumulators laid out as the
-  unpacked tile, and over K once after the loop: nothing crosses threads or shared memory inside
-  it (a per-tile sum over K did, and so did any tensor whose own layout met the tile's: the row
-  accumulators are separate, the scales load as pairs, see _group_scales);
-- with fold_groups (one row) even the scaling leaves the loop: per group,
-      sum_k x[k] W[k, n] = s[n] * sum_k x[k] (128 + q[k, n])  +  offset[n] * sum_k x[k],
-  both sums kept per K row of the tile and folded into the accumulator after the group's tiles.
+  unpacked tile, and over K once after the loop: nothing crosses threads inside it for the sums
+  (a per-tile sum over K did, and so did any tensor whose own layout met the tile's: the row
+  accumulators are separate, the scales load as pairs, see _group_params);
+- Triton's software pipeliner copies the weight and x tiles STAGES - 1 iterations ahead, and a
+  group's scales and zero points are requested a group before their use.
 
 The weights stream once, so the GPU needs several programs per SM to cover the memory latency: few
 columns (N / BLOCK_N below programs_per_sm x SMs) split K. The splits are reduced in the same
@@ -59,10 +58,11 @@ class GemvConfig:
     stages: int = 3  # tiles in flight: the software pipeline's depth
 
 
-# One row, then a few: the smallest register footprints that keep a tile's loop free of spills
-# (benchmarks/compile_sm90.py), to be replaced by the fastest of `benchmarks/gpu_quant.py sweep`
-DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=4)
-FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=4)
+# One row: the fastest of `benchmarks/gpu_quant.py sweep` on an H200 at llama8b's four shapes
+# (BENCHMARKS.md, 2026-11-29 third session); a few rows: the same tile, the smallest that keeps
+# four rows' accumulators free of spills (benchmarks/compile_sm90.py)
+DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=5)
+FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=5)
 
 
 @triton.jit
@@ -155,7 +155,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
     # STAGES: Triton's software pipeliner keeps the tile and x loads STAGES - 1 iterations ahead
     # (through shared memory); a tile carried in registers instead waits at each copy of a register
     # still being loaded (the GPU does not rename registers), which left this loop latency-bound
-    for kk in tl.range(0, k_per_split, BLOCK_K, num_stages=STAGES):
+    for kk in tl.range(0, k_end - k_start, BLOCK_K, num_stages=STAGES):  # the last split may be shorter
         k0 = k_start + kk
         tile = _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_stride)
         x0 = _x_tile(x_ptr, 0, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
