@@ -19,7 +19,6 @@ import torch
 
 from ..attention.base import AttentionBackend, StepLayout
 from ..attention.kv_cache import LayerKVCache
-from .kernel_precompile import precompile_kernels
 from .step_inputs import StepBuffers
 
 logger = logging.getLogger("tidemind")
@@ -88,13 +87,10 @@ class DecodeGraphs:
         sizes = capture_sizes(max_batch_size)
         pool = torch.cuda.graph_pool_handle()
         self._pad_inputs(max_batch_size)
-        metadata_of = {size: self.attention.build_graph_metadata(
-            graph_layout(self.buffers, size, self.block_size, self.max_model_len)) for size in sizes}
-        # every size's kernels compiled at once, in threads, before the sizes' warm-up runs
-        launches, compile_s = precompile_kernels(lambda: [self._run_model(size, metadata_of[size]) for size in sizes])
         warm_up = 0.0
         for batch_size in reversed(sizes):
-            metadata = metadata_of[batch_size]
+            metadata = self.attention.build_graph_metadata(
+                graph_layout(self.buffers, batch_size, self.block_size, self.max_model_len))
             started = time.perf_counter()
             self._run_model(batch_size, metadata)  # warm-up: compiles kernels, settles allocations
             torch.cuda.synchronize(self.device)
@@ -106,9 +102,8 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.device)
         self._sizes = sizes
         seconds = time.perf_counter() - start
-        logger.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s (their %d Triton launches' "
-                    "kernels compiled side by side in %.1f s, warm-up runs %.1f s)", len(sizes), sizes[0], sizes[-1],
-                    seconds, launches, compile_s, warm_up)
+        logger.info("captured %d CUDA graphs of decode steps (batch sizes %d..%d) in %.1f s (warm-up runs, with "
+                    "their kernel compiles, %.1f s)", len(sizes), sizes[0], sizes[-1], seconds, warm_up)
         return seconds
 
     def run(self, num_seqs: int) -> torch.Tensor:
