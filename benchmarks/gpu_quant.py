@@ -79,12 +79,12 @@ SHAPES = ([("qkv", 256, 384), ("down", 384, 256)] if SMOKE else
 ROWS = [1, 3, 17] if SMOKE else [1, 2, 4, 8, 16, 64, 256, 1024, 4096]
 GEMV_ROWS = 16  # the GEMV is timed up to this many rows (the runtime switches at w4a16_gemv.MAX_ROWS)
 RESULTS: List[dict] = []
-# The GEMV's tiles (columns, K rows, warps), its pipeline's depth and launch width; the sweeps on an
-# H200 so far are in BENCHMARKS.md and docs/GPU_NOTES.md (section 8)
+# The GEMV's tiles (columns, K rows, warps), its pipeline's depth and launch width. On an H200
+# (BENCHMARKS.md, docs/GPU_NOTES.md section 8) two packed words a thread per tile did best, four
+# or eight worse, and 5 stages beat 3: these explore fewer words and deeper pipelines
 GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=p, stages=st)
-              for bn, bk, w in ((64, 32, 4), (128, 16, 4), (128, 32, 4), (128, 32, 8), (256, 16, 8), (256, 32, 8),
-                                (128, 64, 8))
-              for st in (3, 5) for p in (2, 4, 8)]
+              for bn, bk, w in ((64, 16, 2), (64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4))
+              for st in (5, 8, 12) for p in (4, 8)]
 GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap) for tiles, swap in (
     ((16, 64, 64, 4, 3), False), ((16, 128, 64, 4, 3), False), ((32, 128, 64, 4, 3), False),
     ((64, 128, 64, 4, 3), False), ((64, 128, 64, 4, 4), False), ((64, 256, 64, 8, 3), False),
