@@ -7,8 +7,7 @@ rows share each weight tile it loads: the weights are read once) and a share of 
 rows, whole groups), walked in BLOCK_K tiles (a group's scales at its first). Columns are [BLOCK_N / 8, 8]
 (packed word, column within it), which is how they unpack.
 
-What the loop costs per weight decides this kernel's speed on an H200 (docs/GPU_NOTES.md,
-sections 7 and 8), so it is kept short:
+The loop (docs/GPU_NOTES.md, sections 7 and 8, on what was tried on an H200 and what it gave):
 - awq_unpack_biased turns a nibble into the float 128 + q with a shift or two and one logic op
   (no int-to-float conversion); the group's W = (128 + q) * s - (128 + z) * s is one multiply-add;
 - products are summed elementwise into [BLOCK_K, BLOCK_N / 8, 8] accumulators laid out as the
@@ -59,9 +58,10 @@ class GemvConfig:
 
 
 # One row: the fastest of `benchmarks/gpu_quant.py sweep` on an H200 at llama8b's four shapes
-# (BENCHMARKS.md, 2026-11-29 third session); a few rows: the same tile, the smallest that keeps
-# four rows' accumulators free of spills (benchmarks/compile_sm90.py)
-DEFAULT_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=5)
+# (BENCHMARKS.md, 2026-11-29 third session: two packed words a thread per tile, 2-warp programs, 8 a
+# SM, 5 stages). A few rows: a tile of the same two words a thread with 4 warps, the smallest that
+# keeps four rows' accumulators free of spills (benchmarks/compile_sm90.py); not yet swept on a GPU
+DEFAULT_CONFIG = GemvConfig(block_n=64, block_k=16, num_warps=2, programs_per_sm=8, stages=5)
 FEW_ROWS_CONFIG = GemvConfig(block_n=128, block_k=16, num_warps=4, programs_per_sm=4, stages=5)
 
 
@@ -153,8 +153,8 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
     next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, k_start // GROUP_SIZE, words, word_mask,
                                                 scales_row_stride, qzeros_row_stride)
     # STAGES: Triton's software pipeliner keeps the tile and x loads STAGES - 1 iterations ahead
-    # (through shared memory); a tile carried in registers instead waits at each copy of a register
-    # still being loaded (the GPU does not rename registers), which left this loop latency-bound
+    # (through shared memory); a tile carried in registers instead waited at each copy of a register
+    # still being loaded (the GPU does not rename registers): a lookahead of one iteration at most
     for kk in tl.range(0, k_end - k_start, BLOCK_K, num_stages=STAGES):  # the last split may be shorter
         k0 = k_start + kk
         tile = _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_stride)
