@@ -4,6 +4,7 @@ AWQ-layout round-to-nearest int4 copy of a bf16 model) through the engine.
     python benchmarks/gpu_quant.py kernels                 # about 2 minutes on an H200
     python benchmarks/gpu_quant.py sweep                   # the GEMV / GEMM tile configurations, ~3 minutes
     python benchmarks/gpu_quant.py q1 /tmp/llama8b [--bf16-too]
+    python benchmarks/gpu_quant.py launches                # the GEMV's launches for ncu (gpu_run.sh gemvprof)
     python benchmarks/gpu_quant.py --cpu-smoke kernels     # dry run on the CPU: Triton's interpreter,
     python benchmarks/gpu_quant.py --cpu-smoke q1 smollm2-135m   # tiny sizes, wall-clock timers
 
@@ -186,6 +187,17 @@ def kernels() -> None:
                       f"ref {rec['reference_us']:9.1f} us  err {err:.1e} {rec['result']}", flush=True)
 
 
+def launches() -> None:
+    """The default GEMV at M = 1 once per shape to warm up (compile), then once per shape again: the
+    second four are the launches benchmarks/gpu_run.sh's gemvprof stage has ncu profile."""
+    inputs = [(torch.randn(1, k, device=DEVICE).to(BF16), awq_set(k, n, seed=0)[:3]) for _, k, n in SHAPES]
+    for rep in ("warm-up", "profiled"):
+        for (name, k, n), (x, weights) in zip(SHAPES, inputs):
+            w4a16_gemv(x, *weights, GROUP)
+            synchronize()
+            print(f"{rep} {name} {k}->{n}", flush=True)
+
+
 def dequantize_then_matmul(x, qweight, qzeros, scales, group, config=None):
     return x @ w4a16_dequantize(qweight, qzeros, scales, group, x.dtype)
 
@@ -283,9 +295,11 @@ def q1(model: str, bf16_too: bool) -> None:
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
-    if not args or args[0] not in ("kernels", "sweep", "q1") or (args[0] == "q1" and len(args) < 2):
+    if not args or args[0] not in ("kernels", "sweep", "q1", "launches") or (args[0] == "q1" and len(args) < 2):
         raise SystemExit(__doc__)
-    if args[0] in ("sweep", "kernels"):
+    if args[0] == "launches":
+        launches()
+    elif args[0] in ("sweep", "kernels"):
         (sweep if args[0] == "sweep" else kernels)()
         failed = [r for r in RESULTS if r.get("result") == "FAIL"]
         print(f"{len(failed)} of {sum(1 for r in RESULTS if 'result' in r)} {args[0]} checks failed", flush=True)

@@ -100,6 +100,18 @@ def test_gemv_reads_bfloat16_scales(m):
     assert err <= TOL[torch.float32] * expected.abs().max().item()
 
 
+@pytest.mark.parametrize("m", [1, 3])
+def test_gemv_reads_16_bit_x_off_four_byte_boundaries(m):
+    # x rows that start at odd element offsets cannot be read as int32 pairs: the kernel reads them
+    # one element at a time instead
+    qweight, qzeros, scales = awq_tensors(128, 72, 32, seed=5)
+    wide = torch.randn(m, 129, generator=torch.Generator().manual_seed(4)).to(DEVICE, torch.float16)
+    x = wide[:, 1:]  # row stride 129, storage offset 1
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 32, torch.float32)
+    actual = w4a16_gemv(x, qweight, qzeros, scales, 32)
+    assert (actual.float() - expected).abs().max().item() <= TOL[torch.float16] * expected.abs().max().item()
+
+
 def test_gemv_refuses_float32_scales():
     qweight, qzeros, scales = awq_tensors(64, 64, 32)
     with pytest.raises(ValueError, match="scales must be float16 or bfloat16"):
