@@ -56,6 +56,7 @@ def w4a16_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.
     out = torch.empty((k, n), dtype=dtype, device=qweight.device)
     block_n = min(_BLOCK_N, max(64, triton.next_power_of_2(n)))
     grid = (k // block_k, triton.cdiv(n, block_n))
-    _w4a16_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, BIASED_BITS, qweight.stride(0), qzeros.stride(0),
-                                scales.stride(0), out.stride(0), BLOCK_K=block_k, BLOCK_N=block_n, num_warps=4)
+    _w4a16_dequant_kernel[grid](qweight, qzeros, scales, out, n, group_size, BIASED_BITS, qweight.stride(0),
+                                qzeros.stride(0), scales.stride(0), out.stride(0), BLOCK_K=block_k, BLOCK_N=block_n,
+                                num_warps=4)
     return out
