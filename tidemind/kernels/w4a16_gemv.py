@@ -266,7 +266,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     x_arg, x_row_stride = (x.view(torch.int32), x.stride(0) // 2) if x_pairs else (x, x.stride(0))
     _w4a16_gemv_kernel[(column_blocks, splits)](
         x_arg, qweight, qzeros, scales.view(torch.int32), out, partials, counters, m, n, k,
-        groups_per_split * group_size, splits, BIASED_BITS, x_row_stride, qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
+        groups_per_split * group_size, splits, BIASED_BITS, x_row_stride, qweight.stride(0), qzeros.stride(0),
+        scales.stride(0), out.stride(0),
         GROUP_SIZE=group_size, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=config.stages,
         SCALES_BF16=scales.dtype == torch.bfloat16, X_PAIRS=x_pairs, X_BF16=x.dtype == torch.bfloat16,
         num_warps=config.num_warps)
