@@ -84,8 +84,8 @@ def test_gemv_matches_dequantize_then_matmul(m, k, n, group, dtype):
                                     GemvConfig(block_n=128, block_k=32, programs_per_sm=1, stages=5)], ids=str)
 @pytest.mark.parametrize("m", [1, 2])
 def test_gemv_configs_match_dequantize_then_matmul(m, config):
-    # many K shares reduced in one launch (the last program to arrive adds them), or none; group
-    # sums folded after every tile (block_k = group) or after two (one row; more rows do not fold)
+    # many K shares reduced in one launch (the last program to arrive adds them), or none; software
+    # pipelines of 1 to 5 stages
     check(w4a16_gemv, m, 512, 136, 32, torch.float32, config)
 
 

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_gemm import BIASED_BITS, PACK, UNPACK_BIAS, awq_unpack, awq_unpack_biased, k_tile
+from .w4a16_gemm import BIASED_BITS, PACK, awq_unpack, awq_unpack_biased, k_tile, unbiasing_offsets
 
 _BLOCK_K = 32
 _BLOCK_N = 256
@@ -31,10 +31,10 @@ def _w4a16_dequant_kernel(qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, N, group
     biased = awq_unpack_biased(packed, biased_bits)  # [BLOCK_K, BLOCK_N / 8, 8] float32 128 + q
     group = k0 // group_size
     zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-    zeros = awq_unpack(zero_words).to(tl.float32)  # [BLOCK_N / 8, 8]
     cols = words[:, None] * 8 + tl.arange(0, 8)[None, :]  # [BLOCK_N / 8, 8]
     scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=word_mask[:, None], other=0.0).to(tl.float32)
-    w = biased * scales[None, :, :] - ((zeros + UNPACK_BIAS) * scales)[None, :, :]  # (q - z) * s, one multiply-add
+    offsets = unbiasing_offsets(awq_unpack(zero_words), scales)  # [BLOCK_N / 8, 8]
+    w = biased * scales[None, :, :] + offsets[None, :, :]  # (q - z) * s, one multiply-add
     tl.store(out_ptr + ks[:, None, None] * out_row_stride + cols[None, :, :], w.to(out_ptr.dtype.element_ty),
              mask=word_mask[None, :, None])
 

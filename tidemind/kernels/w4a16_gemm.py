@@ -67,7 +67,7 @@ def awq_unpack(words):
     return (tl.expand_dims(words, len(words.shape)) >> awq_nibble_shifts()) & 0xF
 
 
-UNPACK_BIAS = tl.constexpr(128.0)  # what awq_unpack_biased adds to each value
+_UNPACK_BIAS = tl.constexpr(128.0)  # what awq_unpack_biased adds to each value
 # float32 bits of 128.0: with a nibble q at bits 16..19 (its mantissa's units) it reads as 128 + q
 BIASED_BITS = 0x43000000
 
@@ -88,7 +88,7 @@ def awq_unpack_biased(words, biased_bits):
     in 128.0's bits, passed as biased_bits = BIASED_BITS at run time so that the compiler keeps it in
     a register and makes the two one instruction): about two integer instructions a weight and no
     conversion. The eight columns are joined with each word's eight values in one thread (no
-    exchange between threads). The caller removes the bias where it is cheapest."""
+    exchange between threads). unbiasing_offsets gives the offset that removes the bias."""
     c0 = _nibble_as_float(words, 0, 16, biased_bits)
     c1 = _nibble_as_float(words, 0, 0, biased_bits)
     c2 = _nibble_as_float(words, 4, 16, biased_bits)
@@ -101,6 +101,13 @@ def awq_unpack_biased(words, biased_bits):
     evens = tl.join(tl.join(c0, c4), tl.join(c2, c6))
     odds = tl.join(tl.join(c1, c5), tl.join(c3, c7))
     return tl.reshape(tl.join(evens, odds), words.shape + (8,))
+
+
+@triton.jit
+def unbiasing_offsets(zeros, scales):
+    """-(128 + z) * s, float32, for int zero points and float32 scales of one shape: with it, the
+    weight of a biased code is one multiply-add, (128 + q) * s + offset = (q - z) * s."""
+    return -(zeros.to(tl.float32) + _UNPACK_BIAS) * scales
 
 
 @triton.jit
@@ -128,9 +135,8 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
         biased = tl.reshape(awq_unpack_biased(packed, biased_bits), (BLOCK_K, BLOCK_N))  # 128 + q
         group = k0 // group_size
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
-        zeros = tl.reshape(awq_unpack(zero_words), (BLOCK_N,)).to(tl.float32)
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
-        offsets = -(zeros + UNPACK_BIAS) * scales
+        offsets = unbiasing_offsets(tl.reshape(awq_unpack(zero_words), (BLOCK_N,)), scales)
         w = biased * scales[None, :] + offsets[None, :]  # [BLOCK_K, BLOCK_N] float32 (q - z) * s
         if SWAP_AB:
             x_t = tl.load(x_rows[None, :] + (k0 + ks)[:, None], mask=row_mask[None, :],

@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .w4a16_gemm import BIASED_BITS, PACK, UNPACK_BIAS, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile
+from .w4a16_gemm import (BIASED_BITS, PACK, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile,
+                         unbiasing_offsets)
 
 MAX_ROWS = 4  # rows one launch takes (a constexpr loop bound: 1, 2 or 4 after rounding up)
 _MAX_SPLITS = 64
@@ -166,7 +167,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
             x3 = _x_tile(x_ptr, 3, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
         if kk % GROUP_SIZE == 0:  # a new group: W = (128 + q) * s - (128 + z) * s, one multiply-add
             scales = _widen_pairs(next_pairs, SCALES_BF16)
-            offsets = -(awq_unpack(next_zero_words).to(tl.float32) + UNPACK_BIAS) * scales  # [BLOCK_N / 8, 8]
+            offsets = unbiasing_offsets(awq_unpack(next_zero_words), scales)  # [BLOCK_N / 8, 8]
             following = tl.where(k0 + GROUP_SIZE < k_end, k0 // GROUP_SIZE + 1, k0 // GROUP_SIZE)
             next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, following, words, word_mask,
                                                         scales_row_stride, qzeros_row_stride)
