@@ -206,9 +206,11 @@ def test_awq_and_w8a8_layers_on_cuda_match_the_cpu(tmp_path):
     for name in ("awq", "w8a8"):
         gpu, _ = load_model(str(tmp_path / name), torch.float16, torch.device("cuda"))
         cpu, _ = load_model(str(tmp_path / name), torch.float32, CPU)
-        if name == "awq":
+        if name == "awq":  # repacked into K slabs at load
             assert gpu.model.layers[0].self_attn.qkv_proj.use_triton
-        for rows in (1, 3, 40):
+            slabs = gpu.model.layers[0].self_attn.qkv_proj.qweight
+            assert slabs.dim() == 3 and slabs.shape[0] * 32 == 64 and slabs.shape[2] == 4
+        for rows in (1, 3, 40, 300):
             x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
             for layer in ("self_attn.qkv_proj", "mlp.gate_up_proj"):
                 expected = cpu.model.layers[1].get_submodule(layer)(x)

@@ -22,8 +22,10 @@ from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
 from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
 from tidemind.kernels import w4a16_gemv as gemv_module  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, split_count, w4a16_gemv  # noqa: E402
+from tidemind.kernels.w4a16_gemv_slabs import (SlabGemvConfig, awq_to_slabs, slabs_to_awq,  # noqa: E402
+                                               w4a16_gemv_slabs)
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
-from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
+from tidemind.layers.quantization.packing import pack_awq, unpack_awq  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_GPU else "cpu")
@@ -87,6 +89,55 @@ def test_gemv_configs_match_dequantize_then_matmul(m, config):
     # many K shares reduced in one launch (the last program to arrive adds them), or none; software
     # pipelines of 1 to 5 stages
     check(w4a16_gemv, m, 512, 136, 32, torch.float32, config)
+
+
+def dequantize_then_matmul(x, qweight, qzeros, scales, group, config=None):
+    return x @ w4a16_dequantize(qweight, qzeros, scales, group, x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("kernel,m,config", [
+    (w4a16_gemv_slabs, 1, SlabGemvConfig(block_n=64, num_warps=2, programs_per_sm=64, stages=2)),
+    (w4a16_gemv_slabs, 2, SlabGemvConfig(block_n=128, num_warps=1, programs_per_sm=1, stages=3)),
+    (w4a16_gemv_slabs, 4, None), (w4a16_gemv_slabs, 3, SlabGemvConfig(block_n=256, programs_per_sm=64)),
+    (w4a16_gemm, 5, GemmConfig(16, 64, 32)), (w4a16_gemm, 17, GemmConfig(32, 128, 64, swap_ab=True)),
+    (w4a16_gemm, 40, GemmConfig(16, 64, 16)), (dequantize_then_matmul, 3, None)],
+    ids=lambda v: getattr(v, "__name__", str(v)))
+@pytest.mark.parametrize("k,n,group", [(256, 200, 64), (96, 72, 32), (512, 136, 128)])
+def test_kernels_on_slabs_match_dequantize_then_matmul(kernel, m, config, k, n, group, dtype):
+    # weights repacked into K slabs (awq_to_slabs) give what AutoAWQ's layout gives: N not a multiple
+    # of the column tiles, K split into many shares or none, tiles of 16 K rows (half a slab) and more
+    qweight, qzeros, scales = awq_tensors(k, n, group, seed=k + n)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DEVICE, dtype)
+    expected = x.float() @ awq_dequantize(qweight, qzeros, scales, group, torch.float32)
+    actual = kernel(x, awq_to_slabs(qweight), qzeros, scales, group, config=config)
+    assert actual.dtype == dtype and actual.shape == (m, n)
+    assert (actual.float() - expected).abs().max().item() <= TOL[dtype] * expected.abs().max().item()
+
+
+def test_slabs_round_trip_and_layout():
+    qweight = awq_tensors(64, 16, 32)[0]
+    slabs = awq_to_slabs(qweight)
+    assert slabs.shape == (2, 16, 4)
+    assert torch.equal(slabs_to_awq(slabs), qweight)
+    # word j of column n in slab t holds k = 32t + 8j + i at the nibble AutoAWQ gives column i
+    values = unpack_awq(qweight)  # [K, N]
+    t, n, j = 1, 5, 2
+    assert torch.equal(unpack_awq(slabs[t, n, j].view(1, 1)).view(8), values[32 * t + 8 * j:32 * t + 8 * j + 8, n])
+
+
+def test_slab_kernels_refuse_what_they_cannot_read():
+    qweight, qzeros, scales = awq_tensors(96, 64, 16)
+    slabs = awq_to_slabs(qweight)
+    x = torch.randn(1, 96).to(DEVICE)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w4a16_gemv_slabs(x, slabs, qzeros, scales, 16)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        w4a16_gemm(x, slabs, qzeros, scales, 16)
+    with pytest.raises(ValueError, match="slabs take w4a16_gemv_slabs"):
+        w4a16_gemv(x, slabs, qzeros, scales, 16)
+    with pytest.raises(ValueError, match="not a multiple of 32"):
+        awq_to_slabs(awq_tensors(48, 16, 16)[0])
 
 
 @pytest.mark.parametrize("m", [1, 3])
@@ -178,16 +229,30 @@ def test_bad_arguments_are_refused():
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
 @pytest.mark.parametrize("m", [1, 4, 5, 100, 1024, 3000])
-def test_dispatch_at_llama8b_sizes(m, k, n):
+@pytest.mark.parametrize("slabs", [False, True], ids=["awq", "slabs"])
+def test_dispatch_at_llama8b_sizes(m, k, n, slabs):
     # what the AWQ method runs: the GEMV up to its MAX_ROWS rows, the GEMM above, dequantize + matmul
-    # from DEQUANT_MIN_ROWS
+    # from DEQUANT_MIN_ROWS, on either layout
     from tidemind.layers.quantization.awq import w4a16_matmul
 
     qweight, qzeros, scales = awq_tensors(k, n, 128)
     x = torch.randn(m, k, device=DEVICE, dtype=torch.bfloat16)
     expected = x.float() @ awq_dequantize(qweight, qzeros, scales, 128, torch.float32)
-    actual = w4a16_matmul(x, qweight, qzeros, scales, 128, use_triton=True)
+    actual = w4a16_matmul(x, awq_to_slabs(qweight) if slabs else qweight, qzeros, scales, 128, use_triton=True)
     assert (actual.float() - expected).abs().max() <= TOL[torch.bfloat16] * expected.abs().max()
+
+
+@pytest.mark.parametrize("m", [1, 4, 5, 300])
+def test_dispatch_on_slabs(m):
+    # the AWQ method on slabs at every row count's kernel (GEMV, GEMM, dequantize + matmul); on the
+    # CPU under the interpreter
+    from tidemind.layers.quantization.awq import w4a16_matmul
+
+    qweight, qzeros, scales = awq_tensors(64, 40, 32)
+    x = torch.randn(m, 64, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+    expected = x @ awq_dequantize(qweight, qzeros, scales, 32, torch.float32)
+    actual = w4a16_matmul(x, awq_to_slabs(qweight), qzeros, scales, 32, use_triton=True)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=TOL[torch.float32] * expected.abs().max().item())
 
 
 @pytest.mark.gpu

@@ -31,6 +31,11 @@ import triton.language as tl
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACK = 8
+# K slabs (kernels/w4a16_gemv_slabs.py): qweight [K / SLAB, N, SLAB_WORDS], a column's SLAB values of a
+# slab in SLAB_WORDS consecutive words
+SLAB = 32
+SLAB_WORDS = SLAB // PACK
+KERNEL_SLAB_WORDS = tl.constexpr(SLAB_WORDS)  # the same, readable inside the kernels
 
 
 @dataclass(frozen=True)
@@ -58,6 +63,13 @@ def awq_nibble_shifts():
     nibble (0, 4, 1, 5, 2, 6, 3, 7)[c], the inverse of its packing order (0, 2, 4, 6, 1, 3, 5, 7)."""
     c = tl.arange(0, 8)
     return ((c % 2) * 4 + c // 2) * 4
+
+
+@triton.jit
+def awq_column_values(words, cols):
+    """Column cols' int4 values out of the packed words holding them (words[i] holds cols[i] // 8's
+    eight columns, AutoAWQ's order): the zero points of single columns."""
+    return (words >> ((cols % 2 * 4 + cols % 8 // 2) * 4)) & 0xF
 
 
 @triton.jit
@@ -111,10 +123,22 @@ def unbiasing_offsets(zeros, scales):
 
 
 @triton.jit
+def slab_tile(slabs_ptr, k0, cols, col_mask, N, biased_bits, BLOCK_K: tl.constexpr):
+    """128 + q of rows k0 .. k0 + BLOCK_K of columns cols as float32 [BLOCK_N, BLOCK_K], from slabs
+    [K / 32, N, 4] (kernels/w4a16_gemv_slabs.py: word j of column n in slab t holds k = 32t + 8j + i,
+    in the order awq_unpack_biased gives); k0 a multiple of BLOCK_K >= 8."""
+    kw = k0 // 8 + tl.arange(0, BLOCK_K // 8)  # packed words along K
+    words = tl.load(slabs_ptr + (kw // KERNEL_SLAB_WORDS).to(tl.int64)[None, :] * N * KERNEL_SLAB_WORDS
+                    + cols[:, None] * KERNEL_SLAB_WORDS + (kw % KERNEL_SLAB_WORDS)[None, :],
+                    mask=col_mask[:, None], other=0)  # [BLOCK_N, BLOCK_K / 8]
+    return tl.reshape(awq_unpack_biased(words, biased_bits), (cols.shape[0], BLOCK_K))
+
+
+@triton.jit
 def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size, biased_bits,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                       DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr):
+                       DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, SLABS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
@@ -130,14 +154,18 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
-                         mask=word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
-        biased = tl.reshape(awq_unpack_biased(packed, biased_bits), (BLOCK_K, BLOCK_N))  # 128 + q
         group = k0 // group_size
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
         offsets = unbiasing_offsets(tl.reshape(awq_unpack(zero_words), (BLOCK_N,)), scales)
-        w = biased * scales[None, :] + offsets[None, :]  # [BLOCK_K, BLOCK_N] float32 (q - z) * s
+        if SLABS:  # W^T [BLOCK_N, BLOCK_K] from slabs (kernels/w4a16_gemv_slabs.py), transposed
+            w = tl.trans(slab_tile(qweight_ptr, k0, cols, col_mask, N, biased_bits, BLOCK_K) * scales[:, None]
+                         + offsets[:, None])
+        else:
+            packed = tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
+                             mask=word_mask[None, :], other=0)  # [BLOCK_K, BLOCK_N / 8]
+            biased = tl.reshape(awq_unpack_biased(packed, biased_bits), (BLOCK_K, BLOCK_N))  # 128 + q
+            w = biased * scales[None, :] + offsets[None, :]  # [BLOCK_K, BLOCK_N] float32 (q - z) * s
         if SWAP_AB:
             x_t = tl.load(x_rows[None, :] + (k0 + ks)[:, None], mask=row_mask[None, :],
                           other=0.0)  # [BLOCK_K, BLOCK_M]
@@ -159,10 +187,15 @@ def check_w4a16_args(name: str, x: torch.Tensor, qweight: torch.Tensor, qzeros: 
     if x.dim() != 2 or x.dtype not in _DTYPES or x.stride(1) != 1:
         raise ValueError(f"{name}: x must be a [M, K] float tensor with a contiguous last dim, got "
                          f"{tuple(x.shape)} {x.dtype} strides {x.stride()}")
-    k, n = x.shape[1], qweight.shape[1] * PACK
-    if qweight.shape[0] != k or qweight.dtype != torch.int32 or not qweight.is_contiguous():
-        raise ValueError(f"{name}: qweight must be a contiguous int32 [{k}, N / 8], got {tuple(qweight.shape)} "
-                         f"{qweight.dtype}")
+    k = x.shape[1]
+    slabs = qweight.dim() == 3
+    n = qweight.shape[1] if slabs else qweight.shape[1] * PACK
+    rows_ok = qweight.shape[0] * SLAB == k and qweight.shape[2] == SLAB_WORDS if slabs else qweight.shape[0] == k
+    if not rows_ok or qweight.dtype != torch.int32 or not qweight.is_contiguous():
+        raise ValueError(f"{name}: qweight must be a contiguous int32 [{k}, N / 8] (or its slabs [{k // SLAB}, N, "
+                         f"{SLAB_WORDS}]), got {tuple(qweight.shape)} {qweight.dtype}")
+    if slabs and group_size % SLAB:
+        raise ValueError(f"{name}: slabs need a group size that is a multiple of {SLAB}, got {group_size}")
     if group_size <= 0 or k % group_size or group_size % block_k:
         raise ValueError(f"{name}: group size {group_size} must divide K={k} and be a multiple of {block_k}")
     groups = k // group_size
@@ -187,11 +220,13 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                group_size: int, config: Optional[GemmConfig] = None) -> torch.Tensor:
     """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype.
 
-    qweight [K, N / 8] int32, qzeros [K / G, N / 8] int32 (AWQ order), scales [K / G, N]; G a
-    multiple of 16 dividing K. No host synchronization (CUDA-graph safe).
+    qweight [K, N / 8] int32 or its slabs [K / 32, N, 4] (kernels/w4a16_gemv_slabs.py), qzeros
+    [K / G, N / 8] int32 (AWQ order), scales [K / G, N]; G a multiple of 16 dividing K (of 32 for
+    slabs). No host synchronization (CUDA-graph safe).
     """
     m, k = x.shape
-    n = qweight.shape[1] * PACK
+    slabs = qweight.dim() == 3
+    n = qweight.shape[1] if slabs else qweight.shape[1] * PACK
     config = config or default_config(m, n)
     block_k = k_tile(group_size, config.block_k)
     check_w4a16_args("w4a16_gemm", x, qweight, qzeros, scales, group_size, block_k)
@@ -203,5 +238,6 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
                              x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
                              DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                             SWAP_AB=config.swap_ab, num_warps=config.num_warps, num_stages=config.num_stages)
+                             SWAP_AB=config.swap_ab, SLABS=slabs, num_warps=config.num_warps,
+                             num_stages=config.num_stages)
     return out

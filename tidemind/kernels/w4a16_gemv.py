@@ -74,6 +74,7 @@ def _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_strid
                    mask=k_mask[:, None] & word_mask[None, :], other=0, eviction_policy="evict_first")
 
 
+
 @triton.jit
 def _x_tile(x_ptr, r, M, k0, k_end, x_row_stride, BLOCK_K: tl.constexpr, X_PAIRS: tl.constexpr, X_BF16: tl.constexpr):
     """Row r of x at k0 .. k0 + BLOCK_K as float32 [BLOCK_K]; zeros past k_end, or for a row past M.
@@ -82,21 +83,39 @@ def _x_tile(x_ptr, r, M, k0, k_end, x_row_stride, BLOCK_K: tl.constexpr, X_PAIRS
     if X_PAIRS:
         halves = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         pairs = tl.load(x_ptr + r * x_row_stride + halves, mask=(halves < k_end // 2) & (r < M), other=0)
-        return _widen_pairs(pairs, X_BF16)
+        return widen_pairs(pairs, X_BF16)
     ks = k0 + tl.arange(0, BLOCK_K)
     return tl.load(x_ptr + r * x_row_stride + ks, mask=(ks < k_end) & (r < M), other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _emit_row(result, r, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
-              ROWS: tl.constexpr):
-    """Row r's sums [BLOCK_N / 8, 8] of this split: the output itself when K is not split, else
-    the split's partials (partials [splits, ROWS, N], added by the column block's last program)."""
+def emit_row(result, r, M, N, cols, col_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+             ROWS: tl.constexpr):
+    """Row r's sums (any shape, as cols and col_mask) of this split: the output itself when K is not
+    split, else the split's partials (partials [splits, ROWS, N], added by reduce_splits)."""
     if splits == 1:
-        tl.store(out_ptr + r * out_row_stride + cols, result.to(out_ptr.dtype.element_ty),
-                 mask=word_mask[:, None] & (r < M))
+        tl.store(out_ptr + r * out_row_stride + cols, result.to(out_ptr.dtype.element_ty), mask=col_mask & (r < M))
     else:
-        tl.store(partial_ptr + (split * ROWS + r) * N + cols, result, mask=word_mask[:, None])
+        tl.store(partial_ptr + (split * ROWS + r) * N + cols, result, mask=col_mask)
+
+
+@triton.jit
+def reduce_splits(pid_n, M, N, cols, col_mask, splits, out_ptr, out_row_stride, partial_ptr, counter_ptr,
+                  ROWS: tl.constexpr):
+    """After this program's emit_row calls: count its arrival at column block pid_n; the last of
+    the block's splits to arrive adds their partials in split order (deterministic), writes the
+    output and resets the counter for the next launch."""
+    tl.debug_barrier()  # every thread's partials are written before the arrival is published
+    arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")  # one thread; orders the stores
+    if arrived == splits - 1:
+        for r in tl.static_range(ROWS):
+            total = tl.zeros_like(cols).to(tl.float32)
+            for s in range(0, splits):
+                total += tl.load(partial_ptr + (s * ROWS + r) * N + cols, mask=col_mask, other=0.0,
+                                 cache_modifier=".cg")
+            tl.store(out_ptr + r * out_row_stride + cols, total.to(out_ptr.dtype.element_ty),
+                     mask=col_mask & (r < M))
+        tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
 
 
 @triton.jit
@@ -113,7 +132,7 @@ def _group_params(scale_pairs_ptr, qzeros_ptr, group, words, word_mask, scales_r
 
 
 @triton.jit
-def _widen_pairs(pairs, BF16: tl.constexpr):
+def widen_pairs(pairs, BF16: tl.constexpr):
     """int32 pairs [..., P] of 16-bit floats (element 2i in the low half, 2i + 1 in the high) ->
     float32 [..., 2P] in element order."""
     if BF16:  # bfloat16 is float32's upper half
@@ -166,7 +185,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
             x2 = _x_tile(x_ptr, 2, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
             x3 = _x_tile(x_ptr, 3, M, k0, k_end, x_row_stride, BLOCK_K, X_PAIRS, X_BF16)
         if kk % GROUP_SIZE == 0:  # a new group: W = (128 + q) * s - (128 + z) * s, one multiply-add
-            scales = _widen_pairs(next_pairs, SCALES_BF16)
+            scales = widen_pairs(next_pairs, SCALES_BF16)
             offsets = unbiasing_offsets(awq_unpack(next_zero_words), scales)  # [BLOCK_N / 8, 8]
             following = tl.where(k0 + GROUP_SIZE < k_end, k0 // GROUP_SIZE + 1, k0 // GROUP_SIZE)
             next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, following, words, word_mask,
@@ -179,27 +198,18 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
             acc2 += x2[:, None, None] * w
             acc3 += x3[:, None, None] * w
     # splits == 1: each row straight to the output; else to partials [splits, ROWS, N]
-    _emit_row(tl.sum(acc0, axis=0), 0, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr, ROWS)
+    col_mask = word_mask[:, None]
+    emit_row(tl.sum(acc0, axis=0), 0, M, N, cols, col_mask, split, splits, out_ptr, out_row_stride, partial_ptr, ROWS)
     if ROWS > 1:
-        _emit_row(tl.sum(acc1, axis=0), 1, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
-                  ROWS)
+        emit_row(tl.sum(acc1, axis=0), 1, M, N, cols, col_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                 ROWS)
     if ROWS > 2:
-        _emit_row(tl.sum(acc2, axis=0), 2, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
-                  ROWS)
-        _emit_row(tl.sum(acc3, axis=0), 3, M, N, cols, word_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
-                  ROWS)
+        emit_row(tl.sum(acc2, axis=0), 2, M, N, cols, col_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                 ROWS)
+        emit_row(tl.sum(acc3, axis=0), 3, M, N, cols, col_mask, split, splits, out_ptr, out_row_stride, partial_ptr,
+                 ROWS)
     if splits > 1:
-        tl.debug_barrier()  # every thread's partials are written before the arrival is published
-        arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")  # one thread; orders the stores
-        if arrived == splits - 1:  # the last split to arrive reduces, in split order
-            for r in tl.static_range(ROWS):
-                total = tl.zeros((BLOCK_N // 8, 8), dtype=tl.float32)
-                for s in range(0, splits):
-                    total += tl.load(partial_ptr + (s * ROWS + r) * N + cols, mask=word_mask[:, None], other=0.0,
-                                     cache_modifier=".cg")
-                tl.store(out_ptr + r * out_row_stride + cols, total.to(out_ptr.dtype.element_ty),
-                         mask=word_mask[:, None] & (r < M))
-            tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
+        reduce_splits(pid_n, M, N, cols, col_mask, splits, out_ptr, out_row_stride, partial_ptr, counter_ptr, ROWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,7 +222,7 @@ def _sm_count(device: torch.device) -> int:
 _counters: Dict[torch.device, torch.Tensor] = {}
 
 
-def _arrival_counters(device: torch.device) -> torch.Tensor:
+def arrival_counters(device: torch.device) -> torch.Tensor:
     """The device's zeroed arrival counters, made on first use. Made outside a CUDA graph capture (a
     buffer made inside one would belong to that graph's memory pool): the engine runs every layer
     eagerly before it captures."""
@@ -236,12 +246,22 @@ def split_count(n: int, k: int, group_size: int, block_n: int, device: torch.dev
     return max(1, min(triton.cdiv(wanted, programs), _MAX_SPLITS, k // group_size))
 
 
+def x_as_pairs(x: torch.Tensor):
+    """(x argument, its row stride, whether pairs): 16-bit x as int32 pairs (see _x_tile) where its
+    rows start on 4-byte boundaries, else x itself."""
+    if x.element_size() == 2 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0:
+        return x.view(torch.int32), x.stride(0) // 2, True
+    return x, x.stride(0), False
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                group_size: int, config: Optional[GemvConfig] = None) -> torch.Tensor:
     """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype, for M <= MAX_ROWS. Arguments as
     w4a16_gemm's. One launch, no host synchronization (CUDA-graph safe)."""
     config = config or (DEFAULT_CONFIG if x.shape[0] <= 1 else FEW_ROWS_CONFIG)
     block_k = k_tile(group_size, config.block_k)
+    if qweight.dim() != 2:
+        raise ValueError("w4a16_gemv: qweight must be AutoAWQ's [K, N / 8] (slabs take w4a16_gemv_slabs)")
     check_w4a16_args("w4a16_gemv", x, qweight, qzeros, scales, group_size, block_k)
     m, k = x.shape
     if scales.dtype not in (torch.float16, torch.bfloat16):
@@ -258,13 +278,11 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     splits = triton.cdiv(k // group_size, groups_per_split)  # no empty share
     rows = triton.next_power_of_2(m)
     column_blocks = triton.cdiv(n, block_n)
-    counters = _arrival_counters(x.device)
+    counters = arrival_counters(x.device)
     if column_blocks > counters.numel():
         raise ValueError(f"w4a16_gemv: N={n} needs {column_blocks} column blocks, more than {counters.numel()}")
     partials = torch.empty((splits, rows, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
-    # 16-bit x goes as int32 pairs (see _x_tile) where its rows start on 4-byte boundaries
-    x_pairs = x.element_size() == 2 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
-    x_arg, x_row_stride = (x.view(torch.int32), x.stride(0) // 2) if x_pairs else (x, x.stride(0))
+    x_arg, x_row_stride, x_pairs = x_as_pairs(x)
     _w4a16_gemv_kernel[(column_blocks, splits)](
         x_arg, qweight, qzeros, scales.view(torch.int32), out, partials, counters, m, n, k,
         groups_per_split * group_size, splits, BIASED_BITS, x_row_stride, qweight.stride(0), qzeros.stride(0),

@@ -7,10 +7,10 @@ Per linear layer (K = in_features, N = out_features, G = group_size):
     W[k, n] = (q[k, n] - z[k // G, n]) * s[k // G, n];  y = x @ W (+ bias)
 The same runtime layout serves GPTQ checkpoints (gptq.py repacks them into it at load time).
 
-On a CUDA device with Triton the matmul dequantizes in registers (kernels/w4a16_gemv.py for a few
-rows, kernels/w4a16_gemm.py up to DEQUANT_MIN_ROWS) or, for prefill-sized inputs, dequantizes the
-weight with kernels/w4a16_dequant.py and calls matmul; elsewhere it dequantizes in torch, then
-matmuls.
+On a CUDA device with Triton, qweight is repacked at load into K slabs (USE_SLABS) and the matmul
+dequantizes in registers (kernels/w4a16_gemv_slabs.py for a few rows, kernels/w4a16_gemm.py up to
+DEQUANT_MIN_ROWS) or, for prefill-sized inputs, dequantizes the weight with kernels/w4a16_dequant.py
+and calls matmul; elsewhere it dequantizes in torch, then matmuls.
 """
 from __future__ import annotations
 
@@ -32,6 +32,14 @@ PACK = 8  # int4 values per int32 word
 # DEQUANT_MIN_ROWS on, the weight is dequantized and cuBLAS multiplies (benchmarks/gpu_quant.py
 # sweep on an H200: at 256 rows dequantize + cuBLAS took 0.71-0.78x the fused GEMM's best time).
 DEQUANT_MIN_ROWS = 256
+# On K slabs dequantizing (0.5 byte read, 2 written a weight, 2 read back by cuBLAS) wins from far fewer
+# rows: 1.25x the fused GEMM's best at 32 rows, 1.57x at 64 (same sweep, BENCHMARKS.md 2026-11-29
+# fourth session); at 16 the dequantization's measured 148 us a layer plus cuBLAS is ~9% under the GEMM
+SLAB_DEQUANT_MIN_ROWS = 16
+# Where the Triton kernels run, qweight is repacked at load into K slabs [K / 32, N, 4] (kernels/
+# w4a16_gemv_slabs.py: a thread sums a column's 32 values in registers), where K and the group size
+# allow; False keeps AutoAWQ's [K, N / 8] as loaded.
+USE_SLABS = True
 
 
 def awq_dequantize(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, group_size: int,
@@ -58,14 +66,19 @@ def triton_usable(device: torch.device, group_size: int) -> bool:
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
                  group_size: int, use_triton: bool) -> torch.Tensor:
-    """x [M, K] @ W [K, N] -> [M, N] in x's dtype, W in AWQ layout."""
+    """x [M, K] @ W [K, N] -> [M, N] in x's dtype, W in AWQ layout (qweight [K, N / 8]) or, where
+    the Triton kernels run, in K slabs (qweight [K / 32, N, 4], see USE_SLABS)."""
     if not use_triton:
         return x @ awq_dequantize(qweight, qzeros, scales, group_size, x.dtype)
     from ...kernels.w4a16_gemv import MAX_ROWS, w4a16_gemv
 
     if x.shape[0] <= MAX_ROWS:
+        if qweight.dim() == 3:
+            from ...kernels.w4a16_gemv_slabs import w4a16_gemv_slabs
+
+            return w4a16_gemv_slabs(x, qweight, qzeros, scales, group_size)
         return w4a16_gemv(x, qweight, qzeros, scales, group_size)
-    if x.shape[0] >= DEQUANT_MIN_ROWS:
+    if x.shape[0] >= (SLAB_DEQUANT_MIN_ROWS if qweight.dim() == 3 else DEQUANT_MIN_ROWS):
         from ...kernels.w4a16_dequant import w4a16_dequantize
 
         return x @ w4a16_dequantize(qweight, qzeros, scales, group_size, x.dtype)
@@ -92,6 +105,11 @@ class W4A16Runtime(LinearMethod):
 
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         layer.use_triton = triton_usable(layer.qweight.device, layer.group_size)
+        if layer.use_triton and USE_SLABS:
+            from ...kernels.w4a16_gemv_slabs import awq_to_slabs, slabs_usable
+
+            if slabs_usable(layer.qweight.shape[0], layer.group_size):
+                layer.qweight = nn.Parameter(awq_to_slabs(layer.qweight.data), requires_grad=False)
 
     def apply(self, layer: nn.Module, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
