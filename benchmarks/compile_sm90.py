@@ -32,7 +32,8 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
-from tidemind.kernels import activation, rms_norm, rotary, w4a16_dequant, w4a16_gemm, w4a16_gemv  # noqa: E402
+from tidemind.kernels import (activation, rms_norm, rotary, w4a16_dequant, w4a16_gemm, w4a16_gemv,  # noqa: E402
+                              w4a16_gemv_slabs)
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
@@ -155,12 +156,13 @@ def w4a16_variants(dtype):
     qweight = torch.zeros(k, n // 8, dtype=torch.int32)
     qzeros = torch.zeros(k // group, n // 8, dtype=torch.int32)
     scales = torch.zeros(k // group, n, dtype=torch.float16)
-    from gpu_quant import GEMM_SWEEP, GEMV_SWEEP  # the configurations the GPU run times
+    slabs = torch.zeros(k // w4a16_gemv_slabs.SLAB, n, w4a16_gemv_slabs.SLAB_WORDS, dtype=torch.int32)
+    from gpu_quant import GEMM_SWEEP, GEMV_SWEEP, SLAB_GEMV_SWEEP  # the configurations the GPU run times
 
     import dataclasses
 
     if QUICK:
-        GEMV_SWEEP, GEMM_SWEEP = [], []  # noqa: N806 (the defaults only)
+        GEMV_SWEEP, GEMM_SWEEP, SLAB_GEMV_SWEEP = [], [], []  # noqa: N806 (the defaults only)
     compiled_alike = [dataclasses.replace(c, programs_per_sm=1)
                       for c in (w4a16_gemv.DEFAULT_CONFIG, w4a16_gemv.FEW_ROWS_CONFIG, *GEMV_SWEEP)]
     for rows in (1, 4) if QUICK else (1, 2, 4):
@@ -168,11 +170,21 @@ def w4a16_variants(dtype):
             yield (f"w4a16_gemv M{rows} {config}",
                    lambda rows=rows, config=config: w4a16_gemv.w4a16_gemv(torch.zeros(rows, k, dtype=dtype), qweight,
                                                                           qzeros, scales, group, config))
+    slab_alike = [dataclasses.replace(c, programs_per_sm=1)
+                  for c in (w4a16_gemv_slabs.DEFAULT_CONFIG, *SLAB_GEMV_SWEEP)]
+    for rows in (1, 4) if QUICK else (1, 2, 4):
+        for config in dict.fromkeys(slab_alike):
+            yield (f"w4a16_gemv_slabs M{rows} {config}",
+                   lambda rows=rows, config=config: w4a16_gemv_slabs.w4a16_gemv_slabs(
+                       torch.zeros(rows, k, dtype=dtype), slabs, qzeros, scales, group, config))
     for config in dict.fromkeys((w4a16_gemm.default_config(256, n), *GEMM_SWEEP)):
-        yield (f"w4a16_gemm {config}",
-               lambda config=config: w4a16_gemm.w4a16_gemm(torch.zeros(256, k, dtype=dtype), qweight, qzeros, scales,
-                                                            group, config))
-    yield "w4a16_dequantize", lambda: w4a16_dequant.w4a16_dequantize(qweight, qzeros, scales, group, dtype)
+        for weights, layout in ((qweight, ""), (slabs, " slabs")):
+            yield (f"w4a16_gemm{layout} {config}",
+                   lambda config=config, weights=weights: w4a16_gemm.w4a16_gemm(
+                       torch.zeros(256, k, dtype=dtype), weights, qzeros, scales, group, config))
+    for weights, layout in ((qweight, ""), (slabs, " slabs")):
+        yield (f"w4a16_dequantize{layout}",
+               lambda weights=weights: w4a16_dequant.w4a16_dequantize(weights, qzeros, scales, group, dtype))
 
 
 def main() -> int:

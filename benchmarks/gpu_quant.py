@@ -17,10 +17,13 @@ PASS under 1.5e-2, the tests' bf16 bound); (c) timings, median, weight sets rota
 device time, and proof the launchers can be captured), the reference eagerly, and bf16 cuBLAS
 (F.linear on the dense weight, also from a graph) beside them; bandwidth counts every byte the
 kernel must read or write once, and is given as a share of the copy ceiling.
-sweep: every configuration of GEMV_SWEEP (M = 1, 4) and GEMM_SWEEP (M = 8 .. 4096), plus dequantize-
-then-cuBLAS from M = 256, timed as in kernels at the four shapes; per M, the configurations ranked by
+sweep: every configuration of GEMV_SWEEP and SLAB_GEMV_SWEEP (M = 1, 4; the second on K slabs,
+kernels/w4a16_gemv_slabs.py) and of GEMM_SWEEP on either layout (M = 8 .. 4096), plus dequantize-
+then-cuBLAS from M = 32, timed as in kernels at the four shapes; per M, the configurations ranked by
 their time summed over the four shapes (one decoder layer's linear layers), which is what the
-defaults in kernels/w4a16_gemv.py, kernels/w4a16_gemm.py and layers/quantization/awq.py are set from.
+defaults in kernels/w4a16_gemv*.py, kernels/w4a16_gemm.py and layers/quantization/awq.py are set from.
+SWEEP_PARTS="gemv" or "gemm" times one part; SWEEP_GEMM_ROWS="4 16 64" picks the GEMM's row counts,
+SWEEP_GEMM_FIRST=5 its first five configurations (a sweep short enough to share a device call).
 q1: `tidemind lite auto_awq MODEL --rtn --w-group-size 128` on the GPU (timed), then benchmarks/
 gpu_bench.py's D1 and T1 on the result (and on the bf16 model with --bf16-too, for the ratio); the
 model is the `llama8b-shape` directory made by ../shared/bench/gpu/mkmodel.py (see benchmarks/
@@ -64,7 +67,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from tidemind.bench.device_ceilings import measure_copy_bandwidth  # noqa: E402
 from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
 from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
+from tidemind.kernels import w4a16_gemv as gemv_module  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
+from tidemind.kernels import w4a16_gemv_slabs as slabs_module  # noqa: E402
+from tidemind.kernels.w4a16_gemv_slabs import SlabGemvConfig, awq_to_slabs, w4a16_gemv_slabs  # noqa: E402
+from tidemind.layers.quantization import awq as awq_module  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq  # noqa: E402
 
@@ -85,16 +92,23 @@ RESULTS: List[dict] = []
 # or eight worse, and 5 stages beat 3: these explore fewer words and deeper pipelines
 GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=p, stages=st)
               for bn, bk, w in ((64, 16, 2), (64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4))
-              for st in (5, 8, 12) for p in (4, 8)]
+              for st in (5, 8) for p in (4, 8)]
+# The GEMV on K slabs (kernels/w4a16_gemv_slabs.py): columns a program (a thread holds block_n /
+# (32 x warps) of them), warps, pipeline depth in slabs, programs a SM
+SLAB_GEMV_SWEEP = [SlabGemvConfig(block_n=bn, num_warps=w, programs_per_sm=p, stages=st)
+                   for bn, w in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4)) for st in (3, 5) for p in (4, 8)]
 GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap) for tiles, swap in (
     ((16, 64, 64, 4, 3), False), ((16, 128, 64, 4, 3), False), ((32, 128, 64, 4, 3), False),
     ((64, 128, 64, 4, 3), False), ((64, 128, 64, 4, 4), False), ((64, 256, 64, 8, 3), False),
     ((128, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False), ((128, 128, 32, 4, 4), False),
     ((16, 128, 64, 4, 3), True), ((32, 128, 64, 4, 3), True), ((64, 128, 64, 4, 3), True),
     ((64, 256, 64, 8, 3), True), ((128, 128, 64, 8, 3), True), ((16, 64, 128, 4, 3), True))]
-SWEEP_PARTS = os.environ.get("SWEEP_PARTS", "gemv gemm").split()  # "gemv" alone: M = 1 only, ~1 minute
-SWEEP_GEMV_ROWS = [1] if SMOKE or "gemm" not in SWEEP_PARTS else [1, 4]
-SWEEP_GEMM_ROWS = ([8, 16, 64, 256, 1024, 4096] if not SMOKE else [17]) if "gemm" in SWEEP_PARTS else []
+if os.environ.get("SWEEP_GEMM_FIRST"):  # only the first few GEMM configurations (a short sweep)
+    GEMM_SWEEP = GEMM_SWEEP[:int(os.environ["SWEEP_GEMM_FIRST"])]
+SWEEP_PARTS = os.environ.get("SWEEP_PARTS", "gemv gemm").split()  # "gemv" alone: M = 1 and 4, ~4 minutes
+SWEEP_GEMV_ROWS = ([1] if SMOKE else [1, 4]) if "gemv" in SWEEP_PARTS else []
+SWEEP_GEMM_ROWS = ([int(m) for m in os.environ.get("SWEEP_GEMM_ROWS", "8 16 64 256 1024 4096").split()] if not SMOKE
+                   else [17]) if "gemm" in SWEEP_PARTS else []
 CMD = "python benchmarks/gpu_quant.py " + " ".join(sys.argv[1:])
 
 
@@ -155,10 +169,13 @@ def weight_sets(k: int, n: int):
     return w_bytes, [awq_set(k, n, seed) for seed in range(count)]
 
 
-def check(kernel, x, weights) -> float:
+def check(kernel, x, weights, kernel_weights=None) -> float:
+    """kernel's largest error relative to the largest output, against dequantize-then-matmul of
+    AutoAWQ-layout weights; kernel_weights: the same weights as the kernel reads them (K slabs)."""
     qweight, qzeros, scales, _ = weights
     expected = x.float() @ awq_dequantize(qweight, qzeros, scales, GROUP, torch.float32)
-    return ((kernel(x, qweight, qzeros, scales, GROUP).float() - expected).abs().max() / expected.abs().max()).item()
+    actual = kernel(x, *(kernel_weights or weights)[:3], GROUP).float()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def kernels() -> None:
@@ -188,14 +205,19 @@ def kernels() -> None:
 
 
 def launches() -> None:
-    """The default GEMV at M = 1 once per shape to warm up (compile), then once per shape again: the
-    second four are the launches benchmarks/gpu_run.sh's gemvprof stage has ncu profile."""
+    """The default GEMVs at M = 1 once per shape to warm up (compile), then once per shape again: the
+    second eight (AutoAWQ's layout, then K slabs) are the launches benchmarks/gpu_run.sh's gemvprof
+    stage has ncu profile."""
     inputs = [(torch.randn(1, k, device=DEVICE).to(BF16), awq_set(k, n, seed=0)[:3]) for _, k, n in SHAPES]
     for rep in ("warm-up", "profiled"):
-        for (name, k, n), (x, weights) in zip(SHAPES, inputs):
-            w4a16_gemv(x, *weights, GROUP)
-            synchronize()
-            print(f"{rep} {name} {k}->{n}", flush=True)
+        for layout in ("awq", "slabs"):
+            for (name, k, n), (x, (qweight, qzeros, scales)) in zip(SHAPES, inputs):
+                if layout == "awq":
+                    w4a16_gemv(x, qweight, qzeros, scales, GROUP)
+                else:
+                    w4a16_gemv_slabs(x, awq_to_slabs(qweight), qzeros, scales, GROUP)
+                synchronize()
+                print(f"{rep} {layout} {name} {k}->{n}", flush=True)
 
 
 def dequantize_then_matmul(x, qweight, qzeros, scales, group, config=None):
@@ -209,20 +231,27 @@ def sweep() -> None:
     configs = {}  # candidate -> its GemvConfig / GemmConfig (None for the others)
     for name, k, n in SHAPES:
         w_bytes, sets = weight_sets(k, n)
-        candidates = [(m, f"gemv {c}", w4a16_gemv, c) for m in SWEEP_GEMV_ROWS for c in GEMV_SWEEP]
-        candidates += [(m, f"gemm {c}", w4a16_gemm, c) for m in SWEEP_GEMM_ROWS for c in GEMM_SWEEP]
-        candidates += [(m, "dequantize + cuBLAS", dequantize_then_matmul, None) for m in SWEEP_GEMM_ROWS if m >= 256]
-        candidates += [(m, "bf16 cuBLAS (dense)", None, None) for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS]
-        for m, label, kernel, config in candidates:
+        # (m, label, kernel, config, whether the kernel reads K slabs)
+        candidates = [(m, f"gemv {c}", w4a16_gemv, c, False) for m in SWEEP_GEMV_ROWS for c in GEMV_SWEEP]
+        candidates += [(m, f"gemv slabs {c}", w4a16_gemv_slabs, c, True) for m in SWEEP_GEMV_ROWS
+                       for c in SLAB_GEMV_SWEEP]
+        candidates += [(m, f"gemm{' slabs' if on_slabs else ''} {c}", w4a16_gemm, c, on_slabs)
+                       for m in SWEEP_GEMM_ROWS for c in GEMM_SWEEP for on_slabs in (False, True)]
+        candidates += [(m, f"dequantize{' slabs' if on_slabs else ''} + cuBLAS", dequantize_then_matmul, None, on_slabs)
+                       for m in SWEEP_GEMM_ROWS if m >= 32 for on_slabs in (False, True)]
+        candidates += [(m, "bf16 cuBLAS (dense)", None, None, False) for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS]
+        slab_sets = [(awq_to_slabs(s[0]), *s[1:]) for s in sets]
+        for m, label, kernel, config, on_slabs in candidates:
             configs[label] = config
             x = torch.randn(m, k, device=DEVICE).to(BF16)
+            layout_sets = slab_sets if on_slabs else sets
             if kernel is None:
                 err, (ms, how) = 0.0, time_ms(lambda: [F.linear(x, s[3]) for s in sets], len(sets), graph=True)
             else:
                 def run(x, qweight, qzeros, scales, group, kernel=kernel, config=config):
                     return kernel(x, qweight, qzeros, scales, group, config=config)
-                err = check(run, x, sets[0])
-                ms, how = time_ms(lambda: [run(x, *s[:3], GROUP) for s in sets], len(sets), graph=True)
+                err = check(run, x, sets[0], layout_sets[0])
+                ms, how = time_ms(lambda: [run(x, *s[:3], GROUP) for s in layout_sets], len(sets), graph=True)
             gbs = (w_bytes + 2 * m * (k + n)) / ms / 1e6
             record(kind="w4a16-sweep", name=name, k=k, n=n, m=m, candidate=label, timed=how, us=round(ms * 1e3, 2),
                    gbs=round(gbs, 1), roofline_share=round(gbs / ceiling, 3), tflops=round(2 * m * k * n / ms / 1e9, 2),
@@ -241,23 +270,27 @@ def sweep() -> None:
             config = configs[label]
             record(kind="w4a16-sweep-rank", m=m, candidate=label, layer_us=round(us, 2),
                    speedup_vs_bf16=round(dense / us, 3), max_rel_err=float(f"{err:.2e}"),
-                   gemv_config=dataclasses.asdict(config) if isinstance(config, GemvConfig) else None)
+                   gemv_config=dataclasses.asdict(config) if isinstance(config, (GemvConfig, SlabGemvConfig))
+                   else None, slabs="slabs" in label)
 
 
 def use_best_gemv_config() -> None:
     """Run the engine with the best M = 1 GEMV configuration of a sweep earlier in this call (its
     records in OUT_FILE), if there was one: what that configuration gives end to end."""
-    from tidemind.kernels import w4a16_gemv as gemv_module
-
     if not os.path.exists(OUT_FILE):
         return
     with open(OUT_FILE) as f:
         ranked = [r for r in map(json.loads, f) if r.get("kind") == "w4a16-sweep-rank" and r["m"] == 1
                   and r.get("gemv_config")]
     if ranked:
-        gemv_module.DEFAULT_CONFIG = GemvConfig(**min(ranked, key=lambda r: r["layer_us"])["gemv_config"])
-        print(f"GEMV configuration from this call's sweep: {gemv_module.DEFAULT_CONFIG}", flush=True)
-        record(kind="q1", name="gemv-config", config=str(gemv_module.DEFAULT_CONFIG))
+        best = min(ranked, key=lambda r: r["layer_us"])
+        awq_module.USE_SLABS = best.get("slabs", False)
+        if awq_module.USE_SLABS:
+            slabs_module.DEFAULT_CONFIG = config = SlabGemvConfig(**best["gemv_config"])
+        else:
+            gemv_module.DEFAULT_CONFIG = config = GemvConfig(**best["gemv_config"])
+        print(f"GEMV configuration from this call's sweep: {config}, on K slabs: {awq_module.USE_SLABS}", flush=True)
+        record(kind="q1", name="gemv-config", config=str(config), slabs=awq_module.USE_SLABS)
 
 
 def q1(model: str, bf16_too: bool) -> None:

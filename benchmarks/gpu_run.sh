@@ -25,7 +25,8 @@
 #             (S1_ENGINE_MODES picks), each after a warm-up as T1's
 #   t1        tidemind: T1 alone (warm-up, T1_REP reps), the figure S1 is judged against (needs mk)
 #   sweep     benchmarks/gpu_quant.py sweep: the W4A16 GEMV / GEMM tile configurations at llama8b's shapes
-#   gemvprof  ncu (Nsight Compute, clocks left alone) on the default W4A16 GEMV at llama8b's four shapes, M = 1:
+#   gemvprof  ncu (Nsight Compute, clocks left alone) on the default W4A16 GEMVs (AutoAWQ's layout, then K slabs)
+#             at llama8b's four shapes, M = 1, with DRAM bytes read and L2 hit rates:
 #             speed of light, occupancy, scheduler and warp-stall statistics, memory workload, stalls per
 #             source line; text in $OUT/gemvprof.log (benchmarks/gpu_quant.py launches; no model needed)
 #   q1        benchmarks/gpu_quant.py q1: an RTN W4A16 copy of /tmp/llama8b, its D1 and T1 (Q1_ARGS=--bf16-too:
@@ -75,8 +76,9 @@ has serve && stage serve ${SERVE_LIM:-240} python3 benchmarks/gpu_bench.py serve
 has t1 && stage t1 ${T1_LIM:-150} python3 benchmarks/gpu_bench.py t1 $MD
 has sweep && TAILN=${TAILN:-60} stage sweep ${SWEEP_LIM:-300} python3 benchmarks/gpu_quant.py sweep
 has gemvprof && TAILN=${TAILN:-40} stage gemvprof ${GEMVPROF_LIM:-240} ncu --clock-control none \
-  -k regex:_w4a16_gemv_kernel --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy \
+  -k regex:_w4a16_gemv --launch-skip 8 --launch-count 8 --section SpeedOfLight --section Occupancy \
   --section SchedulerStats --section WarpStateStats --section MemoryWorkloadAnalysis --section SourceCounters \
+  --metrics dram__bytes_read.sum,lts__t_sectors_srcunit_tex_op_read.sum,lts__t_sector_hit_rate.pct \
   python3 benchmarks/gpu_quant.py launches
 has q1 && stage q1 ${Q1_LIM:-360} python3 benchmarks/gpu_quant.py q1 $MD ${Q1_ARGS:-}
 has profile && stage profile ${PROFILE_LIM:-150} python3 benchmarks/gpu_profile.py $MD
