@@ -33,8 +33,8 @@ PACK = 8  # int4 values per int32 word
 # sweep on an H200: at 256 rows dequantize + cuBLAS took 0.71-0.78x the fused GEMM's best time).
 DEQUANT_MIN_ROWS = 256
 # On K slabs dequantizing (0.5 byte read, 2 written a weight, 2 read back by cuBLAS) wins from far fewer
-# rows: 1.25x the fused GEMM's best at 32 rows, 1.57x at 64 (same sweep, BENCHMARKS.md 2026-11-29
-# fourth session); at 16 the dequantization's measured 148 us a layer plus cuBLAS is ~9% under the GEMM
+# rows: 1.25x the fused GEMM's best at 32 rows, 1.57x at 64 (BENCHMARKS.md, 2026-11-29 fourth
+# session); at 16 its 148 us a layer plus cuBLAS is ~3% over the GEMM, so the two cross near 18 rows
 SLAB_DEQUANT_MIN_ROWS = 16
 # Where the Triton kernels run, qweight is repacked at load into K slabs [K / 32, N, 4] (kernels/
 # w4a16_gemv_slabs.py: a thread sums a column's 32 values in registers), where K and the group size
