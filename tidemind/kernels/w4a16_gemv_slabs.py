@@ -93,8 +93,10 @@ def _slab_x(x_ptr, r, M, t, x_row_stride, X_PAIRS: tl.constexpr, X_BF16: tl.cons
 @triton.jit
 def _slab_row_sums(biased, x):
     """(sum_k x_k (128 + q_k) per column [BLOCK_N], sum_k x_k) of one slab: biased [BLOCK_N, 4, 8],
-    x [4, 8]; every term of a column in its own thread."""
-    return tl.sum(tl.sum(biased * x[None, :, :], axis=2), axis=1), tl.sum(tl.sum(x, axis=1), axis=0)
+    x [4, 8]; every term of a column in its own thread. One sum over the 32 (not 8, then 4): the
+    compiler chains its products into 32 multiply-adds (the two-level sum took 35 instructions)."""
+    products = tl.reshape(biased * x[None, :, :], (biased.shape[0], _SLAB))
+    return tl.sum(products, axis=1), tl.sum(tl.reshape(x, (_SLAB,)), axis=0)
 
 
 @triton.jit
