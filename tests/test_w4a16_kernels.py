@@ -20,7 +20,7 @@ triton = pytest.importorskip("triton")
 
 from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
 from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
-from tidemind.kernels import w4a16_gemv as gemv_module  # noqa: E402
+from tidemind.kernels import split_k  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, split_count, w4a16_gemv  # noqa: E402
 from tidemind.kernels.w4a16_gemv_slabs import (SlabGemvConfig, awq_to_slabs, slabs_to_awq,  # noqa: E402
                                                w4a16_gemv_slabs)
@@ -172,7 +172,7 @@ def test_gemv_refuses_float32_scales():
 def test_gemv_reads_no_group_past_the_last_split(monkeypatch):
     # 10 groups in 3 splits of 4: the last holds 2; were it to walk as far as the others, it would
     # read the scales and zeros of the groups past K, here NaN
-    monkeypatch.setattr(gemv_module, "_sm_count", lambda device: 1)  # 3 programs per SM -> 3 splits
+    monkeypatch.setattr(split_k, "sm_count", lambda device: 1)  # 3 programs per SM -> 3 splits
     qweight, qzeros, scales = awq_tensors(320, 64, 32, seed=3)
     padded = torch.full((scales.shape[0] + 4, scales.shape[1]), float("nan"), dtype=scales.dtype, device=DEVICE)
     padded[: scales.shape[0]] = scales
@@ -190,6 +190,22 @@ def test_gemv_arrival_counters_are_reset_for_the_next_launch():
     config = GemvConfig(block_n=64, block_k=32, programs_per_sm=64)
     for seed in range(3):
         check(w4a16_gemv, 1, 256 + 32 * seed, 128, 32, torch.float32, config)
+
+
+@pytest.mark.parametrize("slabs", [False, True], ids=["awq", "slabs"])
+@pytest.mark.parametrize("config", [GemmConfig(16, 64, 32, programs_per_sm=64),
+                                    GemmConfig(32, 64, 16, swap_ab=True, programs_per_sm=64)], ids=str)
+def test_gemm_splits_k_when_tiles_are_few(config, slabs):
+    # 2 x 4 output tiles and 64 programs wanted a SM: K split into its BLOCK_K tiles (320 / 32 = 10,
+    # or 20 of 16), the last program of each tile adding the splits; run twice, the arrival
+    # counters must be back at 0 for the second launch
+    qweight, qzeros, scales = awq_tensors(320, 200, 32, seed=4)
+    weights = awq_to_slabs(qweight) if slabs else qweight
+    for m in (17, 30):
+        x = torch.randn(m, 320, generator=torch.Generator().manual_seed(m)).to(DEVICE)
+        expected = x @ awq_dequantize(qweight, qzeros, scales, 32, torch.float32)
+        actual = w4a16_gemm(x, weights, qzeros, scales, 32, config)
+        assert (actual - expected).abs().max().item() <= TOL[torch.float32] * expected.abs().max().item()
 
 
 def test_gemv_refuses_more_rows_than_it_takes():

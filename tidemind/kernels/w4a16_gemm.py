@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .split_k import add_splits, arrival_counters, last_to_arrive, reset_arrivals, splits_for
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PACK = 8
@@ -47,6 +48,7 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     swap_ab: bool = False
+    programs_per_sm: int = 2  # K is split (split_k.py) when the output tiles alone are fewer
 
 
 def default_config(m: int, n: int) -> GemmConfig:
@@ -135,12 +137,14 @@ def slab_tile(slabs_ptr, k0, cols, col_mask, N, biased_bits, BLOCK_K: tl.constex
 
 
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N, K, group_size, biased_bits,
+def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, partial_ptr, counter_ptr, M, N, K,
+                       k_per_split, splits, group_size, biased_bits,
                        x_row_stride, qweight_row_stride, qzeros_row_stride, scales_row_stride, out_row_stride,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        DOT_PRECISION: tl.constexpr, SWAP_AB: tl.constexpr, SLABS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)  # this program's K share: [split * k_per_split, + k_per_split)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns
     words = pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8)  # [BLOCK_N / 8] packed columns
@@ -153,7 +157,7 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(split * k_per_split, tl.minimum(split * k_per_split + k_per_split, K), BLOCK_K):
         group = k0 // group_size
         zero_words = tl.load(qzeros_ptr + group * qzeros_row_stride + words, mask=word_mask, other=0)
         scales = tl.load(scales_ptr + group * scales_row_stride + cols, mask=col_mask, other=0.0).to(tl.float32)
@@ -173,12 +177,22 @@ def _w4a16_gemm_kernel(x_ptr, qweight_ptr, qzeros_ptr, scales_ptr, out_ptr, M, N
         else:
             x = tl.load(x_rows[:, None] + (k0 + ks)[None, :], mask=row_mask[:, None], other=0.0)  # [BLOCK_M, BLOCK_K]
             acc += tl.dot(x, w.to(x.dtype), input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        tile = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
+    else:
+        tile = acc
     out = out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
-    if SWAP_AB:
-        tl.store(out, tl.trans(acc).to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if splits == 1:
+        tl.store(out, tile.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # partials [splits, M, N]; the tile's last split to arrive adds them (split_k.py)
+        in_split = rows.to(tl.int64)[:, None] * N + cols[None, :]
+        tl.store(partial_ptr + split * M * N + in_split, tile, mask=mask)
+        tile_index = pid_m * tl.num_programs(1) + pid_n
+        if last_to_arrive(counter_ptr, tile_index, splits):
+            total = add_splits(partial_ptr, in_split, M * N, splits, mask)
+            tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
+            reset_arrivals(counter_ptr, tile_index)
 
 
 def check_w4a16_args(name: str, x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor,
@@ -233,8 +247,16 @@ def w4a16_gemm(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n))
-    _w4a16_gemm_kernel[grid](x, qweight, qzeros, scales, out, m, n, k, group_size, BIASED_BITS,
+    tiles = triton.cdiv(m, config.block_m) * triton.cdiv(n, config.block_n)
+    k_tiles = k // block_k
+    splits = splits_for(tiles, k_tiles, x.device, config.programs_per_sm) if config.programs_per_sm else 1
+    k_per_split = triton.cdiv(k_tiles, splits) * block_k
+    splits = triton.cdiv(k, k_per_split)  # no empty share
+    counters = arrival_counters(x.device, tiles if splits > 1 else 0, "w4a16_gemm")
+    partials = torch.empty((splits, m, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, config.block_m), triton.cdiv(n, config.block_n), splits)
+    _w4a16_gemm_kernel[grid](x, qweight, qzeros, scales, out, partials, counters, m, n, k, k_per_split, splits,
+                             group_size, BIASED_BITS,
                              x.stride(0), qweight.stride(0), qzeros.stride(0), scales.stride(0), out.stride(0),
                              BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
                              DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",

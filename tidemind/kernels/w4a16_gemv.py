@@ -18,33 +18,25 @@ The loop (docs/GPU_NOTES.md, sections 7 and 8, on what was tried on an H200 and 
   group's scales and zero points are requested a group before their use.
 
 The weights stream once, so the GPU needs several programs per SM to cover the memory latency: few
-columns (N / BLOCK_N below programs_per_sm x SMs) split K. The splits are reduced in the same
-launch: each program writes its float32 partial sums [splits, M, N] and bumps its column block's
-arrival counter; the last to arrive adds the partials in split order (deterministic), writes the
-output and resets the counter to 0 for the next launch. The counters live in one zeroed int32
-buffer per device; the launches of a device run on one stream at a time (the engine's invariant),
-so no two GEMVs share a counter at once. The split depends only on host values (shapes, SM count),
-so launches can be captured in CUDA graphs.
+columns (N / BLOCK_N below programs_per_sm x SMs) split K, reduced in the same launch (split_k.py:
+float32 partials [splits, M, N], the column block's last program to arrive adds them).
 
 Reference: awq_dequantize (layers/quantization/awq.py) followed by a matmul.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
+from .split_k import add_splits, arrival_counters, last_to_arrive, reset_arrivals, splits_for
 from .w4a16_gemm import (BIASED_BITS, PACK, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile,
                          unbiasing_offsets)
 
 MAX_ROWS = 4  # rows one launch takes (a constexpr loop bound: 1, 2 or 4 after rounding up)
-_MAX_SPLITS = 64
-_CPU_SM_COUNT = 4  # stands in for the SM count under the Triton interpreter (CPU tensors)
-_COUNTERS = 1 << 14  # column blocks one launch may have (N / BLOCK_N); 16,384 x 64 columns at least
 
 
 @dataclass(frozen=True)
@@ -102,20 +94,14 @@ def emit_row(result, r, M, N, cols, col_mask, split, splits, out_ptr, out_row_st
 @triton.jit
 def reduce_splits(pid_n, M, N, cols, col_mask, splits, out_ptr, out_row_stride, partial_ptr, counter_ptr,
                   ROWS: tl.constexpr):
-    """After this program's emit_row calls: count its arrival at column block pid_n; the last of
-    the block's splits to arrive adds their partials in split order (deterministic), writes the
-    output and resets the counter for the next launch."""
-    tl.debug_barrier()  # every thread's partials are written before the arrival is published
-    arrived = tl.atomic_add(counter_ptr + pid_n, 1, sem="acq_rel")  # one thread; orders the stores
-    if arrived == splits - 1:
+    """After this program's emit_row calls: the last of column block pid_n's splits to arrive adds
+    each row's partials and writes the output (split_k.py)."""
+    if last_to_arrive(counter_ptr, pid_n, splits):
         for r in tl.static_range(ROWS):
-            total = tl.zeros_like(cols).to(tl.float32)
-            for s in range(0, splits):
-                total += tl.load(partial_ptr + (s * ROWS + r) * N + cols, mask=col_mask, other=0.0,
-                                 cache_modifier=".cg")
+            total = add_splits(partial_ptr + r * N, cols, ROWS * N, splits, col_mask)
             tl.store(out_ptr + r * out_row_stride + cols, total.to(out_ptr.dtype.element_ty),
                      mask=col_mask & (r < M))
-        tl.atomic_xchg(counter_ptr + pid_n, 0)  # ready for the next launch
+        reset_arrivals(counter_ptr, pid_n)
 
 
 @triton.jit
@@ -212,38 +198,11 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
         reduce_splits(pid_n, M, N, cols, col_mask, splits, out_ptr, out_row_stride, partial_ptr, counter_ptr, ROWS)
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return _CPU_SM_COUNT
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-_counters: Dict[torch.device, torch.Tensor] = {}
-
-
-def arrival_counters(device: torch.device) -> torch.Tensor:
-    """The device's zeroed arrival counters, made on first use. Made outside a CUDA graph capture (a
-    buffer made inside one would belong to that graph's memory pool): the engine runs every layer
-    eagerly before it captures."""
-    counters = _counters.get(device)
-    if counters is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("w4a16_gemv: run it once outside CUDA graph capture first (its arrival "
-                               "counters are made on first use)")
-        counters = _counters[device] = torch.zeros(_COUNTERS, dtype=torch.int32, device=device)
-    return counters
-
-
 def split_count(n: int, k: int, group_size: int, block_n: int, device: torch.device,
                 programs_per_sm: int = DEFAULT_CONFIG.programs_per_sm) -> int:
     """How many K shares (of whole groups) give programs_per_sm programs per SM (1 when the column
     blocks alone do; the rows do not count: one program serves every row)."""
-    programs = triton.cdiv(n, block_n)
-    wanted = programs_per_sm * _sm_count(device)
-    if programs >= wanted:
-        return 1
-    return max(1, min(triton.cdiv(wanted, programs), _MAX_SPLITS, k // group_size))
+    return splits_for(triton.cdiv(n, block_n), k // group_size, device, programs_per_sm)
 
 
 def x_as_pairs(x: torch.Tensor):
@@ -278,9 +237,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, qzeros: torch.Tensor, sca
     splits = triton.cdiv(k // group_size, groups_per_split)  # no empty share
     rows = triton.next_power_of_2(m)
     column_blocks = triton.cdiv(n, block_n)
-    counters = arrival_counters(x.device)
-    if column_blocks > counters.numel():
-        raise ValueError(f"w4a16_gemv: N={n} needs {column_blocks} column blocks, more than {counters.numel()}")
+    counters = arrival_counters(x.device, column_blocks, "w4a16_gemv")
     partials = torch.empty((splits, rows, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     x_arg, x_row_stride, x_pairs = x_as_pairs(x)
     _w4a16_gemv_kernel[(column_blocks, splits)](

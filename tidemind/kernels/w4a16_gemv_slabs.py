@@ -32,8 +32,8 @@ import triton.language as tl
 from ..layers.quantization.packing import pack_awq, unpack_awq
 from .w4a16_gemm import (BIASED_BITS, KERNEL_SLAB_WORDS, SLAB, SLAB_WORDS, awq_column_values, awq_unpack_biased,
                          unbiasing_offsets)
-from .w4a16_gemv import (MAX_ROWS, arrival_counters, emit_row, reduce_splits, split_count, widen_pairs,
-                         x_as_pairs)
+from .split_k import arrival_counters
+from .w4a16_gemv import MAX_ROWS, emit_row, reduce_splits, split_count, widen_pairs, x_as_pairs
 
 _SLAB = tl.constexpr(SLAB)  # readable inside the kernels
 
@@ -190,10 +190,8 @@ def w4a16_gemv_slabs(x: torch.Tensor, slabs: torch.Tensor, qzeros: torch.Tensor,
     groups_per_split = triton.cdiv(groups, splits)
     splits = triton.cdiv(groups, groups_per_split)  # no empty share
     rows = triton.next_power_of_2(m)
-    counters = arrival_counters(x.device)
     column_blocks = triton.cdiv(n, config.block_n)
-    if column_blocks > counters.numel():
-        raise ValueError(f"w4a16_gemv_slabs: N={n} needs {column_blocks} column blocks, more than {counters.numel()}")
+    counters = arrival_counters(x.device, column_blocks, "w4a16_gemv_slabs")
     partials = torch.empty((splits, rows, n) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     x_arg, x_row_stride, x_pairs = x_as_pairs(x)
     _w4a16_gemv_slabs_kernel[(column_blocks, splits)](
