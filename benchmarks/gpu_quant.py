@@ -22,8 +22,9 @@ kernels/w4a16_gemv_slabs.py) and of GEMM_SWEEP on either layout (M = 8 .. 4096),
 then-cuBLAS from M = 32, timed as in kernels at the four shapes; per M, the configurations ranked by
 their time summed over the four shapes (one decoder layer's linear layers), which is what the
 defaults in kernels/w4a16_gemv*.py, kernels/w4a16_gemm.py and layers/quantization/awq.py are set from.
-SWEEP_PARTS="gemv" or "gemm" times one part; SWEEP_GEMM_ROWS="4 16 64" picks the GEMM's row counts,
-SWEEP_GEMM_FIRST=5 its first five configurations (a sweep short enough to share a device call).
+SWEEP_PARTS="gemv" or "gemm" times one part; SWEEP_GEMM_ROWS="4 16 64" picks the GEMM's row counts;
+for a sweep short enough to share a device call, SWEEP_GEMV_FIRST / SWEEP_GEMM_FIRST keep the first
+configurations of each list and SWEEP_LAYOUT=slabs (or awq) the candidates of one layout.
 q1: `tidemind lite auto_awq MODEL --rtn --w-group-size 128` on the GPU (timed), then benchmarks/
 gpu_bench.py's D1 and T1 on the result (and on the bf16 model with --bf16-too, for the ratio); the
 model is the `llama8b-shape` directory made by ../shared/bench/gpu/mkmodel.py (see benchmarks/
@@ -94,17 +95,26 @@ GEMV_SWEEP = [GemvConfig(block_n=bn, block_k=bk, num_warps=w, programs_per_sm=p,
               for bn, bk, w in ((64, 16, 2), (64, 16, 4), (128, 16, 4), (64, 32, 4), (128, 32, 4))
               for st in (5, 8) for p in (4, 8)]
 # The GEMV on K slabs (kernels/w4a16_gemv_slabs.py): columns a program (a thread holds block_n /
-# (32 x warps) of them), warps, pipeline depth in slabs, programs a SM
-SLAB_GEMV_SWEEP = [SlabGemvConfig(block_n=bn, num_warps=w, programs_per_sm=p, stages=st)
-                   for bn, w in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4)) for st in (3, 5) for p in (4, 8)]
-GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap) for tiles, swap in (
-    ((16, 64, 64, 4, 3), False), ((16, 128, 64, 4, 3), False), ((32, 128, 64, 4, 3), False),
-    ((64, 128, 64, 4, 3), False), ((64, 128, 64, 4, 4), False), ((64, 256, 64, 8, 3), False),
-    ((128, 128, 64, 8, 3), False), ((128, 256, 64, 8, 3), False), ((128, 128, 32, 4, 4), False),
-    ((16, 128, 64, 4, 3), True), ((32, 128, 64, 4, 3), True), ((64, 128, 64, 4, 3), True),
-    ((64, 256, 64, 8, 3), True), ((128, 128, 64, 8, 3), True), ((16, 64, 128, 4, 3), True))]
-if os.environ.get("SWEEP_GEMM_FIRST"):  # only the first few GEMM configurations (a short sweep)
-    GEMM_SWEEP = GEMM_SWEEP[:int(os.environ["SWEEP_GEMM_FIRST"])]
+# (32 x warps) of them), warps, pipeline depth in slabs, programs a SM; the defaults and the best of
+# the fourth session of 2026-11-29 first
+SLAB_GEMV_SWEEP = list(dict.fromkeys(
+    [SlabGemvConfig(), SlabGemvConfig(programs_per_sm=4), SlabGemvConfig(block_n=512, num_warps=4)]
+    + [SlabGemvConfig(block_n=bn, num_warps=w, programs_per_sm=p, stages=st)
+       for bn, w in ((128, 1), (256, 1), (256, 2), (512, 2), (512, 4)) for st in (3, 5) for p in (4, 8)]))
+# The GEMM's tiles; K is split for programs_per_sm programs a SM (split_k.py) where the tiles are
+# fewer. The ones that led at 4 to 64 rows on slabs first
+GEMM_SWEEP = [GemmConfig(*tiles, swap_ab=swap, programs_per_sm=p) for tiles, swap, p in (
+    ((16, 64, 128, 4, 3), True, 2), ((16, 64, 64, 4, 3), False, 2), ((16, 64, 64, 4, 3), False, 4),
+    ((64, 128, 64, 4, 3), False, 2), ((32, 128, 64, 4, 3), True, 2), ((128, 128, 64, 8, 3), True, 2),
+    ((16, 128, 64, 4, 3), False, 2), ((32, 128, 64, 4, 3), False, 2), ((64, 128, 64, 4, 4), False, 2),
+    ((64, 256, 64, 8, 3), False, 2), ((128, 128, 64, 8, 3), False, 2), ((128, 256, 64, 8, 3), False, 2),
+    ((128, 128, 32, 4, 4), False, 2), ((16, 128, 64, 4, 3), True, 2), ((64, 128, 64, 4, 3), True, 2),
+    ((64, 256, 64, 8, 3), True, 2), ((16, 64, 64, 4, 3), False, 0))]  # the last: no K split
+# a short sweep: only the first few configurations of each list, only the candidates on one layout
+GEMV_SWEEP = GEMV_SWEEP[:int(os.environ.get("SWEEP_GEMV_FIRST", len(GEMV_SWEEP)))]
+SLAB_GEMV_SWEEP = SLAB_GEMV_SWEEP[:int(os.environ.get("SWEEP_GEMV_FIRST", len(SLAB_GEMV_SWEEP)))]
+GEMM_SWEEP = GEMM_SWEEP[:int(os.environ.get("SWEEP_GEMM_FIRST", len(GEMM_SWEEP)))]
+SWEEP_LAYOUT = os.environ.get("SWEEP_LAYOUT", "both")  # "slabs" or "awq": only that layout's candidates
 SWEEP_PARTS = os.environ.get("SWEEP_PARTS", "gemv gemm").split()  # "gemv" alone: M = 1 and 4, ~4 minutes
 SWEEP_GEMV_ROWS = ([1] if SMOKE else [1, 4]) if "gemv" in SWEEP_PARTS else []
 SWEEP_GEMM_ROWS = ([int(m) for m in os.environ.get("SWEEP_GEMM_ROWS", "8 16 64 256 1024 4096").split()] if not SMOKE
@@ -240,6 +250,8 @@ def sweep() -> None:
         candidates += [(m, f"dequantize{' slabs' if on_slabs else ''} + cuBLAS", dequantize_then_matmul, None, on_slabs)
                        for m in SWEEP_GEMM_ROWS if m >= 32 for on_slabs in (False, True)]
         candidates += [(m, "bf16 cuBLAS (dense)", None, None, False) for m in SWEEP_GEMV_ROWS + SWEEP_GEMM_ROWS]
+        if SWEEP_LAYOUT != "both":  # bf16 cuBLAS stays: the reference
+            candidates = [c for c in candidates if c[2] is None or c[4] == (SWEEP_LAYOUT == "slabs")]
         slab_sets = [(awq_to_slabs(s[0]), *s[1:]) for s in sets]
         for m, label, kernel, config, on_slabs in candidates:
             configs[label] = config
@@ -274,16 +286,17 @@ def sweep() -> None:
                    else None, slabs="slabs" in label)
 
 
-def use_best_gemv_config() -> None:
-    """Run the engine with the best M = 1 GEMV configuration of a sweep earlier in this call (its
-    records in OUT_FILE), if there was one: what that configuration gives end to end."""
+def use_this_calls_sweep() -> None:
+    """Run the engine as a sweep earlier in this call (its records in OUT_FILE) found best, if there
+    was one: the M = 1 GEMV configuration and layout, and on slabs the rows from which dequantize +
+    cuBLAS takes over from the fused GEMM (above the most rows at which the GEMM won)."""
     if not os.path.exists(OUT_FILE):
         return
     with open(OUT_FILE) as f:
-        ranked = [r for r in map(json.loads, f) if r.get("kind") == "w4a16-sweep-rank" and r["m"] == 1
-                  and r.get("gemv_config")]
-    if ranked:
-        best = min(ranked, key=lambda r: r["layer_us"])
+        ranks = [r for r in map(json.loads, f) if r.get("kind") == "w4a16-sweep-rank"]
+    gemv = [r for r in ranks if r["m"] == 1 and r.get("gemv_config")]
+    if gemv:
+        best = min(gemv, key=lambda r: r["layer_us"])
         awq_module.USE_SLABS = best.get("slabs", False)
         if awq_module.USE_SLABS:
             slabs_module.DEFAULT_CONFIG = config = SlabGemvConfig(**best["gemv_config"])
@@ -291,6 +304,17 @@ def use_best_gemv_config() -> None:
             gemv_module.DEFAULT_CONFIG = config = GemvConfig(**best["gemv_config"])
         print(f"GEMV configuration from this call's sweep: {config}, on K slabs: {awq_module.USE_SLABS}", flush=True)
         record(kind="q1", name="gemv-config", config=str(config), slabs=awq_module.USE_SLABS)
+    best_on_slabs = {}  # rows -> the fastest W4A16 candidate on slabs at that many rows
+    for r in ranks:
+        if r["m"] > gemv_module.MAX_ROWS and r.get("slabs") and r["layer_us"] < best_on_slabs.get(r["m"], {}).get(
+                "layer_us", float("inf")):
+            best_on_slabs[r["m"]] = r
+    if best_on_slabs:
+        fused_wins = [m for m, r in best_on_slabs.items() if not r["candidate"].startswith("dequantize")]
+        awq_module.SLAB_DEQUANT_MIN_ROWS = max(fused_wins) + 1 if fused_wins else min(best_on_slabs)
+        print(f"on slabs, dequantize + cuBLAS from {awq_module.SLAB_DEQUANT_MIN_ROWS} rows (this call's sweep)",
+              flush=True)
+        record(kind="q1", name="slab-dequant-min-rows", rows=awq_module.SLAB_DEQUANT_MIN_ROWS)
 
 
 def q1(model: str, bf16_too: bool) -> None:
@@ -302,7 +326,7 @@ def q1(model: str, bf16_too: bool) -> None:
     from tidemind.lite.pipeline import CalibrationSettings, LiteJob, run_lite
     from tidemind.loader.resolve import resolve_model
 
-    use_best_gemv_config()
+    use_this_calls_sweep()
     source = resolve_model(model).path
     group = 64 if SMOKE else GROUP  # SmolLM2's width 576 takes groups of 64, not 128
     settings = AWQSettings(group_size=group, rtn=True)
