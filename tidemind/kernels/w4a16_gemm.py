@@ -1,9 +1,11 @@
-"""W4A16 GEMM for prefill-shaped inputs: x [M, K] (float) @ W [K, N] with W in AutoAWQ's GEMM
-layout (layers/quantization/awq.py), dequantized tile by tile in registers, tl.dot on the tiles.
+"""W4A16 GEMM for a few to a few hundred rows: x [M, K] (float) @ W [K, N] with W in AutoAWQ's GEMM
+layout (layers/quantization/awq.py) or its K slabs (kernels/w4a16_gemv_slabs.py), dequantized tile by
+tile in registers, tl.dot on the tiles.
 
-Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N)). One program owns a [BLOCK_M, BLOCK_N] output tile and
-walks K in tiles of BLOCK_K rows, where BLOCK_K divides the group size, so each K tile lies in
-one group g = k0 // G:
+Grid (cdiv(M, BLOCK_M), cdiv(N, BLOCK_N), splits). A program owns a [BLOCK_M, BLOCK_N] output tile
+and walks its share of K (all of it when splits is 1; split_k.py splits K when the tiles are fewer
+than programs_per_sm a SM, and adds the shares in the same launch) in tiles of BLOCK_K rows, where
+BLOCK_K divides the group size, so each K tile lies in one group g = k0 // G:
 
     x      [BLOCK_M, BLOCK_K]                 the model dtype
     words  [BLOCK_K, BLOCK_N / 8] int32   ->  q [BLOCK_K, BLOCK_N] (nibble of column 8j + c at

@@ -55,14 +55,22 @@ DEFAULT_CONFIG = SlabGemvConfig()
 FEW_ROWS_CONFIG = SlabGemvConfig(programs_per_sm=4)
 
 
+_REPACK_WORDS = 512  # packed columns (4,096 outputs) repacked at a time: bounds the transient int64 copies
+
+
 def awq_to_slabs(qweight: torch.Tensor) -> torch.Tensor:
     """AutoAWQ's qweight [K, N / 8] -> slabs [K / 32, N, 4] (see the module docstring); K a multiple
-    of 32. Runs on qweight's device."""
+    of 32. Runs on qweight's device, a few thousand columns at a time (the unpacked values take 12
+    bytes a weight while they exist)."""
     k = qweight.shape[0]
     if k % SLAB:
         raise ValueError(f"awq_to_slabs: K={k} is not a multiple of {SLAB}")
-    along_k = pack_awq(unpack_awq(qweight).t())  # [N, K / 8]: word (n, w) holds k = 8w + i as AWQ holds column i
-    return along_k.view(along_k.shape[0], k // SLAB, SLAB_WORDS).transpose(0, 1).contiguous()
+    slabs = torch.empty((k // SLAB, qweight.shape[1] * 8, SLAB_WORDS), dtype=torch.int32, device=qweight.device)
+    for start in range(0, qweight.shape[1], _REPACK_WORDS):
+        part = qweight[:, start:start + _REPACK_WORDS]
+        along_k = pack_awq(unpack_awq(part).t())  # [n, K / 8]: word (n, w) holds k = 8w + i as AWQ holds column i
+        slabs[:, start * 8:(start + part.shape[1]) * 8] = along_k.view(-1, k // SLAB, SLAB_WORDS).transpose(0, 1)
+    return slabs
 
 
 def slabs_to_awq(slabs: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ The same runtime layout serves GPTQ checkpoints (gptq.py repacks them into it at
 
 On a CUDA device with Triton, qweight is repacked at load into K slabs (USE_SLABS) and the matmul
 dequantizes in registers (kernels/w4a16_gemv_slabs.py for a few rows, kernels/w4a16_gemm.py up to
-DEQUANT_MIN_ROWS) or, for prefill-sized inputs, dequantizes the weight with kernels/w4a16_dequant.py
-and calls matmul; elsewhere it dequantizes in torch, then matmuls.
+SLAB_DEQUANT_MIN_ROWS, DEQUANT_MIN_ROWS for layers left in AutoAWQ's layout) or, from there on,
+dequantizes the weight with kernels/w4a16_dequant.py and calls matmul; elsewhere it dequantizes in
+torch, then matmuls.
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ PACK = 8  # int4 values per int32 word
 DEQUANT_MIN_ROWS = 256
 # On K slabs dequantizing (0.5 byte read, 2 written a weight, 2 read back by cuBLAS) wins from far fewer
 # rows: 1.25x the fused GEMM's best at 32 rows, 1.57x at 64 (BENCHMARKS.md, 2026-11-29 fourth
-# session); at 16 its 148 us a layer plus cuBLAS is ~3% over the GEMM, so the two cross near 18 rows
+# session); at 16 its 148 us a layer plus cuBLAS is ~3% over the GEMM, so the two cross near 18 rows.
+# Measured before the GEMM split K (kernels/split_k.py), which should move the crossing up
 SLAB_DEQUANT_MIN_ROWS = 16
 # Where the Triton kernels run, qweight is repacked at load into K slabs [K / 32, N, 4] (kernels/
 # w4a16_gemv_slabs.py: a thread sums a column's 32 values in registers), where K and the group size
