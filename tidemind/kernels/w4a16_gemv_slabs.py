@@ -31,7 +31,7 @@ import triton.language as tl
 
 from ..layers.quantization.packing import pack_awq, unpack_awq
 from .w4a16_gemm import (BIASED_BITS, KERNEL_SLAB_WORDS, SLAB, SLAB_WORDS, awq_column_values, awq_unpack_biased,
-                         unbiasing_offsets)
+                         check_w4a16_args, unbiasing_offsets)
 from .split_k import arrival_counters
 from .w4a16_gemv import MAX_ROWS, emit_row, reduce_splits, split_count, widen_pairs, x_as_pairs
 
@@ -172,22 +172,13 @@ def w4a16_gemv_slabs(x: torch.Tensor, slabs: torch.Tensor, qzeros: torch.Tensor,
     """x [M, K] @ dequantized W [K, N] -> new [M, N] in x's dtype, M <= MAX_ROWS, W as slabs
     [K / 32, N, 4] (awq_to_slabs) with AutoAWQ's qzeros [K / G, N / 8] and scales [K / G, N]. One
     launch, no host synchronization (CUDA-graph safe)."""
-    m, k = x.shape if x.dim() == 2 else (-1, -1)
-    if x.dim() != 2 or x.stride(1) != 1 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"w4a16_gemv_slabs: x must be a [M, K] float tensor with a contiguous last dim, got "
-                         f"{tuple(x.shape)} {x.dtype}")
-    if slabs.dim() != 3 or slabs.shape[0] * SLAB != k or slabs.shape[2] != SLAB_WORDS \
-            or slabs.dtype != torch.int32 or not slabs.is_contiguous():
-        raise ValueError(f"w4a16_gemv_slabs: slabs must be a contiguous int32 [{k // SLAB}, N, {SLAB_WORDS}] "
-                         f"(awq_to_slabs), got {tuple(slabs.shape)} {slabs.dtype}")
+    if slabs.dim() != 3:
+        raise ValueError(f"w4a16_gemv_slabs: slabs must be [K / {SLAB}, N, {SLAB_WORDS}] (awq_to_slabs), got "
+                         f"{tuple(slabs.shape)}")
+    check_w4a16_args("w4a16_gemv_slabs", x, slabs, qzeros, scales, group_size, SLAB)
+    m, k = x.shape
     n = slabs.shape[1]
-    if not slabs_usable(k, group_size) or k % group_size:
-        raise ValueError(f"w4a16_gemv_slabs: group size {group_size} must divide K={k} and be a multiple of {SLAB}")
     groups = k // group_size
-    if tuple(qzeros.shape) != (groups, n // 8) or qzeros.dtype != torch.int32 or not qzeros.is_contiguous() \
-            or tuple(scales.shape) != (groups, n) or not scales.is_contiguous():
-        raise ValueError(f"w4a16_gemv_slabs: qzeros {tuple(qzeros.shape)} and scales {tuple(scales.shape)} must be "
-                         f"contiguous [{groups}, {n // 8}] int32 and [{groups}, {n}]")
     if m > MAX_ROWS:
         raise ValueError(f"w4a16_gemv_slabs: at most {MAX_ROWS} rows, got {m}")
     config = config or (DEFAULT_CONFIG if m <= 1 else FEW_ROWS_CONFIG)
