@@ -1,5 +1,6 @@
-"""The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemm.py, kernels/w4a16_dequant.py)
-against dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1 .. 64 rows, N not a multiple
+"""The W4A16 Triton kernels (kernels/w4a16_gemv.py, kernels/w4a16_gemv_slabs.py, kernels/w4a16_gemm.py,
+kernels/w4a16_dequant.py; AutoAWQ's layout and K slabs; K split as kernels/split_k.py does) against
+dequantize-then-matmul (awq_dequantize), on odd shapes: M = 1 .. 64 rows, N not a multiple
 of the column tiles, K of a few groups, group sizes 16 .. 128, K split across programs, tile
 configurations of the kinds the benchmarks sweep.
 
