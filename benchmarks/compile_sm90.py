@@ -33,7 +33,7 @@ from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
 from tidemind.kernels import (activation, rms_norm, rotary, w4a16_dequant, w4a16_gemm, w4a16_gemv,  # noqa: E402
-                              w4a16_gemv_slabs)
+                              w4a16_gemv_slabs, w4a16_layout)
 
 _LAUNCH_OPTIONS = ("num_warps", "num_stages", "enable_fp_fusion")
 
@@ -156,7 +156,7 @@ def w4a16_variants(dtype):
     qweight = torch.zeros(k, n // 8, dtype=torch.int32)
     qzeros = torch.zeros(k // group, n // 8, dtype=torch.int32)
     scales = torch.zeros(k // group, n, dtype=torch.float16)
-    slabs = torch.zeros(k // w4a16_gemv_slabs.SLAB, n, w4a16_gemv_slabs.SLAB_WORDS, dtype=torch.int32)
+    slabs = torch.zeros(k // w4a16_layout.SLAB, n, w4a16_layout.SLAB_WORDS, dtype=torch.int32)
     from gpu_quant import GEMM_SWEEP, GEMV_SWEEP, SLAB_GEMV_SWEEP  # the configurations the GPU run times
 
     import dataclasses

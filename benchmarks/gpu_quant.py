@@ -71,7 +71,8 @@ from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
 from tidemind.kernels import w4a16_gemv as gemv_module  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, w4a16_gemv  # noqa: E402
 from tidemind.kernels import w4a16_gemv_slabs as slabs_module  # noqa: E402
-from tidemind.kernels.w4a16_gemv_slabs import SlabGemvConfig, awq_to_slabs, w4a16_gemv_slabs  # noqa: E402
+from tidemind.kernels.w4a16_gemv_slabs import SlabGemvConfig, w4a16_gemv_slabs  # noqa: E402
+from tidemind.kernels.w4a16_layout import awq_to_slabs  # noqa: E402
 from tidemind.layers.quantization import awq as awq_module  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq  # noqa: E402

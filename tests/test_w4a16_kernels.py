@@ -23,8 +23,8 @@ from tidemind.kernels.w4a16_dequant import w4a16_dequantize  # noqa: E402
 from tidemind.kernels.w4a16_gemm import GemmConfig, w4a16_gemm  # noqa: E402
 from tidemind.kernels import split_k  # noqa: E402
 from tidemind.kernels.w4a16_gemv import GemvConfig, split_count, w4a16_gemv  # noqa: E402
-from tidemind.kernels.w4a16_gemv_slabs import (SlabGemvConfig, awq_to_slabs, slabs_to_awq,  # noqa: E402
-                                               w4a16_gemv_slabs)
+from tidemind.kernels.w4a16_gemv_slabs import SlabGemvConfig, w4a16_gemv_slabs  # noqa: E402
+from tidemind.kernels.w4a16_layout import awq_to_slabs, slabs_to_awq  # noqa: E402
 from tidemind.layers.quantization.awq import awq_dequantize  # noqa: E402
 from tidemind.layers.quantization.packing import pack_awq, unpack_awq  # noqa: E402
 

@@ -1,12 +1,11 @@
 """Small integers to float32 without the int-to-float instruction, for the kernels that dequantize
 8- and 4-bit KV cache values in registers (the W4A16 kernels go further: their nibbles become
-floats by masking alone, kernels/w4a16_gemm.py awq_unpack_biased).
+floats by masking alone, kernels/w4a16_layout.py awq_unpack_biased).
 
 A GPU converts int to float at a fraction of its float rate (on Hopper a quarter of the FMA rate or
-less). Adding v to the bits of 1.5 * 2^23 gives
-the bits of the float 1.5 * 2^23 + v whenever |v| < 2^22 (v lands in the mantissa), so one integer
-add, a free reinterpretation and one float subtract give v exactly: the same value as
-v.to(tl.float32), on full-rate instructions.
+less). Adding v to the bits of 1.5 * 2^23 gives the bits of the float 1.5 * 2^23 + v whenever
+|v| < 2^22 (v lands in the mantissa), so one integer add, a free reinterpretation and one float
+subtract give v exactly: the same value as v.to(tl.float32), on full-rate instructions.
 """
 from __future__ import annotations
 

@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .split_k import add_splits, arrival_counters, last_to_arrive, reset_arrivals, splits_for
-from .w4a16_gemm import (BIASED_BITS, PACK, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile,
-                         unbiasing_offsets)
+from .w4a16_layout import (BIASED_BITS, PACK, awq_unpack, awq_unpack_biased, check_w4a16_args, k_tile,
+                           unbiasing_offsets)
 
 MAX_ROWS = 4  # rows one launch takes (a constexpr loop bound: 1, 2 or 4 after rounding up)
 
@@ -64,7 +64,6 @@ def _weight_tile(qweight_ptr, k0, ks, k_end, words, word_mask, qweight_row_strid
     k_mask = (k0 + ks) < k_end
     return tl.load(qweight_ptr + (k0 + ks).to(tl.int64)[:, None] * qweight_row_stride + words[None, :],
                    mask=k_mask[:, None] & word_mask[None, :], other=0, eviction_policy="evict_first")
-
 
 
 @triton.jit
@@ -157,7 +156,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
     offsets = scales
     # a group's scales and zero points are requested a group ahead of their use
     next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, k_start // GROUP_SIZE, words, word_mask,
-                                                scales_row_stride, qzeros_row_stride)
+                                                  scales_row_stride, qzeros_row_stride)
     # STAGES: Triton's software pipeliner keeps the tile and x loads STAGES - 1 iterations ahead
     # (through shared memory); a tile carried in registers instead waited at each copy of a register
     # still being loaded (the GPU does not rename registers): a lookahead of one iteration at most
@@ -175,7 +174,7 @@ def _w4a16_gemv_kernel(x_ptr, qweight_ptr, qzeros_ptr, scale_pairs_ptr, out_ptr,
             offsets = unbiasing_offsets(awq_unpack(next_zero_words), scales)  # [BLOCK_N / 8, 8]
             following = tl.where(k0 + GROUP_SIZE < k_end, k0 // GROUP_SIZE + 1, k0 // GROUP_SIZE)
             next_pairs, next_zero_words = _group_params(scale_pairs_ptr, qzeros_ptr, following, words, word_mask,
-                                                        scales_row_stride, qzeros_row_stride)
+                                                          scales_row_stride, qzeros_row_stride)
         w = awq_unpack_biased(tile, biased_bits) * scales[None, :, :] + offsets[None, :, :]  # [BLOCK_K, BLOCK_N / 8, 8]
         acc0 += x0[:, None, None] * w
         if ROWS > 1:

@@ -1,12 +1,6 @@
-"""W4A16 GEMV on weights repacked into K slabs: x [M, K] @ W [K, N] for M <= 4 rows, the sums over
-K kept inside each thread.
-
-The slab layout (made once at load time from AutoAWQ's [K, N / 8] by awq_to_slabs):
-
-    slabs [K / 32, N, 4] int32     slab t, column n: the 32 values of rows k = 32t .. 32t + 31, word j
-                                   holding k = 32t + 8j + i at the nibble AutoAWQ gives column i
-                                   (so awq_unpack_biased yields them in k order)
-    qzeros, scales                 AutoAWQ's [K / G, N / 8] and [K / G, N], unchanged
+"""W4A16 GEMV on weights repacked into K slabs (kernels/w4a16_layout.py: qweight [K / 32, N, 4], a
+column's 32 rows of a slab in 4 consecutive words): x [M, K] @ W [K, N] for M <= 4 rows, the sums
+over K kept inside each thread.
 
 Why: in AutoAWQ's layout a word holds 8 columns of one k, so a GEMV thread holds few k per column
 and sums over K elementwise, one accumulator a weight, and each of its weights needs two multiply-
@@ -29,11 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..layers.quantization.packing import pack_awq, unpack_awq
-from .w4a16_gemm import (BIASED_BITS, KERNEL_SLAB_WORDS, SLAB, SLAB_WORDS, awq_column_values, awq_unpack_biased,
-                         check_w4a16_args, unbiasing_offsets)
 from .split_k import arrival_counters
 from .w4a16_gemv import MAX_ROWS, emit_row, reduce_splits, split_count, widen_pairs, x_as_pairs
+from .w4a16_layout import (BIASED_BITS, KERNEL_SLAB_WORDS, SLAB, SLAB_WORDS, awq_column_values, awq_unpack_biased,
+                           check_w4a16_args, unbiasing_offsets)
 
 _SLAB = tl.constexpr(SLAB)  # readable inside the kernels
 
@@ -53,36 +46,6 @@ class SlabGemvConfig:
 # rows best with half the programs (more rows, more registers a program)
 DEFAULT_CONFIG = SlabGemvConfig()
 FEW_ROWS_CONFIG = SlabGemvConfig(programs_per_sm=4)
-
-
-_REPACK_WORDS = 512  # packed columns (4,096 outputs) repacked at a time: bounds the transient int64 copies
-
-
-def awq_to_slabs(qweight: torch.Tensor) -> torch.Tensor:
-    """AutoAWQ's qweight [K, N / 8] -> slabs [K / 32, N, 4] (see the module docstring); K a multiple
-    of 32. Runs on qweight's device, a few thousand columns at a time (the unpacked values take 12
-    bytes a weight while they exist)."""
-    k = qweight.shape[0]
-    if k % SLAB:
-        raise ValueError(f"awq_to_slabs: K={k} is not a multiple of {SLAB}")
-    slabs = torch.empty((k // SLAB, qweight.shape[1] * 8, SLAB_WORDS), dtype=torch.int32, device=qweight.device)
-    for start in range(0, qweight.shape[1], _REPACK_WORDS):
-        part = qweight[:, start:start + _REPACK_WORDS]
-        along_k = pack_awq(unpack_awq(part).t())  # [n, K / 8]: word (n, w) holds k = 8w + i as AWQ holds column i
-        slabs[:, start * 8:(start + part.shape[1]) * 8] = along_k.view(-1, k // SLAB, SLAB_WORDS).transpose(0, 1)
-    return slabs
-
-
-def slabs_to_awq(slabs: torch.Tensor) -> torch.Tensor:
-    """The inverse of awq_to_slabs: [K / 32, N, 4] -> AutoAWQ's [K, N / 8]."""
-    n = slabs.shape[1]
-    along_k = slabs.transpose(0, 1).reshape(n, -1)  # [N, K / 8]
-    return pack_awq(unpack_awq(along_k).t())
-
-
-def slabs_usable(k: int, group_size: int) -> bool:
-    """Whether a layer of K inputs and this group size can run on slabs (a slab lies in one group)."""
-    return k % SLAB == 0 and group_size % SLAB == 0
 
 
 @triton.jit

@@ -108,7 +108,7 @@ class W4A16Runtime(LinearMethod):
     def process_weights_after_loading(self, layer: nn.Module) -> None:
         layer.use_triton = triton_usable(layer.qweight.device, layer.group_size)
         if layer.use_triton and USE_SLABS:
-            from ...kernels.w4a16_gemv_slabs import awq_to_slabs, slabs_usable
+            from ...kernels.w4a16_layout import awq_to_slabs, slabs_usable
 
             if slabs_usable(layer.qweight.shape[0], layer.group_size):
                 layer.qweight = nn.Parameter(awq_to_slabs(layer.qweight.data), requires_grad=False)
