@@ -33,10 +33,12 @@
 #             the bf16 model's too, for the ratio; needs mk)
 #   profile   benchmarks/gpu_profile.py: decode steps at batch 1 and 256, device busy against wall time and the host's
 #             phases, in the overlapped and the plain loop (needs mk)
+#   allreduce benchmarks/gpu_allreduce.py: all-reduce latency between the GPUs (NCCL, torch's symmetric-memory
+#             one-shot and two-shot), eager and in CUDA graphs, at 1 to 4,096 rows of 4096 bf16 (2 GPUs or more)
 #   tp        tidemind at --tp 1 then --tp 2 on /tmp/llama8b: start-up, D1, T1 and their ratios (benchmarks/gpu_tp.py;
-#             needs mk and 2 GPUs: the device tool's kind nvidia-h200-x2; about 7 minutes: STAGES="setup mk tp")
-#   peerstp2  LMDeploy's PyTorch engine at tp 2 (LMD_TP=2): D1, T1 twice, on /tmp/llama8b (the next call, while the
-#             machine is warm: STAGES="peerstp2"); T1 at tp 2 is compared with tp's figure for tidemind at tp 2
+#             needs mk and 2 GPUs: the device tool's kind nvidia-h200-x2; about 2 minutes: STAGES="setup mk tp")
+#   peerstp2  LMDeploy's PyTorch engine at tp 2 (LMD_TP=2, its process executor): D1, T1 twice, on /tmp/llama8b
+#             (needs mk; carry .whl); T1 at tp 2 is compared with tp's figure for tidemind at tp 2
 set -u
 T0=$(date +%s); DEADLINE=${DEADLINE:-570}; STAGES=${STAGES:-"setup gputests kernels mk perf"}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false OUT=${OUT:-/tmp}
@@ -82,7 +84,10 @@ has gemvprof && TAILN=${TAILN:-40} stage gemvprof ${GEMVPROF_LIM:-240} ncu --clo
   python3 benchmarks/gpu_quant.py launches
 has q1 && stage q1 ${Q1_LIM:-360} python3 benchmarks/gpu_quant.py q1 $MD ${Q1_ARGS:-}
 has profile && stage profile ${PROFILE_LIM:-150} python3 benchmarks/gpu_profile.py $MD
+has allreduce && TAILN=${TAILN:-24} stage allreduce ${ALLREDUCE_LIM:-90} python3 benchmarks/gpu_allreduce.py
 has tp && T1_REP=${T1_REP:-1} TAILN=${TAILN:-6} stage tp ${TP_LIM:-480} python3 benchmarks/gpu_tp.py $MD
-has peerstp2 && LMD_TP=2 LMD_TAG=-tp2 stage peerstp2 ${PEERS_LIM:-360} python3 .peers/lmd_bench.py $MD 2
+# LMDeploy picks its Ray executor for tp > 1 when its backend supports Ray, and Ray is not installed here:
+# its own one-machine process executor instead (LMDEPLOY_EXECUTOR_BACKEND=mp)
+has peerstp2 && LMDEPLOY_EXECUTOR_BACKEND=mp LMD_TP=2 LMD_TAG=-tp2 stage peerstp2 ${PEERS_LIM:-360} python3 .peers/lmd_bench.py $MD 2
 echo "=== total $(( $(date +%s) - T0 ))s"
 [ -f .peers/summarize.py ] && python3 .peers/summarize.py $OUT/results.jsonl

@@ -8,8 +8,13 @@ workers set it too).
     TP_SIZES=1,2 D1_NEW=8 T1_N=4 T1_NEW=4 T1_REP=1 BENCH_DEVICE=cpu python benchmarks/gpu_tp.py TINY_DIR
                                                              # dry run of the script on the CPU (gloo)
 
-Per tp: one start-up (seconds, engine description, KV tokens), gpu_bench.py's D1 (warm-up, median of 3)
-and T1 (warm-up, T1_REP reps), each recorded with tp; then a summary record of the ratios tp N / tp 1.
+First a check (TP_CHECK=0 skips it): a tiny random Llama (tests/tp_helpers.py) in float32 on the GPUs,
+greedy at tp 2 with CUDA graphs, at tp 2 eager and at tp 2 with NCCL's all-reduce, each against tp 1:
+the tokens must be equal (record "tp-check"). Then per tp: one start-up (seconds, engine description,
+KV tokens), gpu_bench.py's D1 (warm-up, median of 3) and T1 (warm-up, T1_REP reps), each recorded with
+tp; then a summary record of the ratios tp N / tp 1. TP_NCCL_TOO=1 (the default) adds D1 at the
+largest tp with every all-reduce on NCCL (TIDEMIND_TP_ALLREDUCE=nccl), for the symmetric-memory
+all-reduce's share.
 """
 from __future__ import annotations
 
@@ -23,10 +28,36 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import gpu_bench  # noqa: E402
 from gpu_bench import DEVICE, d1, record, t1  # noqa: E402
-from tidemind import EngineConfig, pipeline  # noqa: E402
+from tidemind import EngineConfig, GenerationConfig, pipeline  # noqa: E402
 
 CMD = gpu_bench.CMD = "python benchmarks/gpu_tp.py " + " ".join(sys.argv[1:])  # d1() / t1() record it too
 TP_SIZES = [int(t) for t in os.environ.get("TP_SIZES", "1,2").split(",")]
+
+
+def check_tiny() -> bool:
+    """Greedy tokens of a tiny float32 Llama at tp 2 (graphs, eager, NCCL all-reduces) equal tp 1's."""
+    import tempfile
+
+    sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+    from tp_helpers import tiny_prompts, tiny_tp_model
+
+    path = tiny_tp_model(tempfile.mkdtemp(prefix="tiny-tp-"))
+    prompts, greedy = tiny_prompts(8), GenerationConfig(max_new_tokens=32, ignore_eos=True)
+    runs = {"tp 1": dict(tp=1), "tp 2": dict(tp=2), "tp 2 eager": dict(tp=2, eager_mode=True),
+            "tp 2 nccl": dict(tp=2, allreduce="nccl")}
+    tokens = {}
+    for name, settings in runs.items():
+        allreduce = settings.pop("allreduce", "auto")
+        os.environ["TIDEMIND_TP_ALLREDUCE"] = allreduce
+        config = EngineConfig(device=DEVICE, dtype="float32", session_len=256, **settings)
+        with pipeline(path, backend_config=config) as pipe:
+            tokens[name] = [r.token_ids for r in pipe(prompts, greedy)]
+    os.environ.pop("TIDEMIND_TP_ALLREDUCE")
+    equal = {name: ids == tokens["tp 1"] for name, ids in tokens.items()}
+    record(system="tidemind", workload="tp-check", equal=equal, prompts=len(prompts),
+           new_tokens=greedy.max_new_tokens, cmd=CMD)
+    print(f"tp check (tiny float32 Llama, greedy, against tp 1): {equal}", flush=True)
+    return all(equal.values())
 
 
 def run(model_dir: str, tp: int) -> dict:
@@ -47,8 +78,19 @@ def run(model_dir: str, tp: int) -> dict:
     return dict(d1_tok_s=decode["decode_tok_s"], t1_tok_s=throughput["output_tok_s"], ipc_ms_per_step=ipc_ms)
 
 
+def d1_with_nccl(model_dir: str, tp: int) -> None:
+    os.environ["TIDEMIND_TP_ALLREDUCE"] = "nccl"
+    config = EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
+                          max_batch_size=256, cache_max_entry_count=0.8)
+    with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
+        d1(pipe, tp=tp, allreduce="nccl")
+    os.environ.pop("TIDEMIND_TP_ALLREDUCE")
+
+
 def main() -> None:
     model_dir = sys.argv[1]
+    if os.environ.get("TP_CHECK", "1") == "1":
+        check_tiny()
     results = {tp: run(model_dir, tp) for tp in TP_SIZES}
     base = results[TP_SIZES[0]]
     for tp, res in results.items():
@@ -57,6 +99,8 @@ def main() -> None:
         print(f"tp {tp}: D1 {res['d1_tok_s']:.1f} tok/s ({ratios['d1_ratio']:.2f}x tp {TP_SIZES[0]}), "
               f"T1 {res['t1_tok_s']:.0f} tok/s ({ratios['t1_ratio']:.2f}x), IPC {res['ipc_ms_per_step']:.3f} ms/step",
               flush=True)
+    if os.environ.get("TP_NCCL_TOO", "1") == "1" and max(TP_SIZES) > 1:
+        d1_with_nccl(model_dir, max(TP_SIZES))
 
 
 if __name__ == "__main__":

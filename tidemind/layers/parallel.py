@@ -34,7 +34,8 @@ class TPGroup:
     """The tensor-parallel group of one rank. This base class is the single-rank group: every
     collective returns its input unchanged (tp_all_reduce and tp_all_gather are no-ops at tp 1).
 
-    Shapes: all_reduce x [...] -> x summed over ranks (in place; all_reduce_max: the largest);
+    Shapes: all_reduce x [...] -> x summed over ranks (x itself or a new tensor: callers use the
+    result; all_reduce_max: the largest, in place);
     all_gather x [rows, cols] ->
     [rows, cols * size], rank i's columns at [i * cols, (i + 1) * cols); broadcast: rank 0's x on
     every rank (in place); min_int: the smallest of the ranks' integers."""
@@ -57,6 +58,10 @@ class TPGroup:
 
     def min_int(self, value: int) -> int:
         return value
+
+    def enable_symmetric_all_reduce(self, max_bytes: int) -> str:
+        """Prepare all_reduce for tensors of up to max_bytes (collective); what it will use."""
+        return "none"
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(rank={self.rank}, size={self.size}, backend={self.backend})"

@@ -3,10 +3,13 @@ persistent batch, the step's inputs, CUDA graphs and sampling.
 
 Under tensor parallelism one ModelRunner runs per rank (runner/worker.py), each with its slice of
 the model and the KV cache of its kv heads, fed the same step contract. Every rank computes the
-step's logits (the LM head all-gathers them); rank 0 alone samples and broadcasts the token ids,
-which every rank appends to its batch. So ranks never disagree on a token (no two samplers to keep
-bit-identical), grammars and the sampler's host work run once, and only rank 0's RunnerOutput is
-used; the cost is one broadcast of the sampled ids per step.
+step's logits (the LM head all-gathers them), and they are the same bits on every rank: every
+all-reduce the model makes leaves identical sums on all ranks (NCCL's, and the two-shot one of
+runner/distributed.py, reduce each element once and copy the result). So an all-greedy step takes
+each rank's own argmax on its device, with no host wait and no broadcast. Any other sampling runs on
+rank 0 alone, which broadcasts the ids for every rank to append to its batch: grammars and the
+sampler's host work run once, and no two samplers have to draw the same random numbers. Only rank
+0's RunnerOutput is used.
 """
 from __future__ import annotations
 
@@ -88,6 +91,10 @@ class ModelRunner:
     def init_kv_cache(self, engine_config: EngineConfig, session_len: int, max_batch_size: int) -> KVCacheSpec:
         """Size and allocate the KV cache (after the weights, from the memory left), then the batch
         state and step buffers for sequences of at most min(session_len, cache tokens) tokens."""
+        max_tokens = max(engine_config.max_prefill_token_num, max_batch_size)
+        if self.tp.size > 1:  # before sizing the cache: the all-reduce buffer takes device memory too
+            activation_bytes = max_tokens * self.model_config.hidden_size * self.dtype.itemsize
+            logger.info("tensor-parallel all-reduce: %s", self.tp.enable_symmetric_all_reduce(activation_bytes))
         cache_config = self.rank_cache_config()
         spec = plan_kv_cache(cache_config, engine_config, self.dtype, self.device, session_len, max_batch_size)
         if self.tp.size > 1:  # every rank must hold the same blocks: the smallest cache any rank can afford
@@ -107,7 +114,6 @@ class ModelRunner:
         self.batch = InputBatch(max_batch_size, max_model_len, max_blocks,
                                 GrammarCompiler(self.model_path, self.model_config.vocab_size) if samples else None,
                                 samples=samples)
-        max_tokens = max(engine_config.max_prefill_token_num, max_batch_size)
         self.buffers = StepBuffers(max_tokens, max_batch_size, max_blocks, self.device)
         for rotary in self.model.rotary_embeddings():
             rotary.reserve(max_model_len)
@@ -200,7 +206,7 @@ class ModelRunner:
             hidden = hidden.index_select(0, step.logits_indices)
         logits = self.model.compute_logits(hidden)  # [num_sampled, vocab] float32, the same on every rank
         rows = step.sampled_rows
-        if self.tp.size == 1 and batch.plain_greedy[rows].all():  # argmax alone decides: stays on the device
+        if batch.plain_greedy[rows].all():  # argmax alone decides: stays on the device (every rank's own)
             token_ids, host_ids, logprobs = self.build_context.kernels.greedy_ids(logits), None, []
         else:  # the sampler reads earlier tokens on the host; its ids go back for the next step's inputs
             for launched in self._launched:
@@ -229,6 +235,13 @@ class ModelRunner:
         return RunnerOutput(sampled_token_ids=dict(zip(launched.request_ids, launched.host_ids)),
                             logprobs=launched.logprobs, prompt_logprobs=launched.prompt_logprobs)
 
+    def oldest_step_ready(self) -> bool:
+        """Whether collect() would return without waiting for the device."""
+        if not self._launched:
+            return True
+        oldest = self._launched[0]
+        return oldest.resolved or oldest.host_ids is not None or oldest.fetch_done is None or oldest.fetch_done.query()
+
     def _resolve(self, launched: _LaunchedStep) -> None:
         """Bring a launched step's ids to the host and into the batch (once)."""
         if launched.resolved:
@@ -254,10 +267,7 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, step: PreparedStep):
         """(token ids, logprobs or None per row) for the sampled rows, in logits order."""
         batch = self.batch
-        rows = step.sampled_rows
-        if batch.plain_greedy[rows].all():  # argmax alone decides (tensor parallelism: rank 0 sends these)
-            return self.build_context.kernels.greedy_ids(logits).tolist(), [None] * len(rows)
-        out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in rows])
+        out = self.sampler(logits, [batch.sampling_inputs(int(row)) for row in step.sampled_rows])
         return out.token_ids, out.logprobs
 
     def _share_sampled(self, token_ids: Optional[List[int]], count: int) -> List[int]:

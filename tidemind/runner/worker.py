@@ -15,7 +15,10 @@ Messages are pickled tuples:
                          ("error", traceback text)  the worker exits after sending it
 
 A step ("execute") is answered by rank 0 only (the RunnerOutput); other ranks answer a step only
-with an error. Any exception in a worker ends it: the ranks' states could no longer be trusted to
+with an error. Steps overlap inside a worker as they do in one process (executor.py): a rank
+prepares and launches step N+1 as soon as it arrives, behind step N on its device, and only then
+waits for N's sampled ids and answers N. When no next step has come by the time N's ids are on the
+host, N is answered at once (the executor may be waiting for it before it sends another). Any exception in a worker ends it: the ranks' states could no longer be trusted to
 agree, and its peers would wait for it in a collective. The executor sees the error or the closed
 socket (a process that dies closes it), or no answer within its timeout, and stops every rank.
 """
@@ -106,10 +109,24 @@ class Worker:
         return self.runner.capture_graphs(max_batch_size)
 
     def execute(self, scheduled):
+        """Run one step to its output (rank 0's RunnerOutput; None on other ranks)."""
+        self.submit(scheduled)
+        return self.collect()
+
+    def submit(self, scheduled) -> None:
+        """Prepare and launch a step behind those not yet collected (at most one may wait)."""
         if self._before_step is not None:
             self._before_step()
-        output = self.runner.execute(scheduled)
+        self.runner.prepare(scheduled)
+        self.runner.launch()
+
+    def collect(self):
+        """The oldest submitted step's output (rank 0's RunnerOutput; None on other ranks)."""
+        output = self.runner.collect()
         return output if self.rank == 0 else None
+
+    def oldest_step_ready(self) -> bool:
+        return self.runner.oldest_step_ready()
 
     def close(self) -> None:
         from .distributed import destroy_tp_group
@@ -132,6 +149,49 @@ def _send(conn: Connection, message: tuple) -> None:
     conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
 
+POLL_S = 50e-6  # how often a rank waiting for a message also looks whether its oldest step is done
+
+
+def _next_message_before(conn: Connection, ready: Callable[[], bool]) -> bool:
+    """Wait until a message is there to read (True) or, with none there, until ready() (False)."""
+    while not conn.poll(POLL_S):
+        if ready():
+            return conn.poll(0)
+    return True
+
+
+class _SubmittedSteps:
+    """The steps a rank has launched and not yet answered, oldest first (at most two: the runner
+    holds no more). Rank 0 answers each with its RunnerOutput and the seconds the rank spent on it
+    (preparing, launching, collecting); other ranks only collect theirs."""
+
+    def __init__(self, worker: Worker, conn: Connection):
+        self.worker, self.conn = worker, conn
+        self.host_seconds: list = []  # per waiting step, oldest first
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self.host_seconds)
+
+    def submit(self, scheduled) -> None:
+        start = time.perf_counter()
+        self.worker.submit(scheduled)
+        self.host_seconds.append(time.perf_counter() - start)
+        if len(self.host_seconds) > 1:  # the step before runs ahead of this one on the device: answer it now
+            self.answer_oldest()
+
+    def answer_oldest(self) -> None:
+        start = time.perf_counter()
+        output = self.worker.collect()
+        seconds = self.host_seconds.pop(0) + time.perf_counter() - start
+        if self.worker.rank == 0:
+            _send(self.conn, ("ok", output, seconds))
+
+    def answer_all(self) -> None:
+        while self.waiting:
+            self.answer_oldest()
+
+
 def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], None]]] = None) -> int:
     """The worker's loop over the executor's messages; returns the process exit code.
     step_hook(rank): the Worker's before_step."""
@@ -144,15 +204,22 @@ def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], Non
         start = time.perf_counter()
         worker = Worker(init, step_hook(init.rank) if step_hook is not None else None)
         _send(conn, ("ok", worker.info, time.perf_counter() - start))
+        steps = _SubmittedSteps(worker, conn)
         while True:
+            if steps.waiting and not _next_message_before(conn, worker.oldest_step_ready):
+                steps.answer_oldest()  # its ids are on the host and no next step came: the executor may wait
+                continue
             try:
                 method, args = pickle.loads(conn.recv_bytes())
             except EOFError:  # the executor is gone: nothing left to serve
                 return 0
+            if method == "execute":
+                steps.submit(args[0])
+                continue
+            steps.answer_all()  # every other call comes after the steps sent before it
             start = time.perf_counter()
             result = getattr(worker, method)(*args)
-            if method != "execute" or init.rank == 0:
-                _send(conn, ("ok", result, time.perf_counter() - start))
+            _send(conn, ("ok", result, time.perf_counter() - start))
             if method == "close":
                 return 0
     except BaseException:
