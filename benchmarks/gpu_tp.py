@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 import gpu_bench  # noqa: E402
 from gpu_bench import DEVICE, d1, record, t1  # noqa: E402
 from tidemind import EngineConfig, GenerationConfig, pipeline  # noqa: E402
+from tidemind.engine.distributed_executor import DistributedExecutor, StepTiming  # noqa: E402
 
 CMD = gpu_bench.CMD = "python benchmarks/gpu_tp.py " + " ".join(sys.argv[1:])  # d1() / t1() record it too
 TP_SIZES = [int(t) for t in os.environ.get("TP_SIZES", "1,2").split(",")]
@@ -71,11 +72,22 @@ def run(model_dir: str, tp: int) -> dict:
                engine=pipe.engine.executor.description, cmd=CMD)
         print(f"tp {tp}: ready in {startup:.1f}s, {pipe.engine.executor.description}, KV {spec.num_tokens} tokens",
               flush=True)
-        decode = d1(pipe, tp=tp)
-        throughput = t1(pipe, tp=tp)[-1]
-        timing = getattr(pipe.engine.executor, "timing", None)
-        ipc_ms = 1e3 * timing.overhead_per_step_s if timing is not None and timing.steps else 0.0
-    return dict(d1_tok_s=decode["decode_tok_s"], t1_tok_s=throughput["output_tok_s"], ipc_ms_per_step=ipc_ms)
+        decode, d1_steps = with_step_times(pipe, lambda: d1(pipe, tp=tp))
+        throughput, t1_steps = with_step_times(pipe, lambda: t1(pipe, tp=tp)[-1])
+    return dict(d1_tok_s=decode["decode_tok_s"], t1_tok_s=throughput["output_tok_s"], d1_step_ms=d1_steps,
+                t1_step_ms=t1_steps)
+
+
+def with_step_times(pipe, run):
+    """run()'s result, and where its steps' time went at tp > 1 (ms a step: the engine's view, then each
+    rank's: launching, collecting, idle between steps); None at tp 1."""
+    executor = pipe.engine.executor
+    if not isinstance(executor, DistributedExecutor):
+        return run(), None
+    executor.timing = StepTiming()
+    executor.rank_step_phases()  # from zero
+    result = run()
+    return result, dict(engine=executor.timing.per_step_ms(), ranks=executor.rank_step_phases())
 
 
 def d1_with_nccl(model_dir: str, tp: int) -> None:
@@ -83,7 +95,8 @@ def d1_with_nccl(model_dir: str, tp: int) -> None:
     config = EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
                           max_batch_size=256, cache_max_entry_count=0.8)
     with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
-        d1(pipe, tp=tp, allreduce="nccl")
+        _, steps = with_step_times(pipe, lambda: d1(pipe, tp=tp, allreduce="nccl"))
+    print(f"tp {tp}, all-reduces on NCCL: ms a step in D1 {steps}", flush=True)
     os.environ.pop("TIDEMIND_TP_ALLREDUCE")
 
 
@@ -97,7 +110,8 @@ def main() -> None:
         ratios = dict(d1_ratio=res["d1_tok_s"] / base["d1_tok_s"], t1_ratio=res["t1_tok_s"] / base["t1_tok_s"])
         record(system="tidemind", workload="tp-summary", tp=tp, base_tp=TP_SIZES[0], cmd=CMD, **res, **ratios)
         print(f"tp {tp}: D1 {res['d1_tok_s']:.1f} tok/s ({ratios['d1_ratio']:.2f}x tp {TP_SIZES[0]}), "
-              f"T1 {res['t1_tok_s']:.0f} tok/s ({ratios['t1_ratio']:.2f}x), IPC {res['ipc_ms_per_step']:.3f} ms/step",
+              f"T1 {res['t1_tok_s']:.0f} tok/s ({ratios['t1_ratio']:.2f}x); ms a step in D1 {res['d1_step_ms']}, "
+              f"in T1 {res['t1_step_ms']}",
               flush=True)
     if os.environ.get("TP_NCCL_TOO", "1") == "1" and max(TP_SIZES) > 1:
         d1_with_nccl(model_dir, max(TP_SIZES))

@@ -38,22 +38,32 @@ logger = logging.getLogger("tidemind")
 
 @dataclass
 class StepTiming:
-    """Per-step cost of driving workers: round trip as the engine sees it, and rank 0's own time in
-    execute(); their difference is what the process boundary costs a step (pickling, sending, waking,
-    the reply)."""
+    """Where a step's time goes, as the engine sees it: the steps' spacing, how long the engine sat
+    in collect() for rank 0's answer, and rank 0's own host time on the step (preparing, launching,
+    collecting). With steps overlapped, a device-bound step shows the engine waiting; a step bound
+    by the host shows it waiting little."""
 
     steps: int = 0
-    round_trip_s: float = 0.0
+    waited_s: float = 0.0
     worker_s: float = 0.0
+    first_s: float = 0.0  # when the first and the last answer arrived (perf_counter)
+    last_s: float = 0.0
 
-    def record(self, round_trip_s: float, worker_s: float) -> None:
+    def record(self, waited_s: float, worker_s: float) -> None:
+        now = time.perf_counter()
+        if not self.steps:
+            self.first_s = now
         self.steps += 1
-        self.round_trip_s += round_trip_s
+        self.last_s = now
+        self.waited_s += waited_s
         self.worker_s += worker_s
 
-    @property
-    def overhead_per_step_s(self) -> float:
-        return (self.round_trip_s - self.worker_s) / max(1, self.steps)
+    def per_step_ms(self) -> dict:
+        """Milliseconds a step: apart (between answers), waited (the engine), worker (rank 0)."""
+        n = max(1, self.steps)
+        apart = (self.last_s - self.first_s) / max(1, self.steps - 1)
+        return dict(apart=round(1e3 * apart, 3), waited=round(1e3 * self.waited_s / n, 3),
+                    worker=round(1e3 * self.worker_s / n, 3))
 
 
 class DistributedExecutor(Executor):
@@ -155,18 +165,20 @@ class DistributedExecutor(Executor):
             return RunnerOutput(sampled_token_ids={})
         if self._failure is not None:
             raise ExecutorDeadError(self._failure)
-        sent = self._sent.popleft()
+        self._sent.popleft()
+        start = time.perf_counter()
         output, worker_s = self._receive_step()
-        self.timing.record(time.perf_counter() - sent, worker_s)
+        self.timing.record(time.perf_counter() - start, worker_s)
         return output
 
     def close(self) -> None:
         with self._lock:
             was_dead, self._closing = self._failure is not None, True
         graceful = False
+        rank_phases = []
         if not was_dead:
             try:
-                self._call_all("close")
+                rank_phases = self._call_all("close")  # each rank's step phases since last asked
                 graceful = True
             except ExecutorDeadError:
                 pass  # a rank failed while closing: _fail stopped them all
@@ -174,11 +186,22 @@ class DistributedExecutor(Executor):
         with self._lock:
             self._failure = self._failure or "the executor was closed"
         if self.timing.steps:
-            logger.info("tensor-parallel steps: %d, %.3f ms each beyond rank 0's own time (IPC)",
-                        self.timing.steps, 1e3 * self.timing.overhead_per_step_s)
+            ms = self.timing.per_step_ms()
+            logger.info("tensor-parallel steps: %d, %.3f ms apart; the engine waited %.3f ms a step for rank 0's "
+                        "answer, whose host work on it took %.3f ms", self.timing.steps, ms["apart"], ms["waited"],
+                        ms["worker"])
+        for rank, phases in enumerate(rank_phases):
+            if phases:  # ms a step, from runner/worker.py
+                logger.info("tensor-parallel rank %d, ms a step: %s", rank,
+                            ", ".join(f"{name} {value:.3f}" for name, value in phases.items()))
 
     def add_failure_listener(self, callback: Callable[[str], None]) -> None:
         self._listeners.append(callback)
+
+    def rank_step_phases(self) -> list:
+        """Per rank, milliseconds a step spent launching, collecting and idle since the last call
+        (worker processes keep these; {} for a rank that does not)."""
+        return self._call_all("step_phases")
 
     # ---- failures ---------------------------------------------------------------------------------
     @property

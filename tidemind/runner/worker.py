@@ -128,6 +128,10 @@ class Worker:
     def oldest_step_ready(self) -> bool:
         return self.runner.oldest_step_ready()
 
+    def step_phases(self) -> dict:
+        """Where this rank's step time went: only the process loop (serve) keeps that; {} here."""
+        return {}
+
     def close(self) -> None:
         from .distributed import destroy_tp_group
 
@@ -168,6 +172,10 @@ class _SubmittedSteps:
     def __init__(self, worker: Worker, conn: Connection):
         self.worker, self.conn = worker, conn
         self.host_seconds: list = []  # per waiting step, oldest first
+        # seconds spent, over all steps: preparing and launching, collecting (mostly waiting for the
+        # device), and between steps (waiting for the next message)
+        self.phases = dict(launch=0.0, collect=0.0, idle=0.0)
+        self.count = 0
 
     @property
     def waiting(self) -> bool:
@@ -177,19 +185,29 @@ class _SubmittedSteps:
         start = time.perf_counter()
         self.worker.submit(scheduled)
         self.host_seconds.append(time.perf_counter() - start)
+        self.phases["launch"] += self.host_seconds[-1]
+        self.count += 1
         if len(self.host_seconds) > 1:  # the step before runs ahead of this one on the device: answer it now
             self.answer_oldest()
 
     def answer_oldest(self) -> None:
         start = time.perf_counter()
         output = self.worker.collect()
-        seconds = self.host_seconds.pop(0) + time.perf_counter() - start
+        collected = time.perf_counter() - start
+        self.phases["collect"] += collected
+        seconds = self.host_seconds.pop(0) + collected
         if self.worker.rank == 0:
             _send(self.conn, ("ok", output, seconds))
 
     def answer_all(self) -> None:
         while self.waiting:
             self.answer_oldest()
+
+    def take_phases(self) -> dict:
+        """Milliseconds a step in each phase since the last call (none: {}), and start again."""
+        phases = {name: round(1e3 * seconds / self.count, 3) for name, seconds in self.phases.items()} if self.count else {}
+        self.phases, self.count = dict.fromkeys(self.phases, 0.0), 0
+        return phases
 
 
 def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], None]]] = None) -> int:
@@ -206,6 +224,7 @@ def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], Non
         _send(conn, ("ok", worker.info, time.perf_counter() - start))
         steps = _SubmittedSteps(worker, conn)
         while True:
+            start = time.perf_counter()
             if steps.waiting and not _next_message_before(conn, worker.oldest_step_ready):
                 steps.answer_oldest()  # its ids are on the host and no next step came: the executor may wait
                 continue
@@ -214,11 +233,14 @@ def serve(conn: Connection, step_hook: Optional[Callable[[int], Callable[[], Non
             except EOFError:  # the executor is gone: nothing left to serve
                 return 0
             if method == "execute":
+                steps.phases["idle"] += time.perf_counter() - start
                 steps.submit(args[0])
                 continue
             steps.answer_all()  # every other call comes after the steps sent before it
             start = time.perf_counter()
             result = getattr(worker, method)(*args)
+            if method in ("step_phases", "close"):  # where this rank's step time went, since last asked
+                result = steps.take_phases()
             _send(conn, ("ok", result, time.perf_counter() - start))
             if method == "close":
                 return 0
