@@ -164,6 +164,53 @@ def _next_message_before(conn: Connection, ready: Callable[[], bool]) -> bool:
     return True
 
 
+class _DeviceClock:
+    """On a GPU, how long each step kept the device busy and how long the device sat idle before it:
+    events recorded on the stream just before and after the step's launch (a step's span includes
+    any wait inside it for the host, as an eager forward's launches). Nothing on the CPU."""
+
+    def __init__(self, device_type: str):
+        self.on = device_type == "cuda"
+        self.open: list = []  # (start, end) events of the steps not yet collected, oldest first
+        self.previous_end = None
+        self.busy_ms: list = []
+        self.idle_ms: list = []
+
+    def start(self):
+        if not self.on:
+            return None
+        import torch
+
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def launched(self, start) -> None:
+        if self.on:
+            self.open.append((start, self.start()))
+
+    def collected(self) -> None:
+        if not self.on:
+            return
+        start, end = self.open.pop(0)
+        end.synchronize()
+        self.busy_ms.append(start.elapsed_time(end))
+        if self.previous_end is not None:
+            self.idle_ms.append(self.previous_end.elapsed_time(start))
+        self.previous_end = end
+
+    def take(self) -> dict:
+        """Mean busy and median idle milliseconds a step since the last call (the median: the engine's
+        own idle spells between requests would swamp a mean)."""
+        times = {}
+        if self.busy_ms:
+            times["device_busy"] = round(sum(self.busy_ms) / len(self.busy_ms), 3)
+        if self.idle_ms:
+            times["device_idle_median"] = round(sorted(self.idle_ms)[len(self.idle_ms) // 2], 3)
+        self.busy_ms, self.idle_ms = [], []
+        return times
+
+
 class _SubmittedSteps:
     """The steps a rank has launched and not yet answered, oldest first (at most two: the runner
     holds no more). Rank 0 answers each with its RunnerOutput and the seconds the rank spent on it
@@ -176,14 +223,16 @@ class _SubmittedSteps:
         # device), and between steps (waiting for the next message)
         self.phases = dict(launch=0.0, collect=0.0, idle=0.0)
         self.count = 0
+        self.clock = _DeviceClock(worker.info.device_type)
 
     @property
     def waiting(self) -> bool:
         return bool(self.host_seconds)
 
     def submit(self, scheduled) -> None:
-        start = time.perf_counter()
+        start, device_start = time.perf_counter(), self.clock.start()
         self.worker.submit(scheduled)
+        self.clock.launched(device_start)
         self.host_seconds.append(time.perf_counter() - start)
         self.phases["launch"] += self.host_seconds[-1]
         self.count += 1
@@ -193,6 +242,7 @@ class _SubmittedSteps:
     def answer_oldest(self) -> None:
         start = time.perf_counter()
         output = self.worker.collect()
+        self.clock.collected()
         collected = time.perf_counter() - start
         self.phases["collect"] += collected
         seconds = self.host_seconds.pop(0) + collected
@@ -204,8 +254,12 @@ class _SubmittedSteps:
             self.answer_oldest()
 
     def take_phases(self) -> dict:
-        """Milliseconds a step in each phase since the last call (none: {}), and start again."""
-        phases = {name: round(1e3 * seconds / self.count, 3) for name, seconds in self.phases.items()} if self.count else {}
+        """Milliseconds a step in each phase since the last call (none: {}), and the device's, and start
+        again."""
+        phases = {}
+        if self.count:
+            phases = {name: round(1e3 * seconds / self.count, 3) for name, seconds in self.phases.items()}
+            phases.update(self.clock.take())
         self.phases, self.count = dict.fromkeys(self.phases, 0.0), 0
         return phases
 
