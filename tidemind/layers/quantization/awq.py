@@ -33,11 +33,11 @@ PACK = 8  # int4 values per int32 word
 # DEQUANT_MIN_ROWS on, the weight is dequantized and cuBLAS multiplies (benchmarks/gpu_quant.py
 # sweep on an H200: at 256 rows dequantize + cuBLAS took 0.71-0.78x the fused GEMM's best time).
 DEQUANT_MIN_ROWS = 256
-# On K slabs dequantizing (0.5 byte read, 2 written a weight, 2 read back by cuBLAS) wins from far fewer
-# rows: 1.25x the fused GEMM's best at 32 rows, 1.57x at 64 (BENCHMARKS.md, 2026-11-29 fourth
-# session); at 16 its 148 us a layer plus cuBLAS is ~3% over the GEMM, so the two cross near 18 rows.
-# Measured before the GEMM split K (kernels/split_k.py), which should move the crossing up
-SLAB_DEQUANT_MIN_ROWS = 16
+# On K slabs dequantizing (0.5 byte read, 2 written a weight, 2 read back by cuBLAS) costs ~130 us a
+# llama8b layer whatever the rows. With K split (kernels/split_k.py) the fused GEMM beats it at 16
+# rows (135.8 us a layer against bf16 cuBLAS's 124.0) and 64 (191.8 against 275.2), and loses at 256
+# (451.9 against 346.2): BENCHMARKS.md, 2026-11-29 fifth session. Between 64 and 256 is unmeasured.
+SLAB_DEQUANT_MIN_ROWS = 65
 # Where the Triton kernels run, qweight is repacked at load into K slabs [K / 32, N, 4] (kernels/
 # w4a16_gemv_slabs.py: a thread sums a column's 32 values in registers), where K and the group size
 # allow; False keeps AutoAWQ's [K, N / 8] as loaded.
