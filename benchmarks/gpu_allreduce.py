@@ -13,7 +13,7 @@ steps run). Implementations:
   tm_one_shot    tidemind's one-shot path (runner/distributed.py SymmetricAllReduce) at every size: one
                  kernel copies the input into the mapped buffer and sums every rank's into a new tensor
   tm_two_shot    tidemind's two-shot path at every size: copy in, two-shot into the input tensor
-  tm_auto        tidemind's all-reduce as the engine runs it (one-shot for small tensors at tp 2)
+  tm_auto        tidemind's all-reduce as the engine runs it (one-shot up to 1 MiB at tp 2)
 Each figure goes to $OUT/results.jsonl (workload "allreduce"), as the other GPU scripts' do.
 """
 from __future__ import annotations

@@ -26,6 +26,7 @@ from tidemind import EngineConfig, GenerationConfig
 from tidemind.engine.engine import Engine
 from tidemind.bench.workloads import random_prompt
 from tidemind.runner import step_inputs
+from tidemind.runner.kernel_profile import busy_seconds, kernel_totals
 
 STEPS = int(os.environ.get("PROFILE_STEPS", 64))
 DEVICE = os.environ.get("BENCH_DEVICE", "cuda")
@@ -48,21 +49,6 @@ def _timed(totals: dict, key: str, fn):
     return wrapper
 
 
-def _busy_seconds(events) -> float:
-    """Union of the device kernels' [start, end) intervals, in seconds."""
-    spans = sorted((e.time_range.start, e.time_range.end) for e in events
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, float("-inf")
-    for s, e in spans:
-        if s > end:
-            busy += e - s
-            end = e
-        elif e > end:
-            busy += e - end
-            end = e
-    return busy / 1e6
-
-
 def profile_decode(engine: Engine, batch: int, label: str) -> None:
     """Fill `batch` sequences with 128-token prompts, then profile STEPS decode-only steps."""
     vocab = engine.model_config.vocab_size
@@ -76,7 +62,7 @@ def profile_decode(engine: Engine, batch: int, label: str) -> None:
     for _ in range(8):
         engine.step()
     totals = collections.defaultdict(float)
-    scheduler, runner = engine.scheduler, engine.executor.runner
+    scheduler = engine.scheduler
     originals = (scheduler.schedule, step_inputs.prepare_step)
     scheduler.schedule = _timed(totals, "schedule", scheduler.schedule)
     step_inputs.prepare_step = _timed(totals, "prepare_step", step_inputs.prepare_step)
@@ -101,12 +87,9 @@ def profile_decode(engine: Engine, batch: int, label: str) -> None:
         scheduler.schedule, step_inputs.prepare_step = originals
         model_runner_module.prepare_step = originals[1]
     events = prof.events()
-    busy = _busy_seconds(events)
-    kernels = collections.Counter()
-    for e in events:
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            kernels[e.name[:60]] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    top = [(name, round(us / STEPS, 1)) for name, us in kernels.most_common(12)]
+    busy = busy_seconds(events)
+    kernels = kernel_totals(events, on_cuda=True)
+    top = [(name[:60], round(us / STEPS, 1)) for name, us in kernels.most_common(12)]
     per_step = {"wall_ms": 1e3 * wall / STEPS, "device_busy_ms": 1e3 * busy / STEPS,
                 "schedule_ms": 1e3 * totals["schedule"] / STEPS, "prepare_step_ms": 1e3 * totals["prepare_step"] / STEPS}
     record(system="tidemind", workload=f"profile-{label}", batch=batch, steps=STEPS, per_step=per_step,

@@ -29,7 +29,10 @@ sys.path.insert(0, os.path.dirname(HERE))
 import gpu_bench  # noqa: E402
 from gpu_bench import DEVICE, d1, record, t1  # noqa: E402
 from tidemind import EngineConfig, GenerationConfig, pipeline  # noqa: E402
+from tidemind.bench.offline import run_requests  # noqa: E402
+from tidemind.bench.workloads import random_prompt  # noqa: E402
 from tidemind.engine.distributed_executor import DistributedExecutor, StepTiming  # noqa: E402
+from tidemind.runner.kernel_profile import KernelProfile  # noqa: E402
 
 CMD = gpu_bench.CMD = "python benchmarks/gpu_tp.py " + " ".join(sys.argv[1:])  # d1() / t1() record it too
 TP_SIZES = [int(t) for t in os.environ.get("TP_SIZES", "1,2").split(",")]
@@ -72,10 +75,38 @@ def run(model_dir: str, tp: int) -> dict:
                engine=pipe.engine.executor.description, cmd=CMD)
         print(f"tp {tp}: ready in {startup:.1f}s, {pipe.engine.executor.description}, KV {spec.num_tokens} tokens",
               flush=True)
+        profiles = decode_kernels(pipe, tp)
         decode, d1_steps = with_step_times(pipe, lambda: d1(pipe, tp=tp))
         throughput, t1_steps = with_step_times(pipe, lambda: t1(pipe, tp=tp)[-1])
     return dict(d1_tok_s=decode["decode_tok_s"], t1_tok_s=throughput["output_tok_s"], d1_step_ms=d1_steps,
-                t1_step_ms=t1_steps)
+                t1_step_ms=t1_steps, decode_busy_ms=[p["busy_ms"] for p in profiles])
+
+
+def decode_kernels(pipe, tp: int) -> list:
+    """Every rank's device kernels over one D1-like request (PROFILE_NEW tokens after a 128-token prompt):
+    busy ms and the top kernels, each per generated token (the prefill's one step included)."""
+    new_tokens = int(os.environ.get("PROFILE_NEW", 128))
+    executor = pipe.engine.executor
+    prompt = [random_prompt(pipe.engine.model_config.vocab_size)]
+    generation = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    pipe.engine.reset_prefix_cache()
+    if isinstance(executor, DistributedExecutor):
+        executor.profile_ranks(True)
+        run_requests(pipe.async_engine, prompt, generation)
+        profiles = executor.profile_ranks(False)
+    else:
+        profile = KernelProfile(executor.device_type)
+        profile.start()
+        run_requests(pipe.async_engine, prompt, generation)
+        profiles = [profile.stop()]
+    per_token = [{"busy_ms": round(p["busy_ms"] / new_tokens, 3) if p["busy_ms"] is not None else None,
+                  "kernels_us": [(name, round(us / new_tokens, 2)) for name, us in p["kernels"]]} for p in profiles]
+    for rank, p in enumerate(per_token):
+        print(f"tp {tp} rank {rank}: device busy {p['busy_ms']} ms a token; top kernels (us a token):", flush=True)
+        for name, us in p["kernels_us"]:
+            print(f"  {us:9.2f}  {name}", flush=True)
+    record(system="tidemind", workload="decode-kernels", tp=tp, new_tokens=new_tokens, ranks=per_token, cmd=CMD)
+    return per_token
 
 
 def with_step_times(pipe, run):

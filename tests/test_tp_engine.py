@@ -99,3 +99,22 @@ def test_chat_at_tp2_answers_like_tp1(model):
     expected = _chat(model)
     assert len(expected.split()) > 20
     assert _chat(model, "--tp", "2") == expected
+
+
+def test_tp2_ranks_report_their_step_phases_and_kernels(model):
+    # The measuring hooks of benchmarks/gpu_tp.py: per rank, where step time went and which kernels ran.
+    with pipeline(model, backend_config=_config(tp=2)) as pipe:
+        executor = pipe.engine.executor
+        executor.rank_step_phases()  # from zero
+        executor.profile_ranks(True)
+        pipe(PROMPTS[:2], GREEDY)
+        profiles = executor.profile_ranks(False, top=50)
+        phases = executor.rank_step_phases()
+        ms = executor.timing.per_step_ms()
+    assert len(phases) == 2 and all(set(p) == {"launch", "collect", "idle"} for p in phases)  # no device clock
+    assert all(p["launch"] > 0 for p in phases)
+    assert ms["apart"] > 0 and ms["worker"] > 0
+    assert len(profiles) == 2
+    for profile in profiles:  # each rank ran its own model: its all-reduces and matmuls are there
+        names = " ".join(name for name, _ in profile["kernels"])
+        assert "all_reduce" in names and "linear" in names

@@ -198,6 +198,12 @@ class DistributedExecutor(Executor):
     def add_failure_listener(self, callback: Callable[[str], None]) -> None:
         self._listeners.append(callback)
 
+    def profile_ranks(self, start: bool, top: int = 20) -> list:
+        """Start (start=True) or stop recording every rank's device kernels; stopping returns, per
+        rank, its device busy ms and `top` kernels (runner/kernel_profile.py). Both wait for the
+        steps in flight: a measuring tool, not for serving."""
+        return self._call_all("start_profile") if start else self._call_all("stop_profile", top)
+
     def rank_step_phases(self) -> list:
         """Per rank, milliseconds a step spent launching, collecting and idle since the last call
         (worker processes keep these; {} for a rank that does not)."""

@@ -98,6 +98,7 @@ class Worker:
         self.tp_group = init_tp_group(init.rank, init.size, init.dist_init_addr, device, startup_timeout(config))
         self.runner = ModelRunner(init.model_path, device, dtype, config.attention_backend, config.model_format,
                                   tp_group=self.tp_group)
+        self._profile = None  # a KernelProfile between start_profile() and stop_profile()
         self.info = WorkerInfo(self.runner.model_config, device.type,
                                f"{device} {str(dtype).replace('torch.', '')}, attention {self.runner.attention.name}, "
                                f"kernels {self.runner.build_context.kernels.name}", os.getpid())
@@ -127,6 +128,17 @@ class Worker:
 
     def oldest_step_ready(self) -> bool:
         return self.runner.oldest_step_ready()
+
+    def start_profile(self) -> None:
+        """Record this rank's device kernels until stop_profile() (runner/kernel_profile.py)."""
+        from .kernel_profile import KernelProfile
+
+        self._profile = KernelProfile(self.info.device_type)
+        self._profile.start()
+
+    def stop_profile(self, top: int = 20) -> dict:
+        """The kernels since start_profile(): device busy ms and the `top` kernels' total us."""
+        return self._profile.stop(top)
 
     def step_phases(self) -> dict:
         """Where this rank's step time went: only the process loop (serve) keeps that; {} here."""
