@@ -36,7 +36,7 @@
 #   allreduce benchmarks/gpu_allreduce.py: all-reduce latency between the GPUs (NCCL, torch's symmetric-memory
 #             one-shot and two-shot), eager and in CUDA graphs, at 1 to 4,096 rows of 4096 bf16 (2 GPUs or more)
 #   tp        tidemind at --tp 1 then --tp 2 on /tmp/llama8b: start-up, D1, T1 and their ratios (benchmarks/gpu_tp.py;
-#             needs mk and 2 GPUs: the device tool's kind nvidia-h200-x2; about 2 minutes: STAGES="setup mk tp")
+#             needs mk and 2 GPUs: the device tool's kind nvidia-h200-x2; about 3 minutes: STAGES="setup mk tp")
 #   peerstp2  LMDeploy's PyTorch engine at tp 2 (LMD_TP=2, its process executor): D1, T1 twice, on /tmp/llama8b
 #             (needs mk; carry .whl); T1 at tp 2 is compared with tp's figure for tidemind at tp 2
 set -u
@@ -90,4 +90,10 @@ has tp && T1_REP=${T1_REP:-1} TAILN=${TAILN:-6} stage tp ${TP_LIM:-480} python3 
 # its own one-machine process executor instead (LMDEPLOY_EXECUTOR_BACKEND=mp)
 has peerstp2 && LMDEPLOY_EXECUTOR_BACKEND=mp LMD_TP=2 LMD_TAG=-tp2 stage peerstp2 ${PEERS_LIM:-360} python3 .peers/lmd_bench.py $MD 2
 echo "=== total $(( $(date +%s) - T0 ))s"
-[ -f .peers/summarize.py ] && python3 .peers/summarize.py $OUT/results.jsonl
+# the peers' table reads D1 and T1-like records (and the model's, the ceilings'): it gets only those
+python3 -c 'import json,sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r.get("system") in ("model", "ceiling") or r.get("workload") == "D1" or "output_tok_s" in r: print(line, end="")' \
+  $OUT/results.jsonl > $OUT/summary-input.jsonl 2>/dev/null
+[ -f .peers/summarize.py ] && python3 .peers/summarize.py $OUT/summary-input.jsonl

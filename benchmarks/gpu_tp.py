@@ -1,8 +1,8 @@
 """Tensor parallelism on the GPU machine (benchmarks/gpu_run.sh stage tp, on nvidia-h200-x2): D1 and
 T1 of tidemind at --tp 1 and --tp 2 on the same model, in one call, and their ratios (issue 11: D1 at
-tp 2 >= 1.7x tp 1; T1 at tp 2 >= 1.3x LMDeploy's at tp 2, which stage peerstp2 measures in the next
-call with LMD_TP=2 ../shared/bench/gpu/lmd_bench.py). NCCL_NVLS_ENABLE=0 (gpu_run.sh exports it; the
-workers set it too).
+tp 2 >= 1.7x tp 1; T1 at tp 2 >= 1.3x LMDeploy's at tp 2, which stage peerstp2 measures after it in the
+same call: STAGES="setup mk allreduce tp peerstp2", about 5 minutes). NCCL_NVLS_ENABLE=0 (gpu_run.sh
+exports it; the workers set it too).
 
     python benchmarks/gpu_tp.py MODEL_DIR                    # on the H200s: /tmp/llama8b, bf16
     TP_SIZES=1,2 D1_NEW=8 T1_N=4 T1_NEW=4 T1_REP=1 BENCH_DEVICE=cpu python benchmarks/gpu_tp.py TINY_DIR

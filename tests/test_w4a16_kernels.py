@@ -245,7 +245,7 @@ def test_bad_arguments_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA device")
 @pytest.mark.parametrize("k,n", [(4096, 6144), (14336, 4096)])
-@pytest.mark.parametrize("m", [1, 4, 5, 100, 1024, 3000])
+@pytest.mark.parametrize("m", [1, 4, 5, 64, 65, 1024, 3000])
 @pytest.mark.parametrize("slabs", [False, True], ids=["awq", "slabs"])
 def test_dispatch_at_llama8b_sizes(m, k, n, slabs):
     # what the AWQ method runs: the GEMV up to its MAX_ROWS rows, the GEMM above, dequantize + matmul

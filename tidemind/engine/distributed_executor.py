@@ -23,9 +23,8 @@ import logging
 import threading
 import time
 from abc import abstractmethod
-from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Deque, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from ..config import EngineConfig
 from ..core.outputs import RunnerOutput, SchedulerOutput
@@ -83,7 +82,7 @@ class DistributedExecutor(Executor):
         self._listeners: List[Callable[[str], None]] = []
         self._prepared: Optional[SchedulerOutput] = None  # by prepare(), sent by launch()
         self._departed: List[int] = []  # finished ids of empty steps, sent with the next step
-        self._sent: Deque[float] = deque()  # when each step not yet collected was sent, oldest first
+        self._uncollected = 0  # steps sent whose answers collect() has not read yet
         if self.size > 1:  # refuse a model that does not split before any process starts
             check_tensor_parallel(model_path, self.size, config.model_format)
         start = time.perf_counter()
@@ -158,14 +157,14 @@ class DistributedExecutor(Executor):
         if self._failure is not None:
             raise ExecutorDeadError(self._failure)
         self._send_step(scheduled)
-        self._sent.append(time.perf_counter())
+        self._uncollected += 1
 
     def collect(self) -> RunnerOutput:
-        if not self._sent:
+        if not self._uncollected:
             return RunnerOutput(sampled_token_ids={})
         if self._failure is not None:
             raise ExecutorDeadError(self._failure)
-        self._sent.popleft()
+        self._uncollected -= 1
         start = time.perf_counter()
         output, worker_s = self._receive_step()
         self.timing.record(time.perf_counter() - start, worker_s)

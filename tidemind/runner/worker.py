@@ -18,8 +18,10 @@ A step ("execute") is answered by rank 0 only (the RunnerOutput); other ranks an
 with an error. Steps overlap inside a worker as they do in one process (executor.py): a rank
 prepares and launches step N+1 as soon as it arrives, behind step N on its device, and only then
 waits for N's sampled ids and answers N. When no next step has come by the time N's ids are on the
-host, N is answered at once (the executor may be waiting for it before it sends another). Any exception in a worker ends it: the ranks' states could no longer be trusted to
-agree, and its peers would wait for it in a collective. The executor sees the error or the closed
+host, N is answered at once (the executor may be waiting for it before it sends another).
+
+Any exception in a worker ends it: the ranks' states could no longer be trusted to agree, and its
+peers would wait for it in a collective. The executor sees the error or the closed
 socket (a process that dies closes it), or no answer within its timeout, and stops every rank.
 """
 from __future__ import annotations
@@ -116,9 +118,17 @@ class Worker:
 
     def submit(self, scheduled) -> None:
         """Prepare and launch a step behind those not yet collected (at most one may wait)."""
+        self.prepare(scheduled)
+        self.launch()
+
+    def prepare(self, scheduled) -> None:
+        """Apply a step's deltas and send its inputs to the device (submit's first half)."""
         if self._before_step is not None:
             self._before_step()
         self.runner.prepare(scheduled)
+
+    def launch(self) -> None:
+        """Start the prepared step on the device (submit's second half)."""
         self.runner.launch()
 
     def collect(self):
@@ -177,16 +187,20 @@ def _next_message_before(conn: Connection, ready: Callable[[], bool]) -> bool:
 
 
 class _DeviceClock:
-    """On a GPU, how long each step kept the device busy and how long the device sat idle before it:
-    events recorded on the stream just before and after the step's launch (a step's span includes
-    any wait inside it for the host, as an eager forward's launches). Nothing on the CPU."""
+    """On a GPU, each step's span on the device and the device's idle gap before it: events recorded
+    on the stream right before the step's launch (its inputs already sent) and right after. The
+    start event fires when the device reaches it: at once if the device had run out of work (the
+    gap since the previous step's end is then time it waited for this host), else when the step
+    before ends. A span includes any wait inside the step for the host (an eager forward's
+    launches) and, under tensor parallelism, for the other ranks in collectives. Nothing on the
+    CPU."""
 
     def __init__(self, device_type: str):
         self.on = device_type == "cuda"
         self.open: list = []  # (start, end) events of the steps not yet collected, oldest first
         self.previous_end = None
-        self.busy_ms: list = []
-        self.idle_ms: list = []
+        self.span_ms: list = []
+        self.gap_ms: list = []
 
     def start(self):
         if not self.on:
@@ -206,20 +220,20 @@ class _DeviceClock:
             return
         start, end = self.open.pop(0)
         end.synchronize()
-        self.busy_ms.append(start.elapsed_time(end))
+        self.span_ms.append(start.elapsed_time(end))
         if self.previous_end is not None:
-            self.idle_ms.append(self.previous_end.elapsed_time(start))
+            self.gap_ms.append(self.previous_end.elapsed_time(start))
         self.previous_end = end
 
     def take(self) -> dict:
-        """Mean busy and median idle milliseconds a step since the last call (the median: the engine's
-        own idle spells between requests would swamp a mean)."""
+        """Mean span and median gap, milliseconds a step since the last call (the median: the gaps
+        while the engine has no requests would swamp a mean)."""
         times = {}
-        if self.busy_ms:
-            times["device_busy"] = round(sum(self.busy_ms) / len(self.busy_ms), 3)
-        if self.idle_ms:
-            times["device_idle_median"] = round(sorted(self.idle_ms)[len(self.idle_ms) // 2], 3)
-        self.busy_ms, self.idle_ms = [], []
+        if self.span_ms:
+            times["device_span"] = round(sum(self.span_ms) / len(self.span_ms), 3)
+        if self.gap_ms:
+            times["device_gap_median"] = round(sorted(self.gap_ms)[len(self.gap_ms) // 2], 3)
+        self.span_ms, self.gap_ms = [], []
         return times
 
 
@@ -242,8 +256,10 @@ class _SubmittedSteps:
         return bool(self.host_seconds)
 
     def submit(self, scheduled) -> None:
-        start, device_start = time.perf_counter(), self.clock.start()
-        self.worker.submit(scheduled)
+        start = time.perf_counter()
+        self.worker.prepare(scheduled)
+        device_start = self.clock.start()
+        self.worker.launch()
         self.clock.launched(device_start)
         self.host_seconds.append(time.perf_counter() - start)
         self.phases["launch"] += self.host_seconds[-1]
