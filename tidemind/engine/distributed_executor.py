@@ -190,7 +190,7 @@ class DistributedExecutor(Executor):
                         "answer, whose host work on it took %.3f ms", self.timing.steps, ms["apart"], ms["waited"],
                         ms["worker"])
         for rank, phases in enumerate(rank_phases):
-            if phases:  # ms a step, from runner/worker.py
+            if phases:  # ms a step, from runner/worker_loop.py
                 logger.info("tensor-parallel rank %d, ms a step: %s", rank,
                             ", ".join(f"{name} {value:.3f}" for name, value in phases.items()))
 

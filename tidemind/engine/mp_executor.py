@@ -5,7 +5,7 @@ Each rank is a fresh interpreter, `python -m tidemind.engine.worker_process --fd
 multiprocessing's spawn start method (nothing forked: CUDA and threads stay sound) but without
 re-running the caller's __main__, so pipeline() works in a script without a main guard and in a
 notebook. It imports the same tidemind as this process (its directory leads PYTHONPATH) and talks
-to the executor over its end of a socket pair (runner/worker.py has the messages). Rank r uses
+to the executor over its end of a socket pair (runner/worker_loop.py has the messages). Rank r uses
 CUDA device r of those visible; ranks meet at dist_init_addr (default: loopback, a free port).
 
 Per step: the SchedulerOutput is pickled once and its bytes written to every rank's socket (one

@@ -2,7 +2,7 @@
 
     python -m tidemind.engine.worker_process --fd N
 
-N is the worker's end of a socket pair with the executor; runner/worker.serve() runs the loop, with
+N is the worker's end of a socket pair with the executor; runner/worker_loop.serve() runs the loop, with
 this rank's fault point ("rank<N>.step", engine/faults.py) checked before every step.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import argparse
 import sys
 from multiprocessing.connection import Connection
 
-from ..runner.worker import serve
+from ..runner.worker_loop import serve
 from .faults import FAULTS
 
 
