@@ -18,6 +18,7 @@ all-reduce's share.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -38,6 +39,22 @@ CMD = gpu_bench.CMD = "python benchmarks/gpu_tp.py " + " ".join(sys.argv[1:])  #
 TP_SIZES = [int(t) for t in os.environ.get("TP_SIZES", "1,2").split(",")]
 
 
+@contextlib.contextmanager
+def all_reduce_setting(setting: str):
+    """TIDEMIND_TP_ALLREDUCE for the engines started inside (their workers inherit it)."""
+    os.environ["TIDEMIND_TP_ALLREDUCE"] = setting
+    try:
+        yield
+    finally:
+        os.environ.pop("TIDEMIND_TP_ALLREDUCE")
+
+
+def bench_config(tp: int) -> EngineConfig:
+    """The engine of D1 / T1 on llama8b-shape, as gpu_bench.py runs it."""
+    return EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
+                        max_batch_size=256, cache_max_entry_count=0.8)
+
+
 def check_tiny() -> bool:
     """Greedy tokens of a tiny float32 Llama at tp 2 (graphs, eager, NCCL all-reduces) equal tp 1's."""
     import tempfile
@@ -52,11 +69,9 @@ def check_tiny() -> bool:
     tokens = {}
     for name, settings in runs.items():
         allreduce = settings.pop("allreduce", "auto")
-        os.environ["TIDEMIND_TP_ALLREDUCE"] = allreduce
         config = EngineConfig(device=DEVICE, dtype="float32", session_len=256, **settings)
-        with pipeline(path, backend_config=config) as pipe:
+        with all_reduce_setting(allreduce), pipeline(path, backend_config=config) as pipe:
             tokens[name] = [r.token_ids for r in pipe(prompts, greedy)]
-    os.environ.pop("TIDEMIND_TP_ALLREDUCE")
     equal = {name: ids == tokens["tp 1"] for name, ids in tokens.items()}
     record(system="tidemind", workload="tp-check", equal=equal, prompts=len(prompts),
            new_tokens=greedy.max_new_tokens, cmd=CMD)
@@ -65,10 +80,8 @@ def check_tiny() -> bool:
 
 
 def run(model_dir: str, tp: int) -> dict:
-    config = EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
-                          max_batch_size=256, cache_max_entry_count=0.8)
     start = time.perf_counter()
-    with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
+    with pipeline(model_dir, backend_config=bench_config(tp), log_level="INFO") as pipe:
         startup = time.perf_counter() - start
         spec = pipe.engine.kv_spec
         record(system="tidemind", workload="startup", tp=tp, startup_s=startup, kv_cache_tokens=spec.num_tokens,
@@ -122,13 +135,9 @@ def with_step_times(pipe, run):
 
 
 def d1_with_nccl(model_dir: str, tp: int) -> None:
-    os.environ["TIDEMIND_TP_ALLREDUCE"] = "nccl"
-    config = EngineConfig(tp=tp, device=DEVICE, session_len=int(os.environ.get("SESSION_LEN", 8192)),
-                          max_batch_size=256, cache_max_entry_count=0.8)
-    with pipeline(model_dir, backend_config=config, log_level="INFO") as pipe:
+    with all_reduce_setting("nccl"), pipeline(model_dir, backend_config=bench_config(tp), log_level="INFO") as pipe:
         _, steps = with_step_times(pipe, lambda: d1(pipe, tp=tp, allreduce="nccl"))
     print(f"tp {tp}, all-reduces on NCCL: ms a step in D1 {steps}", flush=True)
-    os.environ.pop("TIDEMIND_TP_ALLREDUCE")
 
 
 def main() -> None:
