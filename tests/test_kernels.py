@@ -239,6 +239,23 @@ def test_paged_decode_attention(monkeypatch, dtype, seq_lens, num_heads, num_kv_
     assert not out[torch.tensor(seq_lens) == 0].any()  # padding rows: zeros
 
 
+def test_paged_decode_attention_merges_its_splits_launch_after_launch(monkeypatch):
+    # The last share of a (sequence, kv head) to arrive merges the shares and resets its arrival
+    # counter: without the reset the next launch's merge never runs (its rows stay NaN).
+    monkeypatch.setattr(decode_attention, "num_kv_splits", lambda *args: 3)
+    seq_lens = [70, 1, 130]
+    key_cache, value_cache, tables = make_paged_kv(seq_lens, 2, 64, 16, torch.float32)
+    seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE)
+    for _ in range(3):
+        query = randn(len(seq_lens), 8, 64)
+        expected = reference.paged_decode_attention(query, key_cache, value_cache, tables, seq_lens_t, 0.125, None,
+                                                    max(seq_lens))
+        out = torch.full_like(query, float("nan"))
+        decode_attention.paged_decode_attention(query, key_cache, value_cache, tables, seq_lens_t, 0.125, None,
+                                                max(seq_lens), out=out)
+        assert_close(out, expected, ATTENTION_TOL[torch.float32])
+
+
 def test_num_kv_splits_fills_the_gpu_only_when_needed(monkeypatch):
     monkeypatch.setattr(decode_attention, "_sm_count", lambda device: 132)
     assert decode_attention.num_kv_splits(256, 8, 4096, DEVICE) == 1        # the batch fills the GPU

@@ -11,11 +11,14 @@ tl.dot), so each K/V tile is read once per KV head:
 
 Shares: the visible keys [lo, seq_len) (lo = seq_len - window, or 0) are cut into num_splits
 chunks of whole tiles; with one split the program writes the output, otherwise every program
-writes its unnormalized (max, sum, acc) and _decode_reduce_kernel merges them per (b, head).
+writes its unnormalized (max, sum, acc) and counts its arrival at its (b, kvh)'s counter
+(split_k.last_to_arrive); the last of the shares to arrive merges them for the GROUP heads, in the
+same launch (a decode step at batch 1 launched a reduce kernel after every layer's attention), and
+resets the counter. The merge's sums run in the same order whichever program arrives last.
 The split count depends only on host values (B, KVH, max_seq_len, the window, the SM count), so
 the launch can be captured in a CUDA graph. It is a run-time argument, not a compile-time one: the
 CUDA graphs of every batch size (each with its own split count) share two compiled decode kernels
-(SPLIT off / on) and one reduce kernel, which keeps start-up's compile time down.
+(SPLIT off / on), which keeps start-up's compile time down.
 
 With kv_bits 8 / 4 (quant_policy) the caches hold uint8 rows and (scale, zero) pairs
 (attention/kv_cache.py): tiles are dequantized to float32 as they are loaded (kv_cache.load_kv_tile),
@@ -34,27 +37,28 @@ import triton
 import triton.language as tl
 
 from .kv_cache import check_kv_cache, load_kv_tile
+from .split_k import arrival_counters, last_to_arrive, reset_arrivals
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
 # Split heuristic, measured on an H200 (llama8b / Gemma-3 / SmolLM2 shapes, B 1..256, 1k-4k keys):
 # shorter shares help single sequences (B=1, 4k keys: 12 us against 14 us with 256-key shares).
 _MIN_TOKENS_PER_SPLIT = 128  # below this a share's fixed cost (q load, partial write) is not repaid
-_MAX_SPLITS = 32  # a power of two: the reduce kernel covers every split count with one tile of this size
+_MAX_SPLITS = 32  # a power of two: the merge covers every split count with one tile of this size
 _TARGET_WAVES = 4  # programs aimed at, in multiples of the SM count, when splitting
 _CPU_SM_COUNT = 4  # stands in for the SM count under the Triton interpreter (CPU tensors)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, seq_lens_ptr, out_ptr,
-                   partial_acc_ptr, partial_max_ptr, partial_sum_ptr,
+                   partial_acc_ptr, partial_max_ptr, partial_sum_ptr, counters_ptr,
                    query_batch_stride, query_head_stride, out_batch_stride, out_head_stride,
                    cache_block_stride, cache_slot_stride, cache_head_stride, block_table_stride,
                    num_heads, qk_scale, window, num_splits,
                    key_scales_ptr, value_scales_ptr, scales_block_stride, scales_slot_stride, scales_head_stride,
                    GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, USE_WINDOW: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, KV_BITS: tl.constexpr, BLOCK_S: tl.constexpr):
     batch = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -109,25 +113,31 @@ def _decode_kernel(query_ptr, key_cache_ptr, value_cache_ptr, block_tables_ptr, 
         tl.store(partial_max_ptr + partial, m_i, mask=row_mask)
         tl.store(partial_sum_ptr + partial, l_i, mask=row_mask)
         tl.store(partial_acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_mask[:, None])
+        tile = batch * (num_heads // GROUP) + kv_head
+        if last_to_arrive(counters_ptr, tile, num_splits):
+            for g in range(0, GROUP):
+                _merge_splits(partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, out_batch_stride,
+                              out_head_stride, batch, kv_head * GROUP + g, num_heads, num_splits, HEAD_DIM, BLOCK_S)
+            reset_arrivals(counters_ptr, tile)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_reduce_kernel(partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, out_batch_stride,
-                          out_head_stride, num_heads, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
-    batch = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+@triton.jit
+def _merge_splits(partial_acc_ptr, partial_max_ptr, partial_sum_ptr, out_ptr, out_batch_stride, out_head_stride,
+                  batch, head, num_heads, num_splits, HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One (sequence, head)'s num_splits partials [max, sum, acc [HEAD_DIM]] -> its output row.
+    # Written by other programs of the launch: loads bypass L1 (.cg).
     splits = tl.arange(0, BLOCK_S)
     split_mask = splits < num_splits
     dims = tl.arange(0, HEAD_DIM)
     partial = (batch * num_heads + head) * num_splits + splits  # [BLOCK_S]
-    m = tl.load(partial_max_ptr + partial, mask=split_mask, other=float("-inf"))
-    l = tl.load(partial_sum_ptr + partial, mask=split_mask, other=0.0)
+    m = tl.load(partial_max_ptr + partial, mask=split_mask, other=float("-inf"), cache_modifier=".cg")
+    l = tl.load(partial_sum_ptr + partial, mask=split_mask, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # every share empty (seq_len 0): weights 0
     weights = tl.exp2(m - m_max)  # [BLOCK_S]; 0 for empty shares
     total = tl.sum(l * weights, axis=0)
     acc = tl.load(partial_acc_ptr + partial[:, None] * HEAD_DIM + dims[None, :], mask=split_mask[:, None],
-                  other=0.0)  # [BLOCK_S, HEAD_DIM]
+                  other=0.0, cache_modifier=".cg")  # [BLOCK_S, HEAD_DIM]
     out = tl.sum(acc * weights[:, None], axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + batch * out_batch_stride + head * out_head_stride + dims, out.to(out_ptr.dtype.element_ty))
 
@@ -225,25 +235,22 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         partial_acc = torch.empty((batch, num_heads, num_splits, head_dim), dtype=torch.float32, device=query.device)
         partial_max_sum = torch.empty((2, batch, num_heads, num_splits), dtype=torch.float32, device=query.device)
         partial_max, partial_sum = partial_max_sum[0], partial_max_sum[1]
+        counters = arrival_counters(query.device, batch * num_kv_heads, "paged_decode_attention")
     else:
-        partial_acc = partial_max = partial_sum = out  # not read: the kernel writes out directly
+        partial_acc = partial_max = partial_sum = counters = out  # not read: the kernel writes out directly
     if kv_bits:
         scale_strides = key_scales.stride()[:3]
     else:
         key_scales = value_scales = key_cache  # not read
         scale_strides = (0, 0, 0)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
-        query, key_cache, value_cache, block_tables, seq_lens, out, partial_acc, partial_max, partial_sum,
+        query, key_cache, value_cache, block_tables, seq_lens, out, partial_acc, partial_max, partial_sum, counters,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         num_heads, float(scale) * _LOG2E, int(sliding_window or 0), num_splits, key_scales, value_scales,
         *scale_strides,
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
         BLOCK_N=block_n, SPLIT=num_splits > 1, USE_WINDOW=sliding_window is not None,
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_BITS=kv_bits, num_warps=num_warps,
-        num_stages=num_stages)
-    if num_splits > 1:
-        _decode_reduce_kernel[(batch, num_heads)](
-            partial_acc, partial_max, partial_sum, out, out.stride(0), out.stride(1), num_heads, num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=_MAX_SPLITS, num_warps=4)
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", KV_BITS=kv_bits, BLOCK_S=_MAX_SPLITS,
+        num_warps=num_warps, num_stages=num_stages)
     return out

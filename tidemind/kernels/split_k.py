@@ -1,5 +1,6 @@
 """K split across programs and reduced in the same launch, for the W4A16 kernels (w4a16_gemv.py,
-w4a16_gemv_slabs.py, w4a16_gemm.py) whose output tiles alone are too few to fill the GPU.
+w4a16_gemv_slabs.py, w4a16_gemm.py) whose output tiles alone are too few to fill the GPU; the
+decode attention (decode_attention.py) merges its KV shares through the same arrival counters.
 
 Each program of a tile's `splits` K shares writes its float32 partial sums to a scratch buffer
 (partials [splits, ...]) and counts its arrival at the tile's counter (last_to_arrive); the last to
