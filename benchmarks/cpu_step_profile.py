@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import time
 
 import torch
 
 from tidemind import EngineConfig, GenerationConfig
 from tidemind.bench.cpu_ceilings import measure_cpu_ceilings, step_weight_count
+from tidemind.bench.host_timers import timed
 from tidemind.bench.workloads import chat_prompts
 from tidemind.chat.templates import get_chat_template
 from tidemind.engine.engine import Engine
@@ -32,15 +32,6 @@ from tidemind.layers.embedding import LMHead
 from tidemind.layers.linear import Linear
 
 THREADS = 2
-
-
-def timed(totals: dict, key: str, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        totals[key] += time.perf_counter() - start
-        return out
-    return wrapper
 
 
 def instrument(engine: Engine) -> dict:

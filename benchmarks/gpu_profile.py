@@ -23,8 +23,9 @@ import time
 import torch
 
 from tidemind import EngineConfig, GenerationConfig
-from tidemind.engine.engine import Engine
+from tidemind.bench.host_timers import timed
 from tidemind.bench.workloads import random_prompt
+from tidemind.engine.engine import Engine
 from tidemind.runner import step_inputs
 from tidemind.runner.kernel_profile import busy_seconds, kernel_totals
 
@@ -38,15 +39,6 @@ def record(**fields) -> None:
     print("RESULT", line, flush=True)
     with open(os.path.join(os.environ.get("OUT", "/tmp"), "results.jsonl"), "a") as f:
         f.write(line + "\n")
-
-
-def _timed(totals: dict, key: str, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        totals[key] += time.perf_counter() - start
-        return out
-    return wrapper
 
 
 def profile_decode(engine: Engine, batch: int, label: str) -> None:
@@ -64,8 +56,8 @@ def profile_decode(engine: Engine, batch: int, label: str) -> None:
     totals = collections.defaultdict(float)
     scheduler = engine.scheduler
     originals = (scheduler.schedule, step_inputs.prepare_step)
-    scheduler.schedule = _timed(totals, "schedule", scheduler.schedule)
-    step_inputs.prepare_step = _timed(totals, "prepare_step", step_inputs.prepare_step)
+    scheduler.schedule = timed(totals, "schedule", scheduler.schedule)
+    step_inputs.prepare_step = timed(totals, "prepare_step", step_inputs.prepare_step)
     import tidemind.runner.model_runner as model_runner_module
     model_runner_module.prepare_step = step_inputs.prepare_step
     activities = [torch.profiler.ProfilerActivity.CPU] + (

@@ -23,20 +23,12 @@ from pathlib import Path
 import torch
 
 from tidemind import EngineConfig, GenerationConfig
+from tidemind.bench.host_timers import timed
 from tidemind.bench.workloads import chat_prompts
 from tidemind.engine.engine import Engine
 from tidemind.runner import model_runner as model_runner_module
 
 RESULTS = Path(__file__).resolve().parent / "results" / "host_step_time.jsonl"
-
-
-def _timed(totals: dict, key: str, fn):
-    def wrapper(*args, **kwargs):
-        start = time.perf_counter()
-        out = fn(*args, **kwargs)
-        totals[key] += time.perf_counter() - start
-        return out
-    return wrapper
 
 
 def stub_model(engine: Engine) -> None:
@@ -79,12 +71,12 @@ def main() -> None:
         engine.step()
     totals = collections.defaultdict(float)
     scheduler, runner = engine.scheduler, engine.executor.runner
-    scheduler.schedule = _timed(totals, "schedule", scheduler.schedule)
-    scheduler.update = _timed(totals, "update", scheduler.update)
-    runner.execute = _timed(totals, "runner", runner.execute)
-    model_runner_module.prepare_step = _timed(totals, "prepare_step", model_runner_module.prepare_step)
-    engine._new_texts = _timed(totals, "detokenize", engine._new_texts)
-    engine._token_output = _timed(totals, "outputs", engine._token_output)
+    scheduler.schedule = timed(totals, "schedule", scheduler.schedule)
+    scheduler.update = timed(totals, "update", scheduler.update)
+    runner.execute = timed(totals, "runner", runner.execute)
+    model_runner_module.prepare_step = timed(totals, "prepare_step", model_runner_module.prepare_step)
+    engine._new_texts = timed(totals, "detokenize", engine._new_texts)
+    engine._token_output = timed(totals, "outputs", engine._token_output)
     start = time.perf_counter()
     for _ in range(args.steps):
         engine.step()
