@@ -32,6 +32,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from tidemind.kernels import decode_attention, kv_cache, prefill_attention, reference  # noqa: E402
+from tidemind.kernels.rotary_kv_cache import rotary_write_kv_cache  # noqa: E402
 from tidemind.kernels import (activation, rms_norm, rotary, w4a16_dequant, w4a16_gemm, w4a16_gemv,  # noqa: E402
                               w4a16_gemv_slabs, w4a16_layout)
 
@@ -114,6 +115,14 @@ def variants():
                 key = torch.zeros(4, kv_heads, head_dim, dtype=dtype)
                 kv_cache.write_kv_cache(key, key, key_cache, value_cache, torch.zeros(4, dtype=torch.int32), **quant)
 
+            def rotary_write(heads=heads, kv_heads=kv_heads, head_dim=head_dim, key_cache=key_cache,
+                             value_cache=value_cache, quant=quant):
+                qkv = torch.zeros(4, heads + 2 * kv_heads, head_dim, dtype=dtype)
+                query, key, value = qkv.split([heads, kv_heads, kv_heads], dim=1)
+                rotary_write_kv_cache(query, key, value, key_cache, value_cache, torch.zeros(4, dtype=torch.int32),
+                                      torch.zeros(4, dtype=torch.int64),
+                                      torch.zeros(8192, head_dim, dtype=torch.float32), **quant)
+
             def decode(heads=heads, head_dim=head_dim, key_cache=key_cache, value_cache=value_cache, quant=quant,
                        tables=tables, seq_lens=seq_lens, window=window):
                 query = torch.zeros(4, heads, head_dim, dtype=dtype)
@@ -128,6 +137,7 @@ def variants():
                                                           100, 0.1, window, **quant)
 
             yield f"write_kv_cache   {shape}", write
+            yield f"rotary+write_kv  {shape}", rotary_write
             yield f"decode (split)   {shape}", decode
             yield f"prefill          {shape}", prefill
     yield from w4a16_variants(dtype)

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import check_kv_cache, load_kv_tile
+from .kv_cache import check_kv_cache, load_kv_tile, scales_or_stand_ins
 from .split_k import arrival_counters, last_to_arrive, reset_arrivals
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -238,11 +238,7 @@ def paged_decode_attention(query: torch.Tensor, key_cache: torch.Tensor, value_c
         counters = arrival_counters(query.device, batch * num_kv_heads, "paged_decode_attention")
     else:
         partial_acc = partial_max = partial_sum = counters = out  # not read: the kernel writes out directly
-    if kv_bits:
-        scale_strides = key_scales.stride()[:3]
-    else:
-        key_scales = value_scales = key_cache  # not read
-        scale_strides = (0, 0, 0)
+    key_scales, value_scales, scale_strides = scales_or_stand_ins(key_cache, key_scales, value_scales, kv_bits)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         query, key_cache, value_cache, block_tables, seq_lens, out, partial_acc, partial_max, partial_sum, counters,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),

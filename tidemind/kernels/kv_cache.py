@@ -22,26 +22,6 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KV_BITS = (0, 8, 4)
 
 
-@triton.jit
-def _write_kv_cache_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, slot_mapping_ptr,
-                           key_token_stride, key_head_stride, value_token_stride, value_head_stride,
-                           cache_block_stride, cache_slot_stride, cache_head_stride, num_kv_heads,
-                           HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                           BLOCK_D: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)  # block_id * BLOCK_SIZE + offset; < 0: skip
-    heads = tl.arange(0, BLOCK_H)
-    dims = tl.arange(0, BLOCK_D)
-    mask = (heads < num_kv_heads)[:, None] & (dims < HEAD_DIM)[None, :] & (slot >= 0)  # [BLOCK_H, BLOCK_D]
-    key = tl.load(key_ptr + token * key_token_stride + heads[:, None] * key_head_stride + dims[None, :], mask=mask)
-    value = tl.load(value_ptr + token * value_token_stride + heads[:, None] * value_head_stride + dims[None, :],
-                    mask=mask)
-    cache_offsets = ((slot // BLOCK_SIZE) * cache_block_stride + (slot % BLOCK_SIZE) * cache_slot_stride
-                     + heads[:, None] * cache_head_stride + dims[None, :])
-    tl.store(key_cache_ptr + cache_offsets, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(value_cache_ptr + cache_offsets, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
-
-
 # (scale, zero) rounding constants of reference.kv_scale_zero, as the kernels see them
 _MARGIN_HIGH = tl.constexpr(KV_MARGIN_HIGH)
 _MARGIN_LOW = tl.constexpr(KV_MARGIN_LOW)
@@ -98,24 +78,52 @@ def _quantize_store(src, dst, dst_scales, row_mask, HEAD_DIM: tl.constexpr, BLOC
 
 
 @triton.jit
-def _write_kv_cache_quant_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scales_ptr, value_scales_ptr,
-                                 slot_mapping_ptr, key_token_stride, key_head_stride, value_token_stride,
-                                 value_head_stride, cache_block_stride, cache_slot_stride, cache_head_stride,
-                                 scales_block_stride, scales_slot_stride, scales_head_stride, num_kv_heads,
-                                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
-                                 BLOCK_D: tl.constexpr, KV_BITS: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)  # block_id * BLOCK_SIZE + offset; < 0: skip
+def write_token_kv(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scales_ptr, value_scales_ptr, token, slot,
+                   key_token_stride, key_head_stride, value_token_stride, value_head_stride, cache_block_stride,
+                   cache_slot_stride, cache_head_stride, scales_block_stride, scales_slot_stride, scales_head_stride,
+                   num_kv_heads, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
+                   BLOCK_D: tl.constexpr, KV_BITS: tl.constexpr):
+    """One token's keys and values, every KV head, into cache slot `slot` (block_id * BLOCK_SIZE +
+    offset; < 0: nothing is written), quantized when KV_BITS is 8 / 4 (the scales are then read
+    from key_scales_ptr / value_scales_ptr). BLOCK_D: next power of two >= a cache row's width."""
     heads = tl.arange(0, BLOCK_H)
-    row_mask = (heads < num_kv_heads) & (slot >= 0)  # [BLOCK_H]: one row per KV head
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE
-    cache_rows = block * cache_block_stride + offset * cache_slot_stride + heads * cache_head_stride
-    scale_rows = block * scales_block_stride + offset * scales_slot_stride + heads * scales_head_stride
-    _quantize_store(key_ptr + token * key_token_stride + heads * key_head_stride, key_cache_ptr + cache_rows,
-                    key_scales_ptr + scale_rows, row_mask, HEAD_DIM, BLOCK_D, KV_BITS)
-    _quantize_store(value_ptr + token * value_token_stride + heads * value_head_stride, value_cache_ptr + cache_rows,
-                    value_scales_ptr + scale_rows, row_mask, HEAD_DIM, BLOCK_D, KV_BITS)
+    if KV_BITS == 0:
+        dims = tl.arange(0, BLOCK_D)
+        mask = (heads < num_kv_heads)[:, None] & (dims < HEAD_DIM)[None, :] & (slot >= 0)  # [BLOCK_H, BLOCK_D]
+        key = tl.load(key_ptr + token * key_token_stride + heads[:, None] * key_head_stride + dims[None, :],
+                      mask=mask)
+        value = tl.load(value_ptr + token * value_token_stride + heads[:, None] * value_head_stride + dims[None, :],
+                        mask=mask)
+        cache_offsets = (block * cache_block_stride + offset * cache_slot_stride + heads[:, None] * cache_head_stride
+                         + dims[None, :])
+        tl.store(key_cache_ptr + cache_offsets, key.to(key_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(value_cache_ptr + cache_offsets, value.to(value_cache_ptr.dtype.element_ty), mask=mask)
+    else:
+        row_mask = (heads < num_kv_heads) & (slot >= 0)  # [BLOCK_H]: one row per KV head
+        cache_rows = block * cache_block_stride + offset * cache_slot_stride + heads * cache_head_stride
+        scale_rows = block * scales_block_stride + offset * scales_slot_stride + heads * scales_head_stride
+        _quantize_store(key_ptr + token * key_token_stride + heads * key_head_stride, key_cache_ptr + cache_rows,
+                        key_scales_ptr + scale_rows, row_mask, HEAD_DIM, BLOCK_D, KV_BITS)
+        _quantize_store(value_ptr + token * value_token_stride + heads * value_head_stride,
+                        value_cache_ptr + cache_rows, value_scales_ptr + scale_rows, row_mask, HEAD_DIM, BLOCK_D,
+                        KV_BITS)
+
+
+@triton.jit
+def _write_kv_cache_kernel(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scales_ptr, value_scales_ptr,
+                           slot_mapping_ptr, key_token_stride, key_head_stride, value_token_stride, value_head_stride,
+                           cache_block_stride, cache_slot_stride, cache_head_stride, scales_block_stride,
+                           scales_slot_stride, scales_head_stride, num_kv_heads, HEAD_DIM: tl.constexpr,
+                           BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+                           KV_BITS: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
+    write_token_kv(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scales_ptr, value_scales_ptr, token, slot,
+                   key_token_stride, key_head_stride, value_token_stride, value_head_stride, cache_block_stride,
+                   cache_slot_stride, cache_head_stride, scales_block_stride, scales_slot_stride, scales_head_stride,
+                   num_kv_heads, HEAD_DIM, BLOCK_SIZE, BLOCK_H, BLOCK_D, KV_BITS)
 
 
 @triton.jit
@@ -178,27 +186,28 @@ def check_kv_cache(fn: str, key_cache: torch.Tensor, value_cache: torch.Tensor, 
                              f"kv_bits {kv_bits}")
 
 
-def _check(key, value, key_cache, value_cache, slot_mapping, key_scales, value_scales, kv_bits) -> None:
+def check_kv_write(fn: str, key, value, key_cache, value_cache, slot_mapping, key_scales, value_scales,
+                   kv_bits) -> None:
     if key.dim() != 3:
-        raise ValueError(f"write_kv_cache: key must be [T, num_kv_heads, head_dim], got {tuple(key.shape)}")
+        raise ValueError(f"{fn}: key must be [T, num_kv_heads, head_dim], got {tuple(key.shape)}")
     head_dim = key.shape[2]
-    check_kv_cache("write_kv_cache", key_cache, value_cache, head_dim, key_scales, value_scales, kv_bits)
+    check_kv_cache(fn, key_cache, value_cache, head_dim, key_scales, value_scales, kv_bits)
     block_size = key_cache.shape[1]
     if block_size & (block_size - 1):
-        raise ValueError(f"write_kv_cache: block_size {block_size} must be a power of two")
+        raise ValueError(f"{fn}: block_size {block_size} must be a power of two")
     expected = (slot_mapping.shape[0], key_cache.shape[2], head_dim)
     for name, x in (("key", key), ("value", value)):
         if tuple(x.shape) != expected or x.stride(2) != 1:
-            raise ValueError(f"write_kv_cache: {name} must be {list(expected)} [T, num_kv_heads, head_dim] with a "
+            raise ValueError(f"{fn}: {name} must be {list(expected)} [T, num_kv_heads, head_dim] with a "
                              f"contiguous last dim, got {tuple(x.shape)} strides {x.stride()}")
         if x.dtype not in _DTYPES or x.device != key_cache.device:
-            raise ValueError(f"write_kv_cache: {name} is {x.dtype} on {x.device}; want one of {_DTYPES} on "
+            raise ValueError(f"{fn}: {name} is {x.dtype} on {x.device}; want one of {_DTYPES} on "
                              f"{key_cache.device}")
     if slot_mapping.dim() != 1 or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"write_kv_cache: slot_mapping must be [T] int32 / int64, got {slot_mapping.dtype} "
+        raise ValueError(f"{fn}: slot_mapping must be [T] int32 / int64, got {slot_mapping.dtype} "
                          f"{tuple(slot_mapping.shape)}")
     if slot_mapping.device != key_cache.device:
-        raise ValueError(f"write_kv_cache: slot_mapping is on {slot_mapping.device}, the cache on {key_cache.device}")
+        raise ValueError(f"{fn}: slot_mapping is on {slot_mapping.device}, the cache on {key_cache.device}")
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -215,20 +224,29 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, key_cache: torch.Tens
     key, value: [T, KVH, D], last dim contiguous, any token / head strides (views into a fused qkv
     output); slot_mapping: [T] int32 / int64, each slot < num_blocks * block_size (not checked).
     """
-    _check(key, value, key_cache, value_cache, slot_mapping, key_scales, value_scales, kv_bits)
+    check_kv_write("write_kv_cache", key, value, key_cache, value_cache, slot_mapping, key_scales, value_scales,
+                   kv_bits)
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if kv_bits:
-        _write_kv_cache_quant_kernel[(num_tokens,)](
-            key, value, key_cache, value_cache, key_scales, value_scales, slot_mapping, key.stride(0), key.stride(1),
-            value.stride(0), value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-            key_scales.stride(0), key_scales.stride(1), key_scales.stride(2), num_kv_heads, HEAD_DIM=head_dim,
-            BLOCK_SIZE=key_cache.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
-            BLOCK_D=triton.next_power_of_2(key_cache.shape[3]), KV_BITS=kv_bits, num_warps=4)
-        return
+    key_scales, value_scales, scale_strides = scales_or_stand_ins(key_cache, key_scales, value_scales, kv_bits)
     _write_kv_cache_kernel[(num_tokens,)](
-        key, value, key_cache, value_cache, slot_mapping, key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), num_kv_heads,
-        HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), num_warps=4)
+        key, value, key_cache, value_cache, key_scales, value_scales, slot_mapping, key.stride(0), key.stride(1),
+        value.stride(0), value.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        *scale_strides, num_kv_heads, **cache_write_constants(key_cache, num_kv_heads, head_dim, kv_bits),
+        num_warps=4, enable_fp_fusion=False)  # (scale, zero) round as the reference's, and as rotary_kv_cache's
+
+
+def scales_or_stand_ins(key_cache: torch.Tensor, key_scales: Optional[torch.Tensor],
+                        value_scales: Optional[torch.Tensor], kv_bits: int):
+    """(key_scales, value_scales, their [block, slot, head] strides) as the kernels' arguments; an
+    unquantized cache (kv_bits 0) passes the cache itself and zero strides (never read)."""
+    if not kv_bits:
+        return key_cache, key_cache, (0, 0, 0)
+    return key_scales, value_scales, key_scales.stride()[:3]
+
+
+def cache_write_constants(key_cache: torch.Tensor, num_kv_heads: int, head_dim: int, kv_bits: int) -> dict:
+    """write_token_kv's compile-time arguments for this cache."""
+    return dict(HEAD_DIM=head_dim, BLOCK_SIZE=key_cache.shape[1], BLOCK_H=triton.next_power_of_2(num_kv_heads),
+                BLOCK_D=triton.next_power_of_2(key_cache.shape[3]), KV_BITS=kv_bits)

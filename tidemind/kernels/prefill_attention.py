@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .kv_cache import check_kv_cache, load_kv_tile
+from .kv_cache import check_kv_cache, load_kv_tile, scales_or_stand_ins
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _LOG2E = 1.4426950408889634
@@ -218,11 +218,7 @@ def paged_prefill_attention(query: torch.Tensor, key_cache: torch.Tensor, value_
     if max(grid[1:]) > 65535:  # CUDA's limit on the grid's second and third dims
         raise ValueError(f"paged_prefill_attention: {num_seqs} sequences / max_query_len {max_query_len} are over "
                          f"the grid's limits (65535 sequences, {65535 * block_m} tokens a sequence)")
-    if kv_bits:
-        scale_strides = key_scales.stride()[:3]
-    else:
-        key_scales = value_scales = key_cache  # not read
-        scale_strides = (0, 0, 0)
+    key_scales, value_scales, scale_strides = scales_or_stand_ins(key_cache, key_scales, value_scales, kv_bits)
     _prefill_kernel[grid](
         query, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
