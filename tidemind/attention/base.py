@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Tuple
 
 import numpy as np
 import torch
@@ -58,6 +58,9 @@ class StepLayout:
 class AttentionBackend(ABC):
     name: ClassVar[str]
     supports_cuda_graphs: ClassVar[bool] = False
+    # True: forward() takes the step's rope and rotates query and key itself, in its KV write's
+    # launch; otherwise the Attention layer rotates them before forward().
+    fuses_rotary: ClassVar[bool] = False
 
     @abstractmethod
     def build_metadata(self, layout: StepLayout) -> Any:
@@ -70,8 +73,12 @@ class AttentionBackend(ABC):
 
     @abstractmethod
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: LayerKVCache, metadata: Any) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: Any, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                ) -> torch.Tensor:
         """Write the new tokens' keys and values into kv_cache, then attend.
+
+        rope: None (query and key come rotated), or, only for a backend that fuses_rotary, the
+        (positions [num_tokens], cos/sin table) to rotate query and key by, in place, first.
 
         query [num_tokens, num_heads, head_dim]; key, value [num_tokens, num_kv_heads, head_dim]
         (last dims contiguous, rows may be strided views); kv_cache: this layer's cache (data

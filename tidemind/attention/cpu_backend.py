@@ -51,7 +51,7 @@ class CPUAttentionBackend(AttentionBackend):
         return CPUMetadata(layout=layout, args=args)
 
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: LayerKVCache, metadata: CPUMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: CPUMetadata, rope: None = None) -> torch.Tensor:
         if kv_cache.quant_policy or kv_cache.data.dtype != torch.float32 or query.dtype != torch.float32:
             if metadata.reference is None:
                 metadata.reference = self.reference.build_metadata(metadata.layout)

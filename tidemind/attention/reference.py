@@ -31,7 +31,7 @@ class ReferenceAttentionBackend(AttentionBackend):
         return ReferenceMetadata(layout=layout, block_tables=layout.block_tables.long())
 
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: LayerKVCache, metadata: ReferenceMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: ReferenceMetadata, rope: None = None) -> torch.Tensor:
         layout = metadata.layout
         reference.write_kv_cache_split(key, value, kv_cache.key, kv_cache.value, layout.slot_mapping,
                                        **kv_cache.quant_args())

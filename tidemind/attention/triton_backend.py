@@ -12,13 +12,14 @@ Per step (build_metadata, once, before the layers) the layout is split into its 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
 from ..kernels.decode_attention import paged_decode_attention
 from ..kernels.kv_cache import write_kv_cache
 from ..kernels.prefill_attention import paged_prefill_attention
+from ..kernels.rotary_kv_cache import rotary_write_kv_cache
 from .base import AttentionBackend, AttentionSpec, StepLayout
 from .kv_cache import LayerKVCache
 
@@ -40,6 +41,7 @@ class TritonMetadata:
 class TritonAttentionBackend(AttentionBackend):
     name = "triton"
     supports_cuda_graphs = True
+    fuses_rotary = True  # kernels/rotary_kv_cache.py: one launch where rotary and the KV write were two
 
     def build_metadata(self, layout: StepLayout) -> TritonMetadata:
         nd = layout.num_decodes
@@ -58,10 +60,14 @@ class TritonAttentionBackend(AttentionBackend):
         return TritonMetadata(layout=layout, num_decodes=layout.num_decodes, decode_max_seq_len=layout.max_seq_len)
 
     def forward(self, spec: AttentionSpec, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                kv_cache: LayerKVCache, metadata: TritonMetadata) -> torch.Tensor:
+                kv_cache: LayerKVCache, metadata: TritonMetadata,
+                rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         layout = metadata.layout
         key_cache, value_cache, quant = kv_cache.key, kv_cache.value, kv_cache.quant_args()
-        write_kv_cache(key, value, key_cache, value_cache, layout.slot_mapping, **quant)
+        if rope is None:
+            write_kv_cache(key, value, key_cache, value_cache, layout.slot_mapping, **quant)
+        else:
+            rotary_write_kv_cache(query, key, value, key_cache, value_cache, layout.slot_mapping, *rope, **quant)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)  # [T, H, D]
         nd = metadata.num_decodes
         if nd:

@@ -2,7 +2,7 @@
 BuildContext (tidemind/attention), with the metadata the backend built for the step."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 from torch import nn
@@ -12,29 +12,38 @@ from ..attention.kv_cache import LayerKVCache
 
 
 class Attention(nn.Module):
-    """Attention of new tokens over the paged KV cache; q/k already rotated by the caller.
+    """Rotary embedding of q and k, then attention of the new tokens over the paged KV cache.
 
     forward: q [num_tokens, num_heads * head_dim], k and v [num_tokens, num_kv_heads * head_dim]
     (views of one fused qkv output are fine), this layer's kv_cache (attention/kv_cache.py: the
-    paged data and, when quantized, its scales), the backend's metadata of the step
+    paged data and, when quantized, its scales), the backend's metadata of the step, rope: the
+    (positions [num_tokens], cos/sin table) to rotate q and k by, in place (None: they come rotated)
     -> [num_tokens, num_heads * head_dim]
+
+    A backend that fuses_rotary rotates them in its KV write's launch; for the others the layer
+    does it first with `rotary_embedding` (its KernelSet's: reference, Triton or the CPU's).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 backend: AttentionBackend, sliding_window: Optional[int] = None):
+                 backend: AttentionBackend, sliding_window: Optional[int] = None,
+                 rotary_embedding: Optional[Callable] = None):
         super().__init__()
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
         self.spec = AttentionSpec(num_heads, num_kv_heads, head_dim, scale, sliding_window)
         self.backend = backend
+        self.rotary_embedding = rotary_embedding
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: LayerKVCache,
-                metadata: Any) -> torch.Tensor:
+                metadata: Any, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        if rope is not None and not self.backend.fuses_rotary:
+            q, k = self.rotary_embedding(q, k, *rope)
+            rope = None
         num_tokens = q.shape[0]
         spec = self.spec
         out = self.backend.forward(spec, q.view(num_tokens, spec.num_heads, spec.head_dim),
                                    k.view(num_tokens, spec.num_kv_heads, spec.head_dim),
-                                   v.view(num_tokens, spec.num_kv_heads, spec.head_dim), kv_cache, metadata)
+                                   v.view(num_tokens, spec.num_kv_heads, spec.head_dim), kv_cache, metadata, rope)
         return out.reshape(num_tokens, spec.num_heads * spec.head_dim)
 
     def extra_repr(self) -> str:

@@ -67,13 +67,12 @@ class Gemma3Attention(nn.Module):
                  ctx: BuildContext, prefix: str):
         super().__init__()
         self.head_dim = args.head_dim
-        self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj, self.o_proj = attention_projections(args, ctx, prefix)
         self.q_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
         self.k_norm = RMSNorm(args.head_dim, args.rms_norm_eps, weight_offset=1.0, kernels=ctx.kernels)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, args.head_dim,
                               scale=query_pre_attn_scalar ** -0.5, backend=ctx.attention_backend,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, rotary_embedding=ctx.kernels.rotary_embedding)
 
     def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:
@@ -82,8 +81,7 @@ class Gemma3Attention(nn.Module):
         # per-head norms: [T, H*D] -> [T*H, D] -> back
         q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(num_tokens, -1)
         k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(num_tokens, -1)
-        q, k = self.rotary_embedding(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope))
 
 
 class Gemma3DecoderLayer(nn.Module):

@@ -87,17 +87,15 @@ class LlamaAttention(nn.Module):
 
     def __init__(self, args: BlockArgs, sliding_window: Optional[int], ctx: BuildContext, prefix: str):
         super().__init__()
-        self.rotary_embedding = ctx.kernels.rotary_embedding
         self.qkv_proj, self.o_proj = attention_projections(args, ctx, prefix)
         self.attn = Attention(self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, args.head_dim,
                               scale=args.head_dim ** -0.5, backend=ctx.attention_backend,
-                              sliding_window=sliding_window)
+                              sliding_window=sliding_window, rotary_embedding=ctx.kernels.rotary_embedding)
 
     def forward(self, hidden: torch.Tensor, rope: Tuple[torch.Tensor, torch.Tensor], kv_cache: LayerKVCache,
                 meta) -> torch.Tensor:
         q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        q, k = self.rotary_embedding(q, k, *rope)
-        return self.o_proj(self.attn(q, k, v, kv_cache, meta))
+        return self.o_proj(self.attn(q, k, v, kv_cache, meta, rope))
 
 
 def attention_projections(args: BlockArgs, ctx: BuildContext, prefix: str) -> Tuple[QKVLinear, Linear]:
