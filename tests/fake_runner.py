@@ -22,6 +22,7 @@ preemption, prefix caching and swapping, exactly like greedy decoding of a real 
 """
 from __future__ import annotations
 
+import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from tidemind.config import GenerationConfig
@@ -299,6 +300,17 @@ def assert_all_blocks_free(scheduler: Scheduler) -> None:
     swap = scheduler.swap
     assert swap is None or swap.num_free_blocks == swap.num_total_blocks, \
         f"{swap.num_free_blocks}/{swap.num_total_blocks} host blocks free"
+
+
+def all_blocks_free_soon(block_manager, timeout: float = 5.0) -> bool:
+    """Whether every KV block of a running engine is free within timeout seconds (the engine's
+    thread frees a finished request's blocks after its last output was delivered)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if block_manager.num_free_blocks == block_manager.num_total_blocks:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def run_alone(request: Request, block_size: int = 4) -> Tuple[List[int], str]:

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
+from fake_runner import all_blocks_free_soon
 from hf_reference import bench_prompts
 from tidemind import EngineConfig, GenerationConfig, Response, pipeline
 
@@ -19,16 +19,6 @@ SAMPLED = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=1.0, t
 def pipe():
     with pipeline(backend_config=EngineConfig(dtype="float32", device="cpu", session_len=512)) as p:
         yield p
-
-
-def _all_blocks_free(pipe, timeout: float = 5.0) -> bool:
-    manager = pipe.engine.block_manager
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if manager.num_free_blocks == manager.num_total_blocks:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_same_seed_same_text_alone_and_in_a_batch(pipe):
@@ -70,7 +60,7 @@ def test_stop_word_across_token_boundary(pipe):
     assert stopped.text == full.text[:cut]
     kept = pipe(prompt, GenerationConfig(max_new_tokens=48, stop_words=[stop], include_stop_str_in_output=True))
     assert kept.text == full.text[:cut + len(stop)]
-    assert _all_blocks_free(pipe)
+    assert all_blocks_free_soon(pipe.engine.block_manager)
 
 
 def test_n_gives_n_completions(pipe):
@@ -132,7 +122,7 @@ def test_chat_turns_reuse_the_conversations_kv_and_match_a_fresh_full_prompt(pip
     fresh = pipe(session.history[:-1], greedy)
     assert fresh.text == second.text
     pipe.end_session(session)
-    assert _all_blocks_free(pipe)
+    assert all_blocks_free_soon(pipe.engine.block_manager)
 
 
 def test_use_tqdm_shows_progress(pipe, capsys):
@@ -169,7 +159,7 @@ def test_prompt_longer_than_session_is_refused_and_others_go_on(pipe):
     rest = [first] + list(stream)
     assert rest[-1].finish_reason == "length" and sum(len(d.token_ids) for d in rest) == 24
     assert pipe(bench_prompts()[0], GenerationConfig(max_new_tokens=4)).generate_token_len == 4
-    assert _all_blocks_free(pipe)
+    assert all_blocks_free_soon(pipe.engine.block_manager)
 
 
 def test_abandoned_stream_is_aborted_and_frees_its_blocks(pipe):
@@ -177,7 +167,7 @@ def test_abandoned_stream_is_aborted_and_frees_its_blocks(pipe):
     next(stream)
     next(stream)
     stream.close()  # the caller walks away: the request is aborted
-    assert _all_blocks_free(pipe)
+    assert all_blocks_free_soon(pipe.engine.block_manager)
     assert pipe(bench_prompts()[4], GenerationConfig(max_new_tokens=4)).generate_token_len == 4
 
 
@@ -191,4 +181,4 @@ def test_a_cancelled_chat_turn_frees_its_session_at_once(pipe):
     assert session.response.generate_token_len == 4
     assert [m["role"] for m in session.history] == ["user", "assistant"]  # the aborted turn is forgotten
     pipe.end_session(session)
-    assert _all_blocks_free(pipe)
+    assert all_blocks_free_soon(pipe.engine.block_manager)

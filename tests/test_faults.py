@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from fake_runner import all_blocks_free_soon
 from tidemind import EngineConfig, GenerationConfig, pipeline
 from tidemind.engine.async_engine import EngineDeadError
 from tidemind.engine.faults import FAULTS
@@ -37,16 +38,6 @@ def _collect(engine, prompts, timeout: float = 60.0):
                 results.append((tokens, out.finish_reason, out.error))
                 break
     return results
-
-
-def _blocks_all_free(pipe, timeout: float = 5.0) -> bool:
-    manager = pipe.engine.block_manager
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if manager.num_free_blocks == manager.num_total_blocks:
-            return True
-        time.sleep(0.02)
-    return False
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +71,7 @@ def test_a_failure_making_one_output_fails_that_request_alone(solo, overlap):
                 assert "server log" in error and "InjectedFault" not in error
             else:
                 assert (tokens, reason) == (solo[i], "length")
-        assert _blocks_all_free(pipe)
+        assert all_blocks_free_soon(pipe.engine.block_manager)
         assert _collect(pipe.async_engine, PROMPTS[:1])[0][0] == solo[0]  # the engine goes on
 
 
@@ -92,7 +83,7 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(solo, overlap):
         results = _collect(pipe.async_engine, PROMPTS)
         assert [reason for _, reason, _ in results] == ["error", "error", "length", "length"]
         assert [tokens for tokens, _, _ in results[2:]] == solo[2:]
-        assert _blocks_all_free(pipe)
+        assert all_blocks_free_soon(pipe.engine.block_manager)
         assert pipe.async_engine.is_alive
         assert [r[0] for r in _collect(pipe.async_engine, PROMPTS[:2])] == solo[:2]
 
@@ -123,6 +114,7 @@ def test_requests_that_leave_an_empty_engine_give_their_runner_rows_back(solo, o
             outputs = engine.stream(PROMPTS[0], GREEDY.replace(max_new_tokens=200))
             next(outputs)
             outputs.close()  # aborts the request, still running: it has 199 tokens to go
-            assert _blocks_all_free(pipe)  # the abort was applied before the next request arrives
+            # the abort was applied before the next request arrives
+            assert all_blocks_free_soon(pipe.engine.block_manager)
         assert _collect(engine, PROMPTS[:1])[0] == (solo[0], "length", None)
         assert len(pipe.engine.executor.runner.batch) <= 1
