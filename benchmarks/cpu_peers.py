@@ -25,14 +25,14 @@ import time
 import torch
 
 from tidemind import EngineConfig, GenerationConfig, pipeline
-from tidemind.bench.cpu_ceilings import measure_cpu_ceilings, step_weight_bytes, step_weight_count
+from tidemind.bench.cpu_ceilings import kernel_choices, measure_cpu_ceilings, step_weight_bytes, step_weight_count
 from tidemind.bench.offline import run_requests
 from tidemind.bench.workloads import WORKLOADS, chat_prompts, random_prompt
 from tidemind.loader.bundled import SMOLLM2
 
 THREADS = 2
-LLAMA_BENCH = os.path.join(os.environ.get("TIDEMIND_BENCH_CACHE", os.path.expanduser("~/.cache/tidemind-bench")),
-                           "llama-bench")
+BENCH_CACHE = os.environ.get("TIDEMIND_BENCH_CACHE", os.path.expanduser("~/.cache/tidemind-bench"))
+LLAMA_BENCH = os.path.join(BENCH_CACHE, "llama-bench")
 
 
 def bench_tidemind(dtype: str = "auto") -> dict:
@@ -191,7 +191,7 @@ def main() -> None:
                         for peer in results["median"] if peer != "tidemind"
                         for key in ("C1_output_tok_s", "C3_decode_tok_s") if results["median"][peer][key]}
     results["env"] = {"torch": torch.__version__, "threads": THREADS, "cpu": ceilings["cpu"],
-                      "rounds": args.rounds, "command": "python benchmarks/cpu_peers.py" +
+                      **kernel_choices(BENCH_CACHE), "rounds": args.rounds, "command": "python benchmarks/cpu_peers.py" +
                       (" --with-float32" if args.with_float32 else "") + f" --rounds {args.rounds}"}
     with open(args.out + ".json", "w") as f:
         json.dump(results, f, indent=1)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import httpx
 
-from tidemind.bench.cpu_ceilings import measure_cpu_ceilings
+from tidemind.bench.cpu_ceilings import kernel_choices, measure_cpu_ceilings
 from tidemind.bench.serve_settings import ServeBenchSettings
 from tidemind.bench.serve_metrics import format_summary
 from tidemind.bench.serve_report import COMPARED, compared_value, output_paths, plot_comparison, write_json
@@ -57,7 +57,7 @@ def llama_cpp_version(binary: str) -> dict:
     """The sdist's version and the llama.cpp commit it vendors (its CHANGELOG's first 'update
     llama.cpp to ggml-org/llama.cpp@...' line), plus what the binary says of itself."""
     sdists = sorted(CACHE.glob("llama_cpp_python-*/CHANGELOG.md"))
-    info = {"binary": binary}
+    info = {"binary": binary, **kernel_choices(str(CACHE))}
     if sdists:
         changelog = sdists[-1].read_text()
         info["llama_cpp_python_sdist"] = sdists[-1].parent.name
