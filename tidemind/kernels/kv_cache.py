@@ -1,5 +1,6 @@
 """Store the step's new keys and values in their paged-cache slots, one program per token; with
-kv_bits 8 / 4, quantize them on the way (the layout is described in attention/kv_cache.py).
+kv_bits 8 / 4, quantize them on the way (the layout is described in attention/kv_cache.py). A
+token's program is write_token_kv, which rotary_kv_cache.py runs after its rotation.
 
 Also the cache format's shared pieces: load_kv_tile, the @triton.jit helper through which the decode
 and prefill kernels read (and dequantize) K and V tiles, and check_kv_cache, their launchers' checks
