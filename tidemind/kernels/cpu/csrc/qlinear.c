@@ -65,6 +65,48 @@ static void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float
         sx[2 * b + 1] = d * (float)_mm512_reduce_add_epi32(q1);
     }
 }
+#elif defined(__AVX2__)
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+static inline int32_t hsum8_epi32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+    return _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1)));
+}
+
+/* The scalar definition below, 32 values at a time: the same products, rounded to nearest-even by
+ * the conversion (rintf's mode), so the same bytes and scalars. */
+static void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float *sx) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i lim = _mm256_set1_epi32(127), neg_lim = _mm256_set1_epi32(-127);
+    /* packs interleave 128-bit lanes: 4-byte groups come out as 0, 2, 4, 6, 1, 3, 5, 7 of 8 */
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t b = 0; b < k / 32; b++) {
+        __m256 v[4];
+        __m256 a = _mm256_setzero_ps();
+        for (int j = 0; j < 4; j++) {
+            v[j] = _mm256_loadu_ps(x + 32 * b + 8 * j);
+            a = _mm256_max_ps(a, _mm256_andnot_ps(sign, v[j]));
+        }
+        const float amax = hmax8(a);
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        __m256i q[4];
+        for (int j = 0; j < 4; j++) {
+            q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+            q[j] = _mm256_max_epi32(_mm256_min_epi32(q[j], lim), neg_lim);
+        }
+        const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256((__m256i *)(xq + 32 * b), _mm256_permutevar8x32_epi32(bytes, order));
+        const float d = amax / 127.0f;
+        dx[b] = d;
+        sx[2 * b] = d * (float)hsum8_epi32(_mm256_add_epi32(q[0], q[1]));
+        sx[2 * b + 1] = d * (float)hsum8_epi32(_mm256_add_epi32(q[2], q[3]));
+    }
+}
 #else
 static void quantize_row(const float *x, int64_t k, int8_t *xq, float *dx, float *sx) {
     for (int64_t b = 0; b < k / 32; b++) {
