@@ -144,8 +144,10 @@ def plot(results: dict, path: str) -> None:
         ax.bar_label(bars, fmt="%.0f")
         ax.set_title(label, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
+    env = results["env"]
+    kernels = f", tidemind's {env['tidemind_cpu_isa']} kernels" if "tidemind_cpu_isa" in env else ""
     fig.suptitle(f"SmolLM2-135M GGUF (tidemind, llama.cpp: Q4_1 as stored; transformers: float32) on {THREADS} CPU "
-                 f"threads ({results['machine']['cpu']}), median of {results['env']['rounds']} rounds", fontsize=9)
+                 f"threads ({results['machine']['cpu']}{kernels}), median of {env['rounds']} rounds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -57,7 +57,7 @@ def llama_cpp_version(binary: str) -> dict:
     """The sdist's version and the llama.cpp commit it vendors (its CHANGELOG's first 'update
     llama.cpp to ggml-org/llama.cpp@...' line), plus what the binary says of itself."""
     sdists = sorted(CACHE.glob("llama_cpp_python-*/CHANGELOG.md"))
-    info = {"binary": binary, **kernel_choices(str(CACHE))}
+    info = {"binary": binary}
     if sdists:
         changelog = sdists[-1].read_text()
         info["llama_cpp_python_sdist"] = sdists[-1].parent.name
@@ -232,7 +232,8 @@ def main() -> None:
     gguf = smollm2_gguf()
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     result = {"workload": "C2", "model": "smollm2-135m", "gguf": gguf, "started_at": started,
-              "command": shlex.join(["python", *sys.argv]), "versions": {"tidemind": tidemind_version()}}
+              "command": shlex.join(["python", *sys.argv]), "versions": {"tidemind": tidemind_version()},
+              "kernels": kernel_choices(str(CACHE))}
     binary = None
     if args.only != "tidemind":
         binary = build_llama_server()
