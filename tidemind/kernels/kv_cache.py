@@ -85,8 +85,8 @@ def write_token_kv(key_ptr, value_ptr, key_cache_ptr, value_cache_ptr, key_scale
                    num_kv_heads, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_H: tl.constexpr,
                    BLOCK_D: tl.constexpr, KV_BITS: tl.constexpr):
     """One token's keys and values, every KV head, into cache slot `slot` (block_id * BLOCK_SIZE +
-    offset; < 0: nothing is written), quantized when KV_BITS is 8 / 4 (the scales are then read
-    from key_scales_ptr / value_scales_ptr). BLOCK_D: next power of two >= a cache row's width."""
+    offset; < 0: nothing is written), quantized when KV_BITS is 8 / 4 (each row's (scale, zero) then
+    written to key_scales_ptr / value_scales_ptr). BLOCK_D: next power of two >= a cache row's width."""
     heads = tl.arange(0, BLOCK_H)
     block = slot // BLOCK_SIZE
     offset = slot % BLOCK_SIZE

@@ -21,7 +21,8 @@ class Attention(nn.Module):
     -> [num_tokens, num_heads * head_dim]
 
     A backend that fuses_rotary rotates them in its KV write's launch; for the others the layer
-    does it first with `rotary_embedding` (its KernelSet's: reference, Triton or the CPU's).
+    does it first with `rotary_embedding` (the model's KernelSet's: reference, Triton or the CPU's;
+    a layer built without one takes q and k rotated only).
     """
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
@@ -37,6 +38,8 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: LayerKVCache,
                 metadata: Any, rope: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
         if rope is not None and not self.backend.fuses_rotary:
+            if self.rotary_embedding is None:
+                raise ValueError("this Attention layer was built without a rotary_embedding: pass q and k rotated")
             q, k = self.rotary_embedding(q, k, *rope)
             rope = None
         num_tokens = q.shape[0]
