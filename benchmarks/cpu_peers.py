@@ -193,8 +193,9 @@ def main() -> None:
                         for peer in results["median"] if peer != "tidemind"
                         for key in ("C1_output_tok_s", "C3_decode_tok_s") if results["median"][peer][key]}
     results["env"] = {"torch": torch.__version__, "threads": THREADS, "cpu": ceilings["cpu"],
-                      **kernel_choices(BENCH_CACHE), "rounds": args.rounds, "command": "python benchmarks/cpu_peers.py" +
-                      (" --with-float32" if args.with_float32 else "") + f" --rounds {args.rounds}"}
+                      **kernel_choices(BENCH_CACHE), "rounds": args.rounds,
+                      "command": "python benchmarks/cpu_peers.py" + (" --with-float32" if args.with_float32 else "")
+                      + f" --rounds {args.rounds}"}
     with open(args.out + ".json", "w") as f:
         json.dump(results, f, indent=1)
     plot(results, args.out + ".png")
