@@ -25,7 +25,8 @@ import time
 import torch
 
 from tidemind import EngineConfig, GenerationConfig, pipeline
-from tidemind.bench.cpu_ceilings import kernel_choices, measure_cpu_ceilings, step_weight_bytes, step_weight_count
+from tidemind.bench.cpu_ceilings import measure_cpu_ceilings, step_weight_bytes, step_weight_count
+from tidemind.bench.cpu_kernel_choices import kernel_choices
 from tidemind.bench.offline import run_requests
 from tidemind.bench.workloads import WORKLOADS, chat_prompts, random_prompt
 from tidemind.loader.bundled import SMOLLM2

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import httpx
 
-from tidemind.bench.cpu_ceilings import kernel_choices, measure_cpu_ceilings
+from tidemind.bench.cpu_ceilings import measure_cpu_ceilings
+from tidemind.bench.cpu_kernel_choices import kernel_choices
 from tidemind.bench.serve_settings import ServeBenchSettings
 from tidemind.bench.serve_metrics import format_summary
 from tidemind.bench.serve_report import COMPARED, compared_value, output_paths, plot_comparison, write_json

@@ -87,21 +87,3 @@ def step_weight_bytes(model) -> int:
             own = [module.packed_weight if module.packed_weight is not None else module.effective_weight]
         total += stored(own) + method_bytes(module)
     return total
-
-
-def kernel_choices(bench_cache: str) -> dict:
-    """Which CPU kernels each system runs: tidemind's ISA (kernels/cpu/library.py: the best this CPU
-    offers, or $TIDEMIND_CPU_ISA), torch's (its float32 path and transformers'; $ATEN_CPU_CAPABILITY
-    lowers it) and the flags llama.cpp was built with (build_llama_server.sh writes them next to its
-    binaries in bench_cache)."""
-    import torch
-
-    from ..kernels.cpu.library import select_isa
-
-    try:
-        with open(os.path.join(bench_cache, "llama-build-flags.txt")) as f:
-            llama_build = f.read().strip()
-    except OSError:
-        llama_build = "unknown (built before build_llama_server.sh recorded its flags)"
-    return {"tidemind_cpu_isa": select_isa().isa, "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "llama_cpp_build": llama_build}
